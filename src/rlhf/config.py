@@ -1,0 +1,332 @@
+"""Configuration: one pydantic model per stage, nested in one `PipelineConfig`.
+
+Configs come from a preset, optionally a YAML file deep-merged on top, and then
+`--set dotted.key=value` overrides (values parsed as YAML scalars). Everything is
+validated before any work starts; errors name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    """a // b, or a clear error when b does not divide a (cleanrl-style derived sizes)."""
+    if b <= 0 or a % b:
+        raise ConfigError(f"{what}: {a} is not divisible by {b}; pick sizes that divide exactly")
+    return a // b
+
+
+# ----------------------------------------------------------------------------- task
+
+
+class TaskConfig(_Model):
+    """The built-in synthetic instruction task (used when no dataset paths are given)."""
+
+    families: list[str] = Field(["reverse", "sort"], description="Task families to mix (plugins in rlhf.data.tasks).")
+    min_items: int = Field(3, ge=1, description="Fewest items in a task instance.")
+    max_items: int = Field(8, ge=1, description="Most items in a task instance.")
+    num_demonstrations: int = Field(2000, ge=10, description="Human demonstrations written for SFT (few, on purpose).")
+    num_comparisons: int = Field(6000, ge=10, description="Preference comparisons collected from simulated labelers.")
+    num_prompts: int = Field(3000, ge=10, description="Prompts for PPO rollouts (and, after the split, eval).")
+    demo_correct_rate: float = Field(0.72, ge=0.7, le=1.0, description="Share of demonstrations that are exactly correct and concise (>= 0.7 keeps SFT a fair baseline).")
+    demo_verbose_rate: float = Field(0.4, ge=0.0, le=1.0, description="Of the imperfect demonstrations, the share that are right but verbose; the rest carry mistakes.")
+    labeler_temperature: float = Field(0.1, gt=0.0, description="Bradley-Terry noise: P(a preferred over b) = sigmoid((gold_a - gold_b) / temperature).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_items > self.max_items:
+            raise ValueError(f"min_items ({self.min_items}) must be <= max_items ({self.max_items})")
+        return self
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class DataConfig(_Model):
+    """Where datasets come from and how they are cleaned. Empty paths mean the built-in task."""
+
+    sft_path: str | None = Field(None, description="Demonstrations: JSONL path, s3:// URI or HF dataset name.")
+    preference_path: str | None = Field(None, description="Preference pairs: JSONL path, s3:// URI or HF dataset name.")
+    prompt_path: str | None = Field(None, description="PPO prompts: JSONL path, s3:// URI or HF dataset name. Defaults to the SFT prompts.")
+    hf_split: str = Field("train", description="Split to read from Hugging Face datasets.")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of prompts held out for evaluation (split by prompt hash).")
+    max_reject_rate: float = Field(0.02, ge=0.0, le=1.0, description="Stage fails, writing nothing, if more than this share of rows is bad.")
+    max_chars: int = Field(20000, gt=0, description="Rows longer than this (characters) are rejected as over-long.")
+    max_prompt_tokens: int = Field(96, gt=0, description="Rows whose prompt exceeds this many tokens are filtered (counted).")
+    max_total_tokens: int = Field(160, gt=0, description="Rows whose prompt+response exceeds this many tokens are filtered (counted).")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class LoraConfig(_Model):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; merged on save.")
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling alpha.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names to adapt.")
+
+
+class ModelConfig(_Model):
+    """The base model: a pretrained one (hub id, local path, s3://) or one built from a config."""
+
+    name_or_path: str | None = Field(None, description="Hub id, local folder or s3:// URI of a causal LM; empty builds one from the fields below.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off by default: only opt in for sources you trust.")
+    revision: str | None = Field(None, description="Hub revision (commit sha recommended) when loading by hub id.")
+    vocab_size: int = Field(512, ge=260, description="Vocabulary of the tokenizer trained in data prep (models built from config).")
+    hidden_size: int = Field(128, gt=0, description="Hidden size of a model built from config.")
+    num_layers: int = Field(4, gt=0, description="Transformer layers of a model built from config.")
+    num_heads: int = Field(4, gt=0, description="Attention heads of a model built from config.")
+    intermediate_size: int = Field(384, gt=0, description="MLP width of a model built from config.")
+    max_position_embeddings: int = Field(256, gt=0, description="Longest sequence of a model built from config.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Optional LoRA adapters.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class SFTConfig(_Model):
+    """Supervised fine-tuning on demonstrations (loss on response tokens only)."""
+
+    max_epochs: int = Field(30, gt=0, description="Upper bound on epochs; early stopping usually ends sooner.")
+    batch_size: int = Field(32, gt=0, description="Sequences per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    eval_every: int = Field(50, gt=0, description="Steps between held-out loss evaluations.")
+    patience: int = Field(4, gt=0, description="Stop after this many evaluations without held-out improvement; the best weights are kept.")
+    checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
+    max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
+
+
+class RewardConfig(_Model):
+    """Reward model: SFT backbone + scalar head, pairwise loss -log sigmoid(r_w - r_l - margin)."""
+
+    epochs: int = Field(3, gt=0, description="Passes over the preference pairs.")
+    batch_size: int = Field(32, gt=0, description="Pairs per optimizer step (chosen and rejected in one forward).")
+    lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    margin: float | None = Field(None, description="Optional fixed margin in the pairwise loss.")
+    checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
+    max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
+
+
+class KLConfig(_Model):
+    """KL penalty against the SFT (reference) policy."""
+
+    init_coef: float = Field(0.1, ge=0, description="beta: initial (or fixed) KL coefficient.")
+    adaptive: bool = Field(True, description="Adapt beta toward a target KL (Ziegler et al. 2019).")
+    target: float = Field(1.0, gt=0, description="Target KL per sequence (nats) for the adaptive controller.")
+    horizon: int = Field(10000, gt=0, description="Adaptive controller horizon (episodes).")
+    estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator in the reward.")
+
+
+class PPOConfig(_Model):
+    """PPO against reward - beta * KL(policy || SFT)."""
+
+    updates: int = Field(60, gt=0, description="PPO updates (each: one rollout batch, then optimisation).")
+    rollout_batch_size: int = Field(64, gt=0, description="Episodes generated per update.")
+    minibatch_size: int = Field(16, gt=0, description="Episodes per optimizer step.")
+    ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch.")
+    lr: float = Field(1e-4, gt=0, description="Policy AdamW learning rate.")
+    value_lr: float = Field(3e-4, gt=0, description="Value model AdamW learning rate.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip (policy and value).")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
+    value_clip_eps: float = Field(0.2, gt=0, description="Value clip.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss in logs (value model has its own optimizer).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_advantages: bool = Field(True, description="Whiten advantages per rollout batch.")
+    reward_clip: float | None = Field(None, gt=0, description="Clip reward-model scores to [-c, c].")
+    normalize_reward: bool = Field(True, description="Normalise reward-model scores with statistics measured on SFT samples before training.")
+    kl: KLConfig = Field(default_factory=KLConfig, description="KL penalty.")
+    max_new_tokens: int = Field(24, gt=0, description="Most tokens generated per response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of responses that never emit EOS.")
+    value_init: Literal["reward", "sft"] = Field("reward", description="Initialise the value model from the reward model (InstructGPT) or the SFT backbone.")
+    gold_log_every: int = Field(5, gt=0, description="Every N updates, log the gold score of rollouts beside the proxy reward (monitoring only).")
+    checkpoint_every: int = Field(20, gt=0, description="Updates between resumable checkpoints.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        exact_div(self.rollout_batch_size, self.minibatch_size, "ppo.rollout_batch_size / ppo.minibatch_size")
+        return self
+
+
+class EvalConfig(_Model):
+    """Held-out comparison of the PPO policy against SFT."""
+
+    num_prompts: int = Field(400, gt=0, description="Held-out prompts to evaluate (fewer if the split has fewer).")
+    samples_per_prompt: int = Field(1, gt=0, description="Responses per prompt and model.")
+    temperature: float = Field(1.0, ge=0, description="Decoding for both models (0 = greedy); same seed for both.")
+    max_new_tokens: int = Field(24, gt=0, description="Most tokens generated per response.")
+    bootstrap: int = Field(2000, gt=0, description="Bootstrap resamples for confidence intervals.")
+    table_rows: int = Field(50, ge=0, description="Rows in the samples table logged to MLflow.")
+    batch_size: int = Field(128, gt=0, description="Prompts per generation batch.")
+
+
+class TrackingConfig(_Model):
+    experiment: str = Field("rlhf", description="MLflow experiment name.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; empty uses MLFLOW_TRACKING_URI or an embedded sqlite file in the output folder.")
+    log_models: bool = Field(True, description="Log trained models with mlflow.transformers.")
+    registered_model: str = Field("rlhf-demo", description="Base name for registered models (<name>-sft, -reward, -policy).")
+
+
+class PipelineConfig(_Model):
+    """The whole pipeline: every stage's config, plus run-wide settings."""
+
+    seed: int = Field(0, description="Seed for data generation, model init and training.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="Built-in task (when no dataset paths are set).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Datasets and cleaning.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="SFT stage.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward model stage.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO stage.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation stage.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+
+    @property
+    def uses_builtin_task(self) -> bool:
+        return self.data.sft_path is None and self.data.preference_path is None
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tiny model, built-in task, 2 CPU cores: the embedded demo and the test bed.
+    "demo": {},
+    # InstructGPT's PPO hyper-parameters (arXiv 2203.02155, appendix C): fixed beta 0.02,
+    # clip 0.2, gamma 1, lambda 0.95, value function initialised from the reward model.
+    "instructgpt": {
+        "ppo": {
+            "clip_eps": 0.2, "gamma": 1.0, "lam": 0.95, "value_init": "reward",
+            "kl": {"init_coef": 0.02, "adaptive": False},
+        },
+    },
+    # Seconds, not minutes: for tests and smoke runs.
+    "tiny": {
+        "task": {"num_demonstrations": 200, "num_comparisons": 200, "num_prompts": 200, "max_items": 5},
+        "model": {"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        "sft": {"max_epochs": 1, "batch_size": 16, "eval_every": 5, "checkpoint_every": 5, "warmup_steps": 2},
+        "reward": {"epochs": 1, "batch_size": 16, "checkpoint_every": 5, "warmup_steps": 2},
+        "ppo": {"updates": 3, "rollout_batch_size": 16, "minibatch_size": 8, "ppo_epochs": 1, "max_new_tokens": 8, "checkpoint_every": 2, "gold_log_every": 1},
+        "eval": {"num_prompts": 16, "max_new_tokens": 8, "bootstrap": 100, "table_rows": 5},
+        "tracking": {"log_models": True},
+    },
+}
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def apply_override(d: dict, assignment: str) -> dict:
+    """Apply one `dotted.key=value` override; the value is parsed as a YAML scalar."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set ppo.kl.init_coef=0.05")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({e})") from None
+    out = copy.deepcopy(d)
+    node = out
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {assignment!r}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+    return out
+
+
+def _format_validation_error(e: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling (see `rlhf config show` for all fields)"
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  - {loc}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def load_config(preset: str | None = "demo", config_file: str | Path | None = None,
+                overrides: list[str] | None = None) -> PipelineConfig:
+    """preset -> YAML file (deep-merged) -> --set overrides, validated once at the end."""
+    data: dict[str, Any] = {}
+    origin = []
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        data = _deep_merge(data, PRESETS[preset])
+        origin.append(f"preset {preset}")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (task, data, model, sft, ...)")
+        data = _deep_merge(data, loaded)
+        origin.append(str(path))
+    for item in overrides or []:
+        data = apply_override(data, item)
+    if overrides:
+        origin.append("--set " + " ".join(overrides))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, ", ".join(origin) or "defaults")) from None
+
+
+def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config to dotted keys (MLflow params)."""
+    d = cfg.model_dump() if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

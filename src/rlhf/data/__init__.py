@@ -1,0 +1,1 @@
+"""Dataset reading, normalisation and processing."""

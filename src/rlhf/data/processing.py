@@ -1,0 +1,161 @@
+"""Deterministic processing of canonical rows: split, dedupe, length filter, JSONL hand-off, hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from rlhf.data.readers import DataError
+from rlhf.data.schema import ROW_TYPES, DataKind, PreferenceRow, PromptRow, Row, SFTRow
+
+__all__ = [
+    "split_by_hash",
+    "dedupe",
+    "filter_by_length",
+    "canonical_line",
+    "write_jsonl",
+    "read_jsonl_rows",
+    "data_hash",
+]
+
+
+def _eval_score(prompt: str, salt: str) -> float:
+    digest = hashlib.sha256((salt + prompt).encode("utf-8")).hexdigest()
+    return int(digest[:16], 16) / 16**16
+
+
+def split_by_hash(rows: Sequence[Row], eval_fraction: float, salt: str = "") -> tuple[list[Row], list[Row]]:
+    """Split into (train, eval) by a hash of ``salt + prompt``.
+
+    Deterministic and keyed by prompt: every row sharing a prompt lands on the same
+    side, so no prompt leaks between train and eval. Order is kept within each side.
+    """
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise ValueError(f"eval_fraction must be within [0, 1], got {eval_fraction}")
+    train: list[Row] = []
+    evals: list[Row] = []
+    for row in rows:
+        (evals if _eval_score(row.prompt, salt) < eval_fraction else train).append(row)
+    return train, evals
+
+
+def _key(row: Row) -> tuple:
+    return (type(row).__name__, *row.model_dump().values())
+
+
+def dedupe(rows: Iterable[Row]) -> tuple[list[Row], int]:
+    """Drop exact duplicate rows (same type and fields), keeping the first; returns (rows, n_dropped)."""
+    seen: set[tuple] = set()
+    kept: list[Row] = []
+    dropped = 0
+    for row in rows:
+        k = _key(row)
+        if k in seen:
+            dropped += 1
+            continue
+        seen.add(k)
+        kept.append(row)
+    return kept, dropped
+
+
+def filter_by_length(
+    rows: Iterable[Row],
+    count_tokens: Callable[[str], int],
+    max_prompt_tokens: int,
+    max_total_tokens: int,
+) -> tuple[list[Row], dict[str, int]]:
+    """Drop rows whose prompt or prompt + longest response is too long (in tokens).
+
+    The total is ``count_tokens(prompt) + max(count_tokens(response))`` (the prompt
+    alone for prompt rows). A row with a too-long prompt counts only under
+    ``dropped_prompt_too_long``.
+    """
+    kept: list[Row] = []
+    too_long_prompt = 0
+    too_long_total = 0
+    for row in rows:
+        n_prompt = count_tokens(row.prompt)
+        if n_prompt > max_prompt_tokens:
+            too_long_prompt += 1
+            continue
+        if isinstance(row, SFTRow):
+            n_response = count_tokens(row.completion)
+        elif isinstance(row, PreferenceRow):
+            n_response = max(count_tokens(row.chosen), count_tokens(row.rejected))
+        elif isinstance(row, PromptRow):
+            n_response = 0
+        else:
+            raise TypeError(f"not a canonical row: {type(row).__name__}")
+        if n_prompt + n_response > max_total_tokens:
+            too_long_total += 1
+            continue
+        kept.append(row)
+    return kept, {
+        "kept": len(kept),
+        "dropped_prompt_too_long": too_long_prompt,
+        "dropped_total_too_long": too_long_total,
+    }
+
+
+def canonical_line(row: Row) -> str:
+    """The canonical JSON text of a row: sorted keys, compact, UTF-8 kept as is."""
+    return json.dumps(row.model_dump(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _canonical_bytes(rows: Iterable[Row]) -> bytes:
+    return "".join(canonical_line(r) + "\n" for r in rows).encode("utf-8")
+
+
+def data_hash(rows: Iterable[Row]) -> str:
+    """sha256 over the canonical JSON lines; equals the sha256 of the file ``write_jsonl`` writes."""
+    return hashlib.sha256(_canonical_bytes(rows)).hexdigest()
+
+
+def write_jsonl(rows: Iterable[Row], path: str | os.PathLike) -> Path:
+    """Write canonical rows as JSONL atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _canonical_bytes(rows)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def read_jsonl_rows(path: str | os.PathLike, kind: DataKind) -> list[Row]:
+    """Read a canonical JSONL file written by :func:`write_jsonl` (strict: exact fields only)."""
+    if kind not in ROW_TYPES:
+        raise ValueError(f"unknown data kind {kind!r}")
+    model = ROW_TYPES[kind]
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    rows: list[Row] = []
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(model.model_validate_json(line))  # type: ignore[arg-type]
+            except ValidationError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not a canonical {kind} row: {e.errors()[0]['msg']} "
+                    f"(this file should have been written by write_jsonl)"
+                ) from e
+    return rows

@@ -1,0 +1,77 @@
+"""Generate the built-in task's raw datasets: demonstrations, comparisons, prompts.
+
+The output is ordinary JSONL in the formats users bring, so the built-in task goes
+through exactly the same readers, cleaning and splits as user data.
+
+Simulated labelers compare two answers by the gold score with Bradley-Terry noise:
+P(a preferred) = sigmoid((gold_a - gold_b) / temperature); exact gold ties are a
+coin flip, as for a human who sees no difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+from rlhf.config import TaskConfig
+from rlhf.data.tasks.base import families
+
+CANDIDATE_CORRECT_RATE = 0.5
+"""Answers shown to labelers come from several imperfect writers: half are exact."""
+
+
+class BuiltinTask:
+    def __init__(self, cfg: TaskConfig, seed: int):
+        self.cfg = cfg
+        self.families = families(cfg.families)
+        self.seed = seed
+
+    def _prompt(self, rng: random.Random) -> str:
+        fam = rng.choice(self.families)
+        n = rng.randint(self.cfg.min_items, self.cfg.max_items)
+        return fam.prompt(fam.make_items(rng, n))
+
+    def _family(self, prompt: str):
+        return next(f for f in self.families if f.parse_prompt(prompt) is not None)
+
+    def demonstrations(self, rng: random.Random) -> list[dict]:
+        rows = []
+        for _ in range(self.cfg.num_demonstrations):
+            p = self._prompt(rng)
+            c = self._family(p).respond(rng, p, self.cfg.demo_correct_rate, self.cfg.demo_verbose_rate)
+            rows.append({"prompt": p, "completion": c})
+        return rows
+
+    def comparisons(self, rng: random.Random) -> list[dict]:
+        rows = []
+        while len(rows) < self.cfg.num_comparisons:
+            p = self._prompt(rng)
+            fam = self._family(p)
+            a = fam.respond(rng, p, CANDIDATE_CORRECT_RATE, self.cfg.demo_verbose_rate)
+            b = fam.respond(rng, p, CANDIDATE_CORRECT_RATE, self.cfg.demo_verbose_rate)
+            if a == b:
+                continue
+            diff = fam.gold_score(p, a) - fam.gold_score(p, b)
+            p_a = 1.0 / (1.0 + math.exp(-diff / self.cfg.labeler_temperature))
+            chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+            rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+        return rows
+
+    def prompts(self, rng: random.Random) -> list[dict]:
+        return [{"prompt": self._prompt(rng)} for _ in range(self.cfg.num_prompts)]
+
+    def write(self, folder: Path) -> dict[str, Path]:
+        """Write sft.jsonl, preferences.jsonl, prompts.jsonl; return their paths."""
+        folder.mkdir(parents=True, exist_ok=True)
+        out = {}
+        for i, (name, fn) in enumerate([("sft", self.demonstrations), ("preference", self.comparisons),
+                                        ("prompt", self.prompts)]):
+            rng = random.Random(f"{self.seed}-{name}-{i}")
+            path = folder / f"{name}.jsonl"
+            with open(path, "w") as f:
+                for row in fn(rng):
+                    f.write(json.dumps(row) + "\n")
+            out[name] = path
+        return out

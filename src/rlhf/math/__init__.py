@@ -1,0 +1,45 @@
+"""Pure tensor math for the RLHF engine: masked reductions, losses, KL, GAE.
+
+Imports only torch and the standard library; tensors and masks in, tensors
+(and a stats dict for losses) out.
+"""
+
+from rlhf.math.advantages import gae, shaped_rewards
+from rlhf.math.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_estimate,
+    kl_k1,
+    kl_k3,
+)
+from rlhf.math.losses import (
+    entropy_from_logits,
+    pairwise_reward_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sft_loss,
+    token_logprobs,
+)
+from rlhf.math.masked import masked_mean, masked_sum, masked_var, masked_whiten
+
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "token_logprobs",
+    "entropy_from_logits",
+    "sft_loss",
+    "pairwise_reward_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "gae",
+    "shaped_rewards",
+    "kl_k1",
+    "kl_k3",
+    "kl_estimate",
+    "KL_ESTIMATORS",
+    "FixedKLController",
+    "AdaptiveKLController",
+]

@@ -1,0 +1,114 @@
+"""Helpers every stage shares: devices, seeding, batching, progress, results."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.config import PipelineConfig
+from rlhf.data.processing import read_jsonl_rows
+
+
+def setup_torch(cfg: PipelineConfig) -> torch.device:
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.use_deterministic_algorithms(False)
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def progress(total: int, desc: str, quiet: bool):
+    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=False)
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A permutation fixed by (seed, epoch): the data position is just a step count."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def lr_lambda(warmup: int, total: int, floor: float = 0.1):
+    """Linear warm-up then cosine decay to `floor` x peak."""
+    import math
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    return f
+
+
+class PrepData:
+    """The committed output of data prep, read back for later stages."""
+
+    def __init__(self, store):
+        self.dir = store.get_dir("prep")
+        self.manifest = json.loads((self.dir / "report.json").read_text())
+
+    def rows(self, name: str):
+        kind = {"sft": "sft", "preference": "preference", "prompt": "prompt"}[name.split("_")[0]]
+        return read_jsonl_rows(self.dir / f"{name}.jsonl", kind)
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        p = self.dir / "tokenizer"
+        return p if p.is_dir() else None
+
+
+def model_source(cfg: PipelineConfig, prep: PrepData) -> str | None:
+    """The base model for SFT: the configured one, or None to build from config."""
+    return cfg.model.name_or_path
+
+
+def write_result(store, stage: str, result: dict) -> None:
+    store.write_json(f"{stage}/result.json", result)
+
+
+def tokenize_pair(tok, prompt: str, response: str) -> tuple[list[int], int]:
+    """prompt + response + EOS token ids, and the prompt length."""
+    p = tok(prompt, add_special_tokens=True)["input_ids"]
+    r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return p + r, len(p)
