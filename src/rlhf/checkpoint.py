@@ -54,13 +54,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+def _state_dict(module) -> dict[str, torch.Tensor]:
+    sd = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
 
 
-def save(root: Path, step: int, *, models: dict[str, torch.nn.Module], objects: dict[str, Any],
+def save(root: Path, step: int, *, models: dict[str, torch.nn.Module | dict], objects: dict[str, Any],
          state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint `step` under `root`; keep the newest `keep` complete ones."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (got {keep}): the newest checkpoint is what resume needs")
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -96,10 +99,16 @@ def latest(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load(path: Path, *, models: dict[str, torch.nn.Module]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore model weights in place and the global RNG; return (objects, state)."""
-    for name, module in models.items():
-        module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+def load(path: Path, *, models: dict[str, torch.nn.Module | dict]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore weights in place (modules, or plain state dicts) and the global RNG;
+    return (objects, state)."""
+    for name, target in models.items():
+        weights = load_file(str(path / f"{name}.safetensors"))
+        if isinstance(target, dict):
+            target.clear()
+            target.update(weights)
+        else:
+            target.load_state_dict(weights)
     objects = torch.load(path / "objects.pt", weights_only=True)
     set_rng_state(objects.pop("rng"))
     state = json.loads((path / "state.json").read_text())

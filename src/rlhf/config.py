@@ -39,10 +39,10 @@ class TaskConfig(_Model):
     families: list[str] = Field(["reverse", "sort"], description="Task families to mix (plugins in rlhf.data.tasks).")
     min_items: int = Field(3, ge=1, description="Fewest items in a task instance.")
     max_items: int = Field(8, ge=1, description="Most items in a task instance.")
-    num_demonstrations: int = Field(2000, ge=10, description="Human demonstrations written for SFT (few, on purpose).")
+    num_demonstrations: int = Field(8000, ge=10, description="Human demonstrations written for SFT (few, on purpose).")
     num_comparisons: int = Field(6000, ge=10, description="Preference comparisons collected from simulated labelers.")
     num_prompts: int = Field(3000, ge=10, description="Prompts for PPO rollouts (and, after the split, eval).")
-    demo_correct_rate: float = Field(0.72, ge=0.7, le=1.0, description="Share of demonstrations that are exactly correct and concise (>= 0.7 keeps SFT a fair baseline).")
+    demo_correct_rate: float = Field(0.75, ge=0.7, le=1.0, description="Share of demonstrations that are exactly correct and concise (>= 0.7 keeps SFT a fair baseline).")
     demo_verbose_rate: float = Field(0.4, ge=0.0, le=1.0, description="Of the imperfect demonstrations, the share that are right but verbose; the rest carry mistakes.")
     labeler_temperature: float = Field(0.1, gt=0.0, description="Bradley-Terry noise: P(a preferred over b) = sigmoid((gold_a - gold_b) / temperature).")
 
@@ -109,12 +109,12 @@ class SFTConfig(_Model):
     """Supervised fine-tuning on demonstrations (loss on response tokens only)."""
 
     max_epochs: int = Field(30, gt=0, description="Upper bound on epochs; early stopping usually ends sooner.")
-    batch_size: int = Field(32, gt=0, description="Sequences per optimizer step.")
-    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    batch_size: int = Field(64, gt=0, description="Sequences per optimizer step.")
+    lr: float = Field(1.5e-3, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    eval_every: int = Field(50, gt=0, description="Steps between held-out loss evaluations.")
+    eval_every: int = Field(100, gt=0, description="Steps between held-out loss evaluations.")
     patience: int = Field(4, gt=0, description="Stop after this many evaluations without held-out improvement; the best weights are kept.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")

@@ -28,6 +28,9 @@ class Settings:
     """RLHF_QUIET=1 turns progress bars off (same as --quiet)."""
     num_threads: int | None
     """RLHF_NUM_THREADS: torch intra-op threads; default leaves torch's choice."""
+    fault_kill_at_step: int | None = None
+    """RLHF_FAULT_KILL_AT_STEP: fault injection for crash-recovery tests: a training
+    stage sends itself SIGKILL right after this optimizer step (or PPO update)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -40,4 +43,14 @@ class Settings:
             hf_home=env.get("HF_HOME") or None,
             quiet=env.get("RLHF_QUIET", "0").lower() in {"1", "true", "yes"},
             num_threads=int(threads) if threads else None,
+            fault_kill_at_step=int(env["RLHF_FAULT_KILL_AT_STEP"]) if env.get("RLHF_FAULT_KILL_AT_STEP") else None,
         )
+
+
+def maybe_inject_fault(step: int) -> None:
+    """Die exactly like `kill -9` (no cleanup, no flush) when RLHF_FAULT_KILL_AT_STEP == step."""
+    at = Settings.from_env().fault_kill_at_step
+    if at is not None and step == at:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

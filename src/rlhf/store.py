@@ -126,8 +126,12 @@ class LocalStore:
         if not self.is_committed(prefix):
             raise StoreError(f"no complete artifact at {self.uri(prefix)} (commit marker missing)")
         src = self._path(prefix)
+        if not (src / "MANIFEST.json").is_file():
+            raise StoreError(f"{self.uri(prefix)}: MANIFEST.json is missing; the artifact is corrupted")
         manifest = json.loads((src / "MANIFEST.json").read_text())
         for rel, digest in manifest.items():
+            if not (src / rel).is_file():
+                raise StoreError(f"{self.uri(prefix)}/{rel} is listed in the manifest but missing; the artifact is corrupted")
             if sha256_file(src / rel) != digest:
                 raise StoreError(f"checksum mismatch for {self.uri(prefix)}/{rel}: the artifact is corrupted")
         if local_dir is None:

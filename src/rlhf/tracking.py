@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from rlhf.config import flatten
+
+
+FLUSH_SECONDS = 10.0
+"""Metrics reach MLflow at most this long after they are logged."""
 
 
 def _pip_requirements() -> list[str]:
@@ -76,6 +81,8 @@ class MLflowTracker:
         self.experiment_id = exp_id
         self.log_models = log_models
         self.run_id: str | None = None
+        self._buffer: list = []
+        self._last_flush = time.monotonic()
 
     @contextlib.contextmanager
     def stage_run(self, name: str, params: dict[str, Any], run_id_file: Path | None = None) -> Iterator[None]:
@@ -98,11 +105,27 @@ class MLflowTracker:
                 for i in range(0, len(items), 90):
                     self.mlflow.log_params(dict(items[i:i + 90]))
                 self.mlflow.set_tag("rlhf.stage", name)
-            yield
+            try:
+                yield
+            finally:
+                self.flush()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self.mlflow.log_metrics(clean, step=step)
+        """Buffered: one sqlite/HTTP round trip per flush, not per training step."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        if len(self._buffer) >= 900 or time.monotonic() - self._last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer and self.run_id:
+            client = self.mlflow.MlflowClient()
+            for i in range(0, len(self._buffer), 1000):
+                client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000], synchronous=True)
+        self._buffer = []
+        self._last_flush = time.monotonic()
 
     def log_table(self, rows: list[dict], name: str) -> None:
         if rows:

@@ -57,21 +57,23 @@ def load_causal_lm(source: str, mcfg: ModelConfig, store=None, dtype=torch.float
     path = resolve_source(source, store)
     _check_safetensors(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             path, use_safetensors=True, trust_remote_code=mcfg.trust_remote_code,
             revision=mcfg.revision, dtype=dtype)
-    except OSError as e:
-        raise ModelLoadError(f"cannot load a causal LM from {source!r}: {e}") from None
-    return model
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a causal LM from {source!r} (model.name_or_path): {e}") from None
 
 
 def load_reward_model(source: str, mcfg: ModelConfig, pad_token_id: int, store=None, dtype=torch.float32):
     """Sequence classifier with one output; from a causal LM the head is freshly initialised."""
     path = resolve_source(source, store)
     _check_safetensors(path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, use_safetensors=True, trust_remote_code=mcfg.trust_remote_code,
-        revision=mcfg.revision, dtype=dtype)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, use_safetensors=True, trust_remote_code=mcfg.trust_remote_code,
+            revision=mcfg.revision, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a reward/value model from {source!r}: {e}") from None
     model.config.pad_token_id = pad_token_id
     return model
 

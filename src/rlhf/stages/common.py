@@ -112,3 +112,27 @@ def tokenize_pair(tok, prompt: str, response: str) -> tuple[list[int], int]:
     p = tok(prompt, add_special_tokens=True)["input_ids"]
     r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return p + r, len(p)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, models: dict, optimizers: dict, state: dict) -> None:
+    from rlhf import checkpoint
+
+    objects = {name: o.state_dict() for name, o in optimizers.items()}
+    checkpoint.save(ckpt_dir, step, models=models, objects=objects, state=state)
+
+
+def resume_checkpoint(ckpt_dir: Path, models: dict, optimizers: dict) -> dict | None:
+    """Load the newest complete checkpoint into models/optimizers; return its state or None."""
+    from rlhf import checkpoint
+
+    path = checkpoint.latest(ckpt_dir)
+    if path is None:
+        return None
+    objects, state = checkpoint.load(path, models=models)
+    for name, o in optimizers.items():
+        o.load_state_dict(objects[name])
+    return state
+
+
+def clean_state_dict(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -6,7 +6,7 @@ import random
 
 from rlhf.data.tasks.base import TaskFamily, register
 
-LETTERS = list("abcdefghijkl")
+LETTERS = list("abcdefgh")
 
 
 @register

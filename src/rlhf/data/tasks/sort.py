@@ -6,7 +6,7 @@ import random
 
 from rlhf.data.tasks.base import TaskFamily, register
 
-NUMBERS = [str(i) for i in range(30)]
+NUMBERS = [str(i) for i in range(20)]
 
 
 @register
@@ -18,7 +18,7 @@ class Sort(TaskFamily):
         return NUMBERS
 
     def make_items(self, rng: random.Random, n: int) -> list[str]:
-        return [str(rng.randrange(30)) for _ in range(n)]
+        return [str(rng.randrange(20)) for _ in range(n)]
 
     def target(self, items: list[str]) -> list[str]:
         return sorted(items, key=int)

@@ -1,0 +1,143 @@
+"""Evaluation: the PPO policy against SFT on held-out prompts.
+
+Both models are decoded the same way: the same prompts, the same decoding
+(`eval.temperature`; sampling with top_k=0, top_p=1, or greedy at 0), and the same
+random seed before each batch, so the two samples of a prompt differ only because
+the models differ.
+
+Reported (summary.json and MLflow):
+  - reward-model score of each model; gold score of each (when the task has a judge)
+  - win rate of policy vs SFT by gold (ties count half), decisive win rate (share of
+    non-tied comparisons the policy wins), tie rate; by RM score when there is no judge
+  - gold delta (policy - SFT) with a 95% paired bootstrap interval
+  - KL(policy || SFT): mean over policy samples of sum_t log pi(y_t) - log pi_SFT(y_t)
+  - alignment tax: policy minus SFT loss (response-token NLL) on held-out demonstrations
+  - response lengths, and a samples table (prompt, SFT answer, policy answer, scores)
+
+Steps: 1. load  2. generate  3. score  4. compare  5. summary + log
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from rlhf.config import PipelineConfig
+from rlhf.data.tasks import gold_score
+from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.stages.common import PrepData, Timer, seed_everything, setup_torch, write_result
+from rlhf.stages.rollout import decode_responses, generate, response_logprobs, rewards
+from rlhf.stages.sft import encode, heldout_loss
+
+
+def bootstrap_ci(x: np.ndarray, n: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Policy (a) vs SFT (b): win rate with ties as half, decisive win rate, tie rate."""
+    wins, ties = float((a > b).mean()), float((a == b).mean())
+    decisive = (a != b).sum()
+    return {"win_rate": wins + 0.5 * ties, "tie_rate": ties,
+            "decisive_win_rate": float((a > b).sum() / decisive) if decisive else 0.5}
+
+
+def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
+    timer = Timer()
+    device = setup_torch(cfg)
+    ecfg = cfg.eval
+    prep = PrepData(store)
+    with tracker.stage_run("eval", cfg.model_dump(), run_id_file=store.local_path("eval/mlflow_run_id")):
+        # 1. load
+        sft_dir, pol_dir = str(store.get_dir("sft/model")), str(store.get_dir("ppo/model"))
+        tok = load_tokenizer(sft_dir, cfg.model)
+        sft = load_causal_lm(sft_dir, cfg.model).to(device).eval()
+        policy = load_causal_lm(pol_dir, cfg.model).to(device).eval()
+        rm = load_reward_model(str(store.get_dir("reward/model")), cfg.model, tok.pad_token_id).to(device).eval()
+        prompts = [r.prompt for r in prep.rows("prompt_eval")][: ecfg.num_prompts]
+        prompts = [p for p in prompts for _ in range(ecfg.samples_per_prompt)]
+
+        # 2. generate, 3. score
+        out = {"sft": {"text": [], "rm": [], "len": []}, "policy": {"text": [], "rm": [], "len": [], "kl": []}}
+        with torch.no_grad():
+            for b, start in enumerate(range(0, len(prompts), ecfg.batch_size)):
+                ids = [tok(p)["input_ids"] for p in prompts[start:start + ecfg.batch_size]]
+                for name, model in (("sft", sft), ("policy", policy)):
+                    seed_everything(cfg.seed * 7919 + b)  # identical randomness for both models
+                    ro = generate(model, tok, ids, ecfg.max_new_tokens, ecfg.temperature, device)
+                    out[name]["text"] += decode_responses(tok, ro)
+                    out[name]["rm"] += rewards(rm, ro).tolist()
+                    out[name]["len"] += ro.response_mask.sum(1).tolist()
+                    if name == "policy":
+                        m = ro.response_mask.float()
+                        kl = (response_logprobs(policy, ro) - response_logprobs(sft, ro)) * m
+                        out[name]["kl"] += kl.sum(1).tolist()
+
+        # 4. compare: by gold when every prompt has a judge, else by reward-model score
+        golds = {k: [gold_score(p, t) for p, t in zip(prompts, out[k]["text"])] for k in out}
+        has_gold = all(g is not None for g in golds["sft"] + golds["policy"])
+        rm_pol, rm_sft = np.array(out["policy"]["rm"]), np.array(out["sft"]["rm"])
+        summary: dict[str, float | list | None] = {
+            "eval/prompts": len(prompts), "eval/decoding": f"temperature={ecfg.temperature}" + (
+                ", top_k=0, top_p=1, same seed for both" if ecfg.temperature > 0 else " (greedy)"),
+            "eval/reward_score_sft": float(rm_sft.mean()), "eval/reward_score_policy": float(rm_pol.mean()),
+            "eval/response_length_sft": float(np.mean(out["sft"]["len"])),
+            "eval/response_length_policy": float(np.mean(out["policy"]["len"])),
+            "eval/kl_vs_sft": float(np.mean(out["policy"]["kl"])),
+            **{f"eval/rm_{k}_vs_sft": v for k, v in compare(rm_pol, rm_sft).items()},
+        }
+        if has_gold:
+            g_pol, g_sft = np.array(golds["policy"]), np.array(golds["sft"])
+            delta = g_pol - g_sft
+            summary.update({
+                "eval/gold_score_sft": float(g_sft.mean()), "eval/gold_score_policy": float(g_pol.mean()),
+                "eval/exact_sft": float((g_sft == 1.0).mean()), "eval/exact_policy": float((g_pol == 1.0).mean()),
+                "eval/gold_delta": float(delta.mean()),
+                "eval/gold_delta_ci95": list(bootstrap_ci(delta, ecfg.bootstrap, cfg.seed)),
+                **{f"eval/{k}_vs_sft": v for k, v in compare(g_pol, g_sft).items()},
+            })
+        else:
+            summary.update({f"eval/{k}_vs_sft": summary[f"eval/rm_{k}_vs_sft"] for k in ("win_rate", "tie_rate", "decisive_win_rate")})
+            summary.update({"eval/gold_score_sft": None, "eval/gold_score_policy": None, "eval/gold_delta": None,
+                            "eval/gold_delta_ci95": None})
+        held = encode(tok, prep.rows("sft_eval"))
+        loss_sft = heldout_loss(sft, held, tok.pad_token_id, device)
+        loss_pol = heldout_loss(policy, held, tok.pad_token_id, device)
+        summary.update({"eval/heldout_loss_sft": loss_sft, "eval/heldout_loss_policy": loss_pol,
+                        "eval/alignment_tax": loss_pol - loss_sft})
+
+        # 5. summary + log
+        table = [{"prompt": p, "sft": s, "policy": q, "rm_sft": rs, "rm_policy": rq,
+                  "gold_sft": gs, "gold_policy": gq}
+                 for p, s, q, rs, rq, gs, gq in zip(prompts, out["sft"]["text"], out["policy"]["text"],
+                                                    out["sft"]["rm"], out["policy"]["rm"], golds["sft"], golds["policy"])]
+        tracker.log_table(table[: ecfg.table_rows], "eval_samples.json")
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
+        summary["eval/wall_s"] = timer()
+        store.write_json("eval/samples.json", table[: ecfg.table_rows])
+
+    # the run summary: every stage's key results and wall time
+    stages = {}
+    for name in ("prep", "sft", "reward", "ppo"):
+        if store.exists(f"{name}/result.json"):
+            stages[name] = store.read_json(f"{name}/result.json")
+    result = {**summary, "eval/mlflow_run_id": tracker.run_id}
+    write_result(store, "eval", result)
+    full = {
+        "rm/accuracy": stages.get("reward", {}).get("rm/accuracy"),
+        "rm/label_accuracy": stages.get("reward", {}).get("rm/label_accuracy"),
+        "sft/best_eval_loss": stages.get("sft", {}).get("best_eval_loss"),
+        "sft/eval_curve": stages.get("sft", {}).get("eval_curve"),
+        **summary,
+        "wall_s": {**{k: round(v["wall_s"], 2) for k, v in stages.items()}, "eval": round(summary["eval/wall_s"], 2)},
+        "config": cfg.model_dump(),
+    }
+    full["wall_s"]["total"] = round(sum(full["wall_s"].values()), 2)
+    store.write_json("summary.json", full)
+    return result

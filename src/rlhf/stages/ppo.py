@@ -1,0 +1,197 @@
+"""PPO against the reward model with a KL penalty to the SFT policy (InstructGPT step 3).
+
+Per-token reward: -beta * KL_t(policy || SFT) at every response token, plus the
+reward-model score at the last one (Ziegler et al. 2019; InstructGPT eq. 2 without the
+pretraining mix). Advantages by GAE(gamma, lambda), whitened per rollout batch. The
+value model starts from the reward model (InstructGPT) and has its own optimiser.
+Beta is fixed or adapted toward a target KL.
+
+The gold judge (when the task has one) scores rollouts every `gold_log_every` updates
+for monitoring only: it never enters the loss, so a user sees proxy reward rising
+while gold falls (over-optimisation).
+
+Each update:
+  1. rollout: sample responses with the KV cache
+  2. score: old log-probs, reference log-probs, values, reward-model scores
+  3. advantages: shaped rewards, GAE, whitening
+  4. optimise: `ppo_epochs` passes over shuffled minibatches
+  5. log / checkpoint
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rlhf.config import PipelineConfig
+from rlhf.settings import maybe_inject_fault
+from rlhf.data.tasks import gold_score
+from rlhf.math import (
+    AdaptiveKLController, FixedKLController, gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
+    shaped_rewards,
+)
+from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, save_model
+from rlhf.models.loading import apply_lora
+from rlhf.stages.common import (
+    PrepData, Timer, epoch_order, progress, resume_checkpoint, save_checkpoint, seed_everything, setup_torch,
+    write_result,
+)
+from rlhf.stages.rollout import decode_responses, generate, response_logprobs, response_values, rewards
+
+
+class PromptSampler:
+    """Prompts in a fixed shuffled order per epoch; the position is the episode count."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._orders = n, seed, {}
+
+    def indices(self, start: int, count: int) -> list[int]:
+        out = []
+        for q in range(start, start + count):
+            epoch, i = divmod(q, self.n)
+            if epoch not in self._orders:
+                self._orders = {epoch: epoch_order(self.n, self.seed, epoch)}
+            out.append(self._orders[epoch][i])
+        return out
+
+
+def _frozen(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
+    timer = Timer()
+    device = setup_torch(cfg)
+    pcfg = cfg.ppo
+    prep = PrepData(store)
+    with tracker.stage_run("ppo", cfg.model_dump(), run_id_file=store.local_path("ppo/mlflow_run_id")):
+        # models: policy and reference from SFT, reward frozen, value from the reward model
+        seed_everything(cfg.seed + 2)
+        sft_dir, rm_dir = str(store.get_dir("sft/model")), str(store.get_dir("reward/model"))
+        tok = load_tokenizer(sft_dir, cfg.model)
+        policy = apply_lora(load_causal_lm(sft_dir, cfg.model), cfg.model).to(device)
+        ref = _frozen(load_causal_lm(sft_dir, cfg.model).to(device))
+        reward_model = _frozen(load_reward_model(rm_dir, cfg.model, tok.pad_token_id).to(device))
+        value_src = rm_dir if pcfg.value_init == "reward" else sft_dir
+        value = load_reward_model(value_src, cfg.model, tok.pad_token_id).to(device)
+        policy.train()
+        value.train()
+        rows = prep.rows("prompt_train")
+        prompt_ids = [tok(r.prompt)["input_ids"] for r in rows]
+        sampler = PromptSampler(len(rows), cfg.seed + 2)
+        pol_params = [p for p in policy.parameters() if p.requires_grad]
+        opt_pol = torch.optim.AdamW(pol_params, lr=pcfg.lr, eps=1e-5)
+        opt_val = torch.optim.AdamW(value.parameters(), lr=pcfg.value_lr, eps=1e-5)
+        kl_ctl = (AdaptiveKLController(pcfg.kl.init_coef, pcfg.kl.target, pcfg.kl.horizon) if pcfg.kl.adaptive
+                  else FixedKLController(pcfg.kl.init_coef))
+        B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
+
+        ckpt_dir = store.local_path("ppo/checkpoints")
+        state = resume_checkpoint(ckpt_dir, {"policy": policy, "value": value}, {"opt_pol": opt_pol, "opt_val": opt_val})
+        if state:
+            kl_ctl.load_state_dict(state["kl_ctl"])
+        else:
+            state = {"step": 0, "reward_mean": 0.0, "reward_std": 1.0}
+            if pcfg.normalize_reward:  # statistics of the RM score on SFT samples (policy == SFT now)
+                ro = generate(policy, tok, [prompt_ids[i] for i in sampler.indices(0, min(4 * B, len(rows)))],
+                              pcfg.max_new_tokens, pcfg.temperature, device)
+                with torch.no_grad():
+                    s = rewards(reward_model, ro)
+                state["reward_mean"], state["reward_std"] = float(s.mean()), float(s.std().clamp(min=1e-6))
+
+        bar = progress(pcfg.updates, "ppo", quiet)
+        bar.update(state["step"])
+        while state["step"] < pcfg.updates:
+            update = state["step"]
+            t0 = Timer()
+            # 1. rollout
+            idx = sampler.indices(update * B, B)
+            ro = generate(policy, tok, [prompt_ids[i] for i in idx], pcfg.max_new_tokens, pcfg.temperature, device)
+            t_gen = t0()
+            mask = ro.response_mask.float()  # (B, R)
+
+            # 2. score (no grad): old log pi, log pi_ref, V, RM score
+            with torch.no_grad():
+                old_lp = response_logprobs(policy, ro, pcfg.temperature)  # (B, R)
+                ref_lp = response_logprobs(ref, ro, pcfg.temperature)  # (B, R)
+                old_v = response_values(value, ro)  # (B, R)
+                raw = rewards(reward_model, ro)  # (B,)
+            score = (raw - state["reward_mean"]) / state["reward_std"]
+            if pcfg.reward_clip:
+                score = score.clamp(-pcfg.reward_clip, pcfg.reward_clip)
+            score = score - pcfg.missing_eos_penalty * (~ro.has_eos).float()
+            t_score = t0() - t_gen
+
+            # 3. advantages
+            rew, kl = shaped_rewards(score, old_lp, ref_lp, mask, kl_ctl.value, pcfg.kl.estimator)  # (B, R)
+            adv, ret = gae(rew, old_v, mask, pcfg.gamma, pcfg.lam)
+            if pcfg.whiten_advantages:
+                adv = masked_whiten(adv, mask)
+
+            # 4. optimise
+            stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac")}
+            for _ in range(pcfg.ppo_epochs):
+                perm = torch.randperm(B)
+                for s in range(0, B, mb):
+                    j = perm[s:s + mb]
+                    sub, m = ro.select(j), mask[j]
+                    lp, ent = response_logprobs(policy, sub, pcfg.temperature, with_entropy=True)
+                    pg_loss, pst = ppo_policy_loss(lp, old_lp[j], adv[j], m, pcfg.clip_eps)
+                    opt_pol.zero_grad(set_to_none=True)
+                    pg_loss.backward()
+                    torch.nn.utils.clip_grad_norm_(pol_params, pcfg.grad_clip)
+                    opt_pol.step()
+                    v = response_values(value, sub)
+                    vf_loss, vst = ppo_value_loss(v, old_v[j], ret[j], m, pcfg.value_clip_eps)
+                    opt_val.zero_grad(set_to_none=True)
+                    vf_loss.backward()
+                    torch.nn.utils.clip_grad_norm_(value.parameters(), pcfg.grad_clip)
+                    opt_val.step()
+                    for k, val in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pst["clipfrac"]),
+                                   ("approx_kl", pst["approx_kl"]), ("entropy", masked_mean(ent.detach(), m)),
+                                   ("vf_clipfrac", vst["vf_clipfrac"])):
+                        stats[k].append(float(val.detach()) if torch.is_tensor(val) else float(val))
+            t_train = t0() - t_gen - t_score
+
+            # 5. log / checkpoint
+            seq_kl = float((kl * mask).sum(1).mean())
+            beta = kl_ctl.value
+            kl_ctl.update(seq_kl, B)
+            state["step"] += 1
+            n_tok = float(mask.sum())
+            metrics = {
+                "ppo/reward": float(raw.mean()), "ppo/score": float(score.mean()), "ppo/kl": seq_kl, "ppo/beta": beta,
+                "ppo/response_length": float(mask.sum(1).mean()), "ppo/no_eos_rate": float((~ro.has_eos).float().mean()),
+                "ppo/return": float(masked_mean(ret, mask)), **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
+                "perf/episodes_per_s": B / t0(), "perf/gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
+                "perf/gen_s": t_gen, "perf/score_s": t_score, "perf/train_s": t_train,
+            }
+            if update % pcfg.gold_log_every == 0 or state["step"] == pcfg.updates:
+                golds = [gold_score(rows[i].prompt, t) for i, t in zip(idx, decode_responses(tok, ro))]
+                if all(g is not None for g in golds):
+                    metrics["ppo/gold_score"] = sum(golds) / len(golds)
+            tracker.log_metrics(metrics, step=state["step"])
+            bar.update(1)
+            bar.set_postfix(rm=f"{metrics['ppo/reward']:.2f}", kl=f"{seq_kl:.2f}", beta=f"{beta:.3f}",
+                            gold=f"{metrics.get('ppo/gold_score', float('nan')):.2f}")
+            if state["step"] % pcfg.checkpoint_every == 0:
+                state["kl_ctl"] = kl_ctl.state_dict()
+                save_checkpoint(ckpt_dir, state["step"], {"policy": policy, "value": value},
+                                {"opt_pol": opt_pol, "opt_val": opt_val}, state)
+            maybe_inject_fault(state["step"])
+        bar.close()
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = save_model(policy, tok, Path(tmp) / "model")
+            store.put_dir(out, "ppo/model")
+        model_uri = tracker.log_model(store.get_dir("ppo/model"), "policy")
+        result = {"wall_s": timer(), "updates": state["step"], "final_beta": kl_ctl.value,
+                  "last_metrics": metrics if pcfg.updates else {}, "model_uri": model_uri,
+                  "mlflow_run_id": tracker.run_id}
+    write_result(store, "ppo", result)
+    return result

@@ -1,0 +1,151 @@
+"""Reward model on preference pairs (InstructGPT step 2).
+
+The SFT backbone with a scalar head (AutoModelForSequenceClassification, one label),
+trained with the pairwise loss -log sigmoid(r(x, y_w) - r(x, y_l) - margin)
+(InstructGPT eq. 1). Chosen and rejected go through one forward per step.
+
+Held-out accuracy is reported twice: against the labels in the data (`rm/label_accuracy`)
+and, when the task has a gold judge, against the judge on the pairs it does not tie
+(`rm/accuracy`): the labels are noisy, the judge is the truth.
+
+Steps:
+  1. model from SFT + scalar head; tokenise pairs
+  2. optimiser + schedule; resume from the newest complete checkpoint
+  3. train, checkpoint every `checkpoint_every`
+  4. held-out accuracy (labels and gold judge)
+  5. save, log the model
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rlhf.config import PipelineConfig
+from rlhf.settings import maybe_inject_fault
+from rlhf.data.tasks import gold_score
+from rlhf.math import pairwise_reward_loss
+from rlhf.models import load_reward_model, load_tokenizer, save_model, sequence_scores
+from rlhf.models.loading import apply_lora
+from rlhf.stages.common import (
+    PrepData, Timer, epoch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
+    seed_everything, setup_torch, tokenize_pair, write_result,
+)
+
+
+def encode_pairs(tok, rows) -> list[tuple[list[int], list[int]]]:
+    return [(tokenize_pair(tok, r.prompt, r.chosen)[0], tokenize_pair(tok, r.prompt, r.rejected)[0]) for r in rows]
+
+
+def score_texts(model, seqs: list[list[int]], pad_id: int, device, batch_size: int = 256) -> torch.Tensor:
+    """Reward of each token sequence, (N,)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i:i + batch_size]
+            ids = pad_right(chunk, pad_id).to(device)
+            attn = (torch.arange(ids.shape[1], device=device)[None] < torch.tensor([len(s) for s in chunk], device=device)[:, None]).long()
+            out.append(sequence_scores(model, ids, attn).cpu())
+    return torch.cat(out)
+
+
+def heldout_accuracy(model, rows, pairs, pad_id: int, device) -> dict[str, float]:
+    model.eval()
+    r_c = score_texts(model, [p[0] for p in pairs], pad_id, device)
+    r_r = score_texts(model, [p[1] for p in pairs], pad_id, device)
+    model.train()
+    metrics = {"rm/label_accuracy": float((r_c > r_r).float().mean()),
+               "rm/eval_loss": float(-torch.nn.functional.logsigmoid(r_c - r_r).mean())}
+    gold_right, gold_n = 0, 0
+    for row, c, r in zip(rows, r_c.tolist(), r_r.tolist()):
+        g_c, g_r = gold_score(row.prompt, row.chosen), gold_score(row.prompt, row.rejected)
+        if g_c is None or g_c == g_r:
+            continue
+        gold_n += 1
+        gold_right += (c > r) == (g_c > g_r)
+    if gold_n:
+        metrics["rm/accuracy"] = gold_right / gold_n
+        metrics["rm/gold_pairs"] = float(gold_n)
+    else:  # no gold judge: the labels are all we have
+        metrics["rm/accuracy"] = metrics["rm/label_accuracy"]
+    return metrics
+
+
+def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
+    timer = Timer()
+    device = setup_torch(cfg)
+    rcfg = cfg.reward
+    prep = PrepData(store)
+    with tracker.stage_run("reward", cfg.model_dump(), run_id_file=store.local_path("reward/mlflow_run_id")):
+        # 1. model + data
+        seed_everything(cfg.seed + 1)
+        sft_dir = str(store.get_dir("sft/model"))
+        tok = load_tokenizer(sft_dir, cfg.model)
+        model = apply_lora(load_reward_model(sft_dir, cfg.model, tok.pad_token_id), cfg.model, "SEQ_CLS").to(device)
+        model.train()
+        train_rows, eval_rows = prep.rows("preference_train"), prep.rows("preference_eval")
+        train, held = encode_pairs(tok, train_rows), encode_pairs(tok, eval_rows)
+        bs = rcfg.batch_size
+        steps_per_epoch = math.ceil(len(train) / bs)
+        total = rcfg.epochs * steps_per_epoch
+        if rcfg.max_steps:
+            total = min(total, rcfg.max_steps)
+
+        # 2. optimiser, schedule, resume
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=rcfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(rcfg.warmup_steps, total))
+        ckpt_dir = store.local_path("reward/checkpoints")
+        state = resume_checkpoint(ckpt_dir, {"model": model}, {"opt": opt, "sched": sched}) or {"step": 0}
+
+        # 3. train
+        bar = progress(total, "reward", quiet)
+        bar.update(state["step"])
+        pairs_done, t_last = 0, Timer()
+        while state["step"] < total:
+            epoch, i = divmod(state["step"], steps_per_epoch)
+            order = epoch_order(len(train), cfg.seed + 1, epoch)
+            batch = [train[j] for j in order[i * bs:(i + 1) * bs]]
+            seqs = [b[0] for b in batch] + [b[1] for b in batch]  # chosen then rejected: one forward
+            ids = pad_right(seqs, tok.pad_token_id).to(device)  # (2B, T)
+            attn = (torch.arange(ids.shape[1], device=device)[None] < torch.tensor([len(s) for s in seqs], device=device)[:, None]).long()
+            r = sequence_scores(model, ids, attn)  # (2B,)
+            loss, stats = pairwise_reward_loss(r[: len(batch)], r[len(batch):], rcfg.margin)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, rcfg.grad_clip)
+            opt.step()
+            sched.step()
+            state["step"] += 1
+            pairs_done += len(batch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['accuracy'].item():.2f}")
+            metrics = {"rm/loss": loss.item(), "rm/train_accuracy": stats["accuracy"].item(),
+                       "rm/margin": stats["margin_mean"].item(), "rm/grad_norm": float(gnorm),
+                       "rm/lr": sched.get_last_lr()[0]}
+            if state["step"] % steps_per_epoch == 0 or state["step"] == total:
+                metrics.update(heldout_accuracy(model, eval_rows, held, tok.pad_token_id, device))
+                metrics["perf/pairs_per_s"] = pairs_done / max(t_last(), 1e-9)
+                pairs_done, t_last = 0, Timer()
+            tracker.log_metrics(metrics, step=state["step"])
+            if state["step"] % rcfg.checkpoint_every == 0:
+                save_checkpoint(ckpt_dir, state["step"], {"model": model}, {"opt": opt, "sched": sched}, state)
+            maybe_inject_fault(state["step"])
+        bar.close()
+
+        # 4. held-out accuracy
+        final = heldout_accuracy(model, eval_rows, held, tok.pad_token_id, device)
+        tracker.log_metrics(final, step=state["step"])
+
+        # 5. save
+        with tempfile.TemporaryDirectory() as tmp:
+            out = save_model(model, tok, Path(tmp) / "model")
+            store.put_dir(out, "reward/model")
+        model_uri = tracker.log_model(store.get_dir("reward/model"), "reward")
+        result = {"wall_s": timer(), "steps": state["step"], **final, "model_uri": model_uri,
+                  "mlflow_run_id": tracker.run_id}
+    write_result(store, "reward", result)
+    return result

@@ -1,0 +1,99 @@
+"""Generation and scoring shared by PPO and evaluation.
+
+Layout of a rollout: `[query (left-padded, P) | response (R, right-padded after EOS)]`.
+The response mask covers tokens up to and including the first EOS. A response that
+never emits EOS is truncated at `max_new_tokens` and flagged (`has_eos` False).
+Logits at position t predict token t+1, so response token j (at P+j) is scored by
+logits at P+j-1: log-probs and values for the response are the slice [P-1 : P+R-1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.math import entropy_from_logits, token_logprobs
+from rlhf.models import position_ids_from_mask, sequence_scores, token_values
+from rlhf.stages.common import pad_left
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, P+R) query + response
+    attention_mask: torch.Tensor  # (B, P+R)
+    response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
+    has_eos: torch.Tensor  # (B,) bool
+    prompt_len: int  # P
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]  # (B, R)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        return Rollout(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx],
+                       self.has_eos[idx], self.prompt_len)
+
+
+@torch.no_grad()
+def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+             device) -> Rollout:
+    """Sample (temperature > 0) or greedy-decode (temperature == 0) with the KV cache."""
+    q_ids, q_mask = pad_left(prompt_ids, tok.pad_token_id)
+    q_ids, q_mask = q_ids.to(device), q_mask.to(device)
+    was_training = model.training
+    model.eval()
+    sample = temperature > 0
+    out = model.generate(
+        input_ids=q_ids, attention_mask=q_mask, max_new_tokens=max_new_tokens, do_sample=sample,
+        temperature=temperature if sample else None, top_k=0 if sample else None, top_p=1.0 if sample else None,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
+    )
+    model.train(was_training)
+    P = q_ids.shape[1]
+    resp = out[:, P:]  # (B, R)
+    is_eos = resp == tok.eos_token_id
+    has_eos = is_eos.any(1)
+    first_eos = torch.where(has_eos, is_eos.float().argmax(1), torch.full_like(has_eos, resp.shape[1], dtype=torch.long))
+    pos = torch.arange(resp.shape[1], device=device)[None]
+    resp_mask = (pos <= first_eos[:, None]).long()  # (B, R)
+    resp = torch.where(resp_mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
+    ids = torch.cat([q_ids, resp], 1)
+    attn = torch.cat([q_mask, resp_mask], 1)
+    return Rollout(ids, attn, resp_mask, has_eos, P)
+
+
+def response_logprobs(model, ro: Rollout, temperature: float = 1.0, with_entropy: bool = False):
+    """log pi(response token | prefix), (B, R); optionally entropy per response position."""
+    logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                   position_ids=position_ids_from_mask(ro.attention_mask)).logits  # (B, L, V)
+    logits = logits[:, ro.prompt_len - 1:-1]  # (B, R, V) predicts response tokens
+    if temperature != 1.0:
+        logits = logits / temperature
+    lp = torch.gather(torch.log_softmax(logits.float(), -1), 2, ro.responses[..., None]).squeeze(-1)  # (B, R)
+    if with_entropy:
+        return lp, entropy_from_logits(logits)
+    return lp
+
+
+def response_values(value_model, ro: Rollout) -> torch.Tensor:
+    """V(state before each response token), (B, R)."""
+    v = token_values(value_model, ro.input_ids, ro.attention_mask)  # (B, L)
+    return v[:, ro.prompt_len - 1:-1]
+
+
+def rewards(reward_model, ro: Rollout) -> torch.Tensor:
+    """Reward-model score at the last response token, (B,)."""
+    return sequence_scores(reward_model, ro.input_ids, ro.attention_mask)
+
+
+def decode_responses(tok, ro: Rollout) -> list[str]:
+    out = []
+    for row, m in zip(ro.responses.tolist(), ro.response_mask.tolist()):
+        toks = [t for t, keep in zip(row, m) if keep and t != tok.eos_token_id]
+        out.append(tok.decode(toks, skip_special_tokens=True))
+    return out
+
+
+__all__ = ["Rollout", "generate", "response_logprobs", "response_values", "rewards", "decode_responses",
+           "token_logprobs"]

@@ -1,0 +1,154 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT step 1).
+
+Loss is the mean NLL of response tokens (completion + EOS); prompt tokens are context
+only. Training runs until the held-out loss stops improving for `patience`
+evaluations (or `max_epochs`), and the best weights are kept, so PPO starts from a
+fully trained SFT model and wins only by what preferences teach it.
+
+Steps:
+  1. model + tokenizer (pretrained, or built from config with prep's tokenizer)
+  2. tokenise demonstrations
+  3. optimiser + schedule; resume from the newest complete checkpoint
+  4. train: step, evaluate every `eval_every`, early-stop, checkpoint every `checkpoint_every`
+  5. save the best weights, log the model
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rlhf.config import PipelineConfig
+from rlhf.settings import maybe_inject_fault
+from rlhf.math import sft_loss
+from rlhf.models import build_causal_lm, load_causal_lm, load_tokenizer, save_model
+from rlhf.models.loading import apply_lora
+from rlhf.stages.common import (
+    PrepData, Timer, clean_state_dict, epoch_order, lr_lambda, pad_right, progress, resume_checkpoint,
+    save_checkpoint, seed_everything, setup_torch, tokenize_pair, write_result,
+)
+
+
+def encode(tok, rows) -> list[tuple[list[int], int]]:
+    return [tokenize_pair(tok, r.prompt, r.completion) for r in rows]
+
+
+def collate(batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = pad_right([b[0] for b in batch], pad_id)  # (B, T)
+    attn = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(b[0]) for b in batch])[:, None]).long()
+    loss_mask = attn.clone()
+    for i, (_, plen) in enumerate(batch):
+        loss_mask[i, :plen] = 0  # (B, T) 1 on completion + EOS
+    return ids.to(device), attn.to(device), loss_mask.to(device)
+
+
+@torch.no_grad()
+def heldout_loss(model, data, pad_id: int, device, batch_size: int = 128) -> float:
+    """Mean response-token NLL over a dataset (the SFT loss, aggregated by tokens)."""
+    model.eval()
+    nll, n = 0.0, 0.0
+    for i in range(0, len(data), batch_size):
+        ids, attn, lm = collate(data[i:i + batch_size], pad_id, device)
+        _, stats = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, lm)
+        nll += stats["nll_sum"].item()
+        n += stats["tokens"].item()
+    model.train()
+    return nll / max(n, 1.0)
+
+
+def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
+    timer = Timer()
+    device = setup_torch(cfg)
+    scfg = cfg.sft
+    prep = PrepData(store)
+    with tracker.stage_run("sft", cfg.model_dump(), run_id_file=store.local_path("sft/mlflow_run_id")):
+        # 1. model + tokenizer
+        seed_everything(cfg.seed)
+        if cfg.model.name_or_path:
+            tok = load_tokenizer(cfg.model.name_or_path, cfg.model, store)
+            model = load_causal_lm(cfg.model.name_or_path, cfg.model, store)
+        else:
+            tok = load_tokenizer(str(prep.tokenizer_dir), cfg.model)
+            model = build_causal_lm(cfg.model, tok, cfg.seed)
+        model = apply_lora(model, cfg.model).to(device)
+        model.train()
+
+        # 2. data
+        train = encode(tok, prep.rows("sft_train"))
+        held = encode(tok, prep.rows("sft_eval"))
+        steps_per_epoch = math.ceil(len(train) / scfg.batch_size)
+        total = scfg.max_epochs * steps_per_epoch
+        if scfg.max_steps:
+            total = min(total, scfg.max_steps)
+
+        # 3. optimiser, schedule, resume
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=scfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(scfg.warmup_steps, total))
+        ckpt_dir = store.local_path("sft/checkpoints")
+        best = clean_state_dict(model)
+        state = {"step": 0, "best_loss": float("inf"), "best_step": 0, "bad_evals": 0, "curve": [], "stopped": False}
+        resumed = resume_checkpoint(ckpt_dir, {"model": model, "best": best}, {"opt": opt, "sched": sched})
+        if resumed:
+            state.update(resumed)
+        if state["step"] == 0:
+            loss0 = heldout_loss(model, held, tok.pad_token_id, device)
+            state["curve"].append([0, loss0])
+            tracker.log_metrics({"sft/eval_loss": loss0}, step=0)
+
+        # 4. train
+        bar = progress(total, "sft", quiet)
+        bar.update(state["step"])
+        tokens, t_last = 0, Timer()
+        while state["step"] < total and not state["stopped"]:
+            epoch, i = divmod(state["step"], steps_per_epoch)
+            order = epoch_order(len(train), cfg.seed, epoch)
+            batch = [train[j] for j in order[i * scfg.batch_size:(i + 1) * scfg.batch_size]]
+            ids, attn, lm = collate(batch, tok.pad_token_id, device)
+            loss, _ = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, lm)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, scfg.grad_clip)
+            opt.step()
+            sched.step()
+            state["step"] += 1
+            step = state["step"]
+            tokens += int(attn.sum())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{state['best_loss']:.3f}")
+            metrics = {"sft/loss": loss.item(), "sft/grad_norm": float(gnorm), "sft/lr": sched.get_last_lr()[0],
+                       "sft/epoch": step / steps_per_epoch}
+            if step % scfg.eval_every == 0 or step == total:
+                ev = heldout_loss(model, held, tok.pad_token_id, device)
+                state["curve"].append([step, ev])
+                metrics["sft/eval_loss"] = ev
+                metrics["perf/tokens_per_s"] = tokens / max(t_last(), 1e-9)
+                tokens, t_last = 0, Timer()
+                if ev < state["best_loss"] - 1e-4:
+                    state.update(best_loss=ev, best_step=step, bad_evals=0)
+                    best = clean_state_dict(model)
+                else:
+                    state["bad_evals"] += 1
+                    state["stopped"] = state["bad_evals"] >= scfg.patience
+            tracker.log_metrics(metrics, step=step)
+            if step % scfg.checkpoint_every == 0 or state["stopped"]:
+                save_checkpoint(ckpt_dir, step, {"model": model, "best": best}, {"opt": opt, "sched": sched}, state)
+            maybe_inject_fault(state["step"])
+        bar.close()
+
+        # 5. save the best weights
+        if state["best_step"] > 0:
+            model.load_state_dict(best)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = save_model(model, tok, Path(tmp) / "model")
+            store.put_dir(out, "sft/model")
+        model_uri = tracker.log_model(store.get_dir("sft/model"), "policy")
+        result = {"wall_s": timer(), "steps": state["step"], "best_step": state["best_step"],
+                  "best_eval_loss": state["best_loss"], "early_stopped": state["stopped"],
+                  "eval_curve": state["curve"], "model_uri": model_uri, "mlflow_run_id": tracker.run_id}
+        tracker.log_metrics({"sft/best_eval_loss": state["best_loss"]}, step=state["step"])
+    write_result(store, "sft", result)
+    return result

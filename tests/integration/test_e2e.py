@@ -1,0 +1,108 @@
+"""End to end: every stage through the CLI, on the built-in task and on user data in
+each supported format, with a tiny model built from a config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.cli import main
+
+STAGES = ["prep", "sft", "reward", "ppo", "eval"]
+TINY = ["--preset", "tiny", "--set", "num_threads=1"]
+SUMMARY_KEYS = [
+    "rm/accuracy", "eval/win_rate_vs_sft", "eval/decisive_win_rate_vs_sft", "eval/tie_rate_vs_sft",
+    "eval/gold_score_sft", "eval/gold_score_policy", "eval/gold_delta", "eval/gold_delta_ci95",
+    "eval/kl_vs_sft", "eval/alignment_tax", "wall_s",
+]
+
+
+def run_all(out: Path, extra: list[str] = ()) -> dict:
+    for stage in STAGES:
+        assert main(["stage", stage, *TINY, *extra, "--output", str(out), "--quiet"]) == 0, stage
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_builtin_task_end_to_end(tmp_path):
+    summary = run_all(tmp_path)
+    for key in SUMMARY_KEYS:
+        assert key in summary, key
+    assert set(summary["wall_s"]) == {*STAGES, "total"}
+    lo, hi = summary["eval/gold_delta_ci95"]
+    assert lo <= summary["eval/gold_delta"] <= hi
+    assert 0.0 <= summary["eval/tie_rate_vs_sft"] <= 1.0
+    # artifacts are committed, and each training stage changed the weights it started from
+    for key in ("prep", "sft/model", "reward/model", "ppo/model"):
+        assert (tmp_path / key / "_COMMITTED").is_file(), key
+    sft = load_file(str(tmp_path / "sft/model/model.safetensors"))
+    pol = load_file(str(tmp_path / "ppo/model/model.safetensors"))
+    assert any(not torch.equal(sft[k], pol[k]) for k in sft)
+    assert (tmp_path / "prep/tokenizer/tokenizer.json").is_file()
+    # one MLflow run per stage, with params and step metrics
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["rlhf"], output_format="list")
+    assert sorted(r.data.tags["rlhf.stage"] for r in runs) == sorted(STAGES)
+    ppo = next(r for r in runs if r.data.tags["rlhf.stage"] == "ppo")
+    for m in ("ppo/reward", "ppo/kl", "ppo/beta", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl",
+              "ppo/vf_loss", "ppo/response_length", "ppo/gold_score", "perf/episodes_per_s",
+              "perf/gen_tokens_per_s", "perf/gen_s", "perf/train_s"):
+        assert m in ppo.data.metrics, m
+    assert ppo.data.params["ppo.kl.init_coef"] == "0.1"
+    assert len(mlflow.MlflowClient().get_metric_history(ppo.info.run_id, "ppo/kl")) == 3
+
+
+def _write(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+QA = [("What is the capital of France?", "Paris."), ("Name a primary colour.", "Red."),
+      ("What is 2 + 2?", "4."), ("Say hello.", "Hello!"), ("Which planet is red?", "Mars."),
+      ("Opposite of hot?", "Cold."), ("How many legs has a cat?", "Four."), ("Spell cat.", "C-A-T.")]
+BAD = ["I do not know.", "Bananas are yellow and also here is a long unrelated ramble."]
+
+
+def user_datasets(folder: Path, style: str) -> list[str]:
+    sft, pref, prompts = [], [], []
+    for i in range(40):
+        q, a = QA[i % len(QA)]
+        q = f"{q} (case {i})"
+        bad = BAD[i % 2]
+        if style == "plain":
+            sft.append({"prompt": q, "completion": " " + a})
+            pref.append({"prompt": q, "chosen": " " + a, "rejected": " " + bad})
+            prompts.append({"prompt": q})
+        elif style == "conversational":
+            msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
+            sft.append({"messages": msgs + [{"role": "assistant", "content": a}]})
+            pref.append({"chosen": msgs + [{"role": "assistant", "content": a}],
+                         "rejected": msgs + [{"role": "assistant", "content": bad}]})
+            prompts.append({"messages": msgs})
+        else:  # Anthropic HH: implicit prompt
+            sft.append({"prompt": f"\n\nHuman: {q}\n\nAssistant:", "completion": " " + a})
+            pref.append({"chosen": f"\n\nHuman: {q}\n\nAssistant: {a}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}"})
+            prompts.append({"prompt": f"\n\nHuman: {q}\n\nAssistant:"})
+    return [f"data.sft_path={_write(folder / 'sft.jsonl', sft)}",
+            f"data.preference_path={_write(folder / 'pref.jsonl', pref)}",
+            f"data.prompt_path={_write(folder / 'prompts.jsonl', prompts)}"]
+
+
+@pytest.mark.parametrize("style", ["plain", "conversational", "hh"])
+def test_user_data_end_to_end(tmp_path, style):
+    sets = user_datasets(tmp_path, style)
+    extra = [x for s in sets for x in ("--set", s)] + ["--set", "data.eval_fraction=0.25",
+                                                       "--set", "data.max_total_tokens=400",
+                                                       "--set", "data.max_prompt_tokens=300"]
+    summary = run_all(tmp_path / "out", extra)
+    report = json.loads((tmp_path / "out/prep/report.json").read_text())
+    assert report["tokenizer"]["trained"] and not report["builtin_task"]
+    assert report["reports"]["sft"]["accepted"] == 40
+    # no gold judge for user data: gold metrics are absent, win rates come from the reward model
+    assert summary["eval/gold_delta"] is None
+    assert 0.0 <= summary["eval/win_rate_vs_sft"] <= 1.0
+    assert (tmp_path / "out/ppo/model/_COMMITTED").is_file()

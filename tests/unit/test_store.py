@@ -1,0 +1,190 @@
+"""Artifact store: atomic objects, committed directory artifacts, verification."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf.store import COMMIT_MARKER, LocalStore, StoreError, open_store, sha256_file
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalStore(tmp_path / "store")
+
+
+@pytest.fixture
+def src_dir(tmp_path):
+    d = tmp_path / "src"
+    (d / "sub").mkdir(parents=True)
+    (d / "weights.bin").write_bytes(bytes(range(256)) * 4)
+    (d / "config.json").write_text('{"a": 1}')
+    (d / "sub" / "notes.txt").write_text("hello\n")
+    return d
+
+
+# ----------------------------------------------------------------------------- objects
+
+
+def test_write_read_bytes(store):
+    store.write_bytes("a/b/c.bin", b"\x00\x01payload")
+    assert store.read_bytes("a/b/c.bin") == b"\x00\x01payload"
+    assert store.exists("a/b/c.bin")
+    assert (store.root / "a" / "b" / "c.bin").read_bytes() == b"\x00\x01payload"
+    # Overwrite.
+    store.write_bytes("a/b/c.bin", b"new")
+    assert store.read_bytes("a/b/c.bin") == b"new"
+    # No temp files left behind.
+    assert sorted(p.name for p in (store.root / "a" / "b").iterdir()) == ["c.bin"]
+
+
+def test_write_read_json(store):
+    obj = {"x": [1, 2.5, None], "y": {"z": "w"}}
+    store.write_json("meta/info.json", obj)
+    assert store.read_json("meta/info.json") == obj
+    assert json.loads(store.read_bytes("meta/info.json")) == obj
+
+
+def test_read_missing_raises(store):
+    assert not store.exists("nothing")
+    with pytest.raises(StoreError, match="no object"):
+        store.read_bytes("nothing")
+
+
+def test_leading_slash_stays_inside_root(store):
+    store.write_bytes("/x/y", b"1")
+    assert (store.root / "x" / "y").read_bytes() == b"1"
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "../store-sibling/x"])
+def test_keys_escaping_root_raise(store, key):
+    with pytest.raises(StoreError, match="escapes"):
+        store.write_bytes(key, b"bad")
+    with pytest.raises(StoreError, match="escapes"):
+        store.read_bytes(key)
+    assert not (store.root.parent / "x").exists()
+
+
+def test_uri_is_file_uri(store):
+    assert store.uri("a/b") == (store.root / "a" / "b").as_uri()
+    assert store.uri("a/b").startswith("file://")
+
+
+# ----------------------------------------------------------------------------- directory artifacts
+
+
+def test_put_dir_writes_manifest_and_marker(store, src_dir):
+    manifest = store.put_dir(src_dir, "models/sft")
+    assert set(manifest) == {"weights.bin", "config.json", "sub/notes.txt"}
+    assert manifest["weights.bin"] == sha256_file(src_dir / "weights.bin")
+    dest = store.root / "models" / "sft"
+    assert json.loads((dest / "MANIFEST.json").read_text()) == manifest
+    assert (dest / COMMIT_MARKER).is_file()
+    assert store.is_committed("models/sft")
+    assert (dest / "sub" / "notes.txt").read_text() == "hello\n"
+    # No staging folder left behind.
+    assert sorted(p.name for p in (store.root / "models").iterdir()) == ["sft"]
+
+
+def test_get_dir_verifies_and_copies(store, src_dir, tmp_path):
+    store.put_dir(src_dir, "models/sft")
+    out = store.get_dir("models/sft", tmp_path / "copy")
+    assert out == tmp_path / "copy"
+    assert (out / "weights.bin").read_bytes() == (src_dir / "weights.bin").read_bytes()
+    assert (out / "sub" / "notes.txt").read_text() == "hello\n"
+    # Without a destination, a local store hands out its own folder.
+    assert store.get_dir("models/sft") == store.root / "models" / "sft"
+
+
+def test_get_dir_detects_corruption(store, src_dir, tmp_path):
+    store.put_dir(src_dir, "models/sft")
+    f = store.root / "models" / "sft" / "weights.bin"
+    data = bytearray(f.read_bytes())
+    data[10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert store.is_committed("models/sft")  # still marked, but corrupted
+    with pytest.raises(StoreError, match="checksum") as ei:
+        store.get_dir("models/sft", tmp_path / "copy")
+    assert "weights.bin" in str(ei.value)
+    assert not (tmp_path / "copy").exists()  # nothing handed out
+
+
+def test_get_dir_missing_file_is_store_error(store, src_dir, tmp_path):
+    store.put_dir(src_dir, "models/sft")
+    (store.root / "models" / "sft" / "sub" / "notes.txt").unlink()
+    with pytest.raises(StoreError):
+        store.get_dir("models/sft", tmp_path / "copy")
+
+
+def test_prefix_without_marker_is_not_committed(store, tmp_path):
+    half = store.root / "models" / "half"
+    half.mkdir(parents=True)
+    (half / "weights.bin").write_bytes(b"partial")
+    (half / "MANIFEST.json").write_text(json.dumps({"weights.bin": "0" * 64}))
+    assert not store.is_committed("models/half")
+    with pytest.raises(StoreError, match="commit marker"):
+        store.get_dir("models/half", tmp_path / "copy")
+    with pytest.raises(StoreError):
+        store.get_dir("models/absent")
+
+
+def test_removing_marker_uncommits(store, src_dir):
+    store.put_dir(src_dir, "a")
+    (store.root / "a" / COMMIT_MARKER).unlink()
+    assert not store.is_committed("a")
+    with pytest.raises(StoreError):
+        store.get_dir("a")
+
+
+def test_put_dir_replaces_existing_artifact(store, src_dir, tmp_path):
+    store.put_dir(src_dir, "models/sft")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "only.txt").write_text("v2")
+    manifest = store.put_dir(other, "models/sft")
+    assert set(manifest) == {"only.txt"}
+    dest = store.root / "models" / "sft"
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["only.txt", "MANIFEST.json", COMMIT_MARKER])
+    out = store.get_dir("models/sft", tmp_path / "copy")
+    assert (out / "only.txt").read_text() == "v2"
+    assert not (out / "weights.bin").exists()
+
+
+def test_put_dir_same_folder_raises(store, src_dir):
+    store.put_dir(src_dir, "a")
+    with pytest.raises(StoreError, match="same folder"):
+        store.put_dir(store.root / "a", "a")
+    assert store.is_committed("a")
+
+
+def test_list_dirs_and_delete(store, src_dir):
+    store.put_dir(src_dir, "runs/b")
+    store.put_dir(src_dir, "runs/a")
+    (store.root / "runs" / ".hidden").mkdir()
+    store.write_bytes("runs/file.txt", b"x")
+    assert store.list_dirs("runs") == ["a", "b"]
+    assert store.list_dirs("absent") == []
+    store.delete("runs/a")
+    assert store.list_dirs("runs") == ["b"]
+    assert not store.is_committed("runs/a")
+    store.delete("runs/file.txt")
+    assert not store.exists("runs/file.txt")
+    store.delete("runs/never")  # deleting nothing is fine
+
+
+# ----------------------------------------------------------------------------- open_store
+
+
+def test_open_store_local(tmp_path):
+    s = open_store(tmp_path / "root")
+    assert isinstance(s, LocalStore)
+    assert s.root == (tmp_path / "root").resolve()
+    assert s.root.is_dir()
+    s2 = open_store(str(tmp_path / "root2"))
+    assert s2.root == (tmp_path / "root2").resolve()
+
+
+def test_open_store_s3_not_available_yet():
+    with pytest.raises(StoreError, match="s3://"):
+        open_store("s3://bucket/prefix")
