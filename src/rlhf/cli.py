@@ -77,12 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output) if args.output else settings.home / "demo"
     quiet = args.quiet or settings.quiet
     from rlhf.data.readers import DataError
+    from rlhf.models import ModelLoadError
+    from rlhf.stages.common import CheckpointMismatch
+    from rlhf.store import StoreError
 
     names = list(STAGE_MODULES) if args.name == "all" else [args.name]
     for name in names:
         try:
             result = run_stage(name, cfg, output, quiet, settings)
-        except (DataError, ConfigError) as e:
+        except (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         short = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}

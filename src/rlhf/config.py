@@ -44,7 +44,7 @@ class TaskConfig(_Model):
     num_prompts: int = Field(3000, ge=10, description="Prompts for PPO rollouts (and, after the split, eval).")
     demo_correct_rate: float = Field(0.75, ge=0.7, le=1.0, description="Share of demonstrations that are exactly correct and concise (>= 0.7 keeps SFT a fair baseline).")
     demo_verbose_rate: float = Field(0.4, ge=0.0, le=1.0, description="Of the imperfect demonstrations, the share that are right but verbose; the rest carry mistakes.")
-    labeler_temperature: float = Field(0.1, gt=0.0, description="Bradley-Terry noise: P(a preferred over b) = sigmoid((gold_a - gold_b) / temperature).")
+    labeler_temperature: float = Field(0.05, gt=0.0, description="Bradley-Terry noise: P(a preferred over b) = sigmoid((gold_a - gold_b) / temperature).")
 
     @model_validator(mode="after")
     def _check(self):
@@ -115,7 +115,7 @@ class SFTConfig(_Model):
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     eval_every: int = Field(100, gt=0, description="Steps between held-out loss evaluations.")
-    patience: int = Field(4, gt=0, description="Stop after this many evaluations without held-out improvement; the best weights are kept.")
+    patience: int = Field(3, gt=0, description="Stop after this many evaluations without held-out improvement; the best weights are kept.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
 
@@ -123,13 +123,14 @@ class SFTConfig(_Model):
 class RewardConfig(_Model):
     """Reward model: SFT backbone + scalar head, pairwise loss -log sigmoid(r_w - r_l - margin)."""
 
-    epochs: int = Field(3, gt=0, description="Passes over the preference pairs.")
+    epochs: int = Field(2, gt=0, description="Passes over the preference pairs.")
     batch_size: int = Field(32, gt=0, description="Pairs per optimizer step (chosen and rejected in one forward).")
     lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     margin: float | None = Field(None, description="Optional fixed margin in the pairwise loss.")
+    policy_comparisons: int = Field(12000, ge=0, description="Built-in task only: comparisons of two SFT samples per prompt, labelled by the simulated labelers (as InstructGPT's labelers ranked SFT outputs), added to the preference data.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
 
@@ -147,11 +148,11 @@ class KLConfig(_Model):
 class PPOConfig(_Model):
     """PPO against reward - beta * KL(policy || SFT)."""
 
-    updates: int = Field(60, gt=0, description="PPO updates (each: one rollout batch, then optimisation).")
-    rollout_batch_size: int = Field(64, gt=0, description="Episodes generated per update.")
-    minibatch_size: int = Field(16, gt=0, description="Episodes per optimizer step.")
+    updates: int = Field(80, gt=0, description="PPO updates (each: one rollout batch, then optimisation).")
+    rollout_batch_size: int = Field(128, gt=0, description="Episodes generated per update.")
+    minibatch_size: int = Field(32, gt=0, description="Episodes per optimizer step.")
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch.")
-    lr: float = Field(1e-4, gt=0, description="Policy AdamW learning rate.")
+    lr: float = Field(2e-5, gt=0, description="Policy AdamW learning rate.")
     value_lr: float = Field(3e-4, gt=0, description="Value model AdamW learning rate.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip (policy and value).")
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
@@ -233,7 +234,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": {"num_demonstrations": 200, "num_comparisons": 200, "num_prompts": 200, "max_items": 5},
         "model": {"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
         "sft": {"max_epochs": 1, "batch_size": 16, "eval_every": 5, "checkpoint_every": 5, "warmup_steps": 2},
-        "reward": {"epochs": 1, "batch_size": 16, "checkpoint_every": 5, "warmup_steps": 2},
+        "reward": {"epochs": 1, "batch_size": 16, "checkpoint_every": 5, "warmup_steps": 2, "policy_comparisons": 64},
         "ppo": {"updates": 3, "rollout_batch_size": 16, "minibatch_size": 8, "ppo_epochs": 1, "max_new_tokens": 8, "checkpoint_every": 2, "gold_log_every": 1},
         "eval": {"num_prompts": 16, "max_new_tokens": 8, "bootstrap": 100, "table_rows": 5},
         "tracking": {"log_models": True},

@@ -145,9 +145,7 @@ class MLflowTracker:
         tok = AutoTokenizer.from_pretrained(model_dir)
         if kind == "reward":
             model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
-            task = "text-classification"
-            # Raw scalar scores (no sigmoid): `pipeline(text, function_to_apply="none")`.
-            model.config.problem_type = "regression"
+            task = "text-classification"  # problem_type "regression": raw scores, no sigmoid
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
             task = "text-generation"

@@ -106,3 +106,12 @@ def test_user_data_end_to_end(tmp_path, style):
     assert summary["eval/gold_delta"] is None
     assert 0.0 <= summary["eval/win_rate_vs_sft"] <= 1.0
     assert (tmp_path / "out/ppo/model/_COMMITTED").is_file()
+
+
+def test_lora_sft_saves_merged_weights(tmp_path):
+    extra = ["--set", "model.lora.enabled=true", "--set", "model.lora.r=4", "--set", "tracking.log_models=false"]
+    for stage in ("prep", "sft"):
+        assert main(["stage", stage, *TINY, *extra, "--output", str(tmp_path), "--quiet"]) == 0
+    weights = load_file(str(tmp_path / "sft/model/model.safetensors"))
+    assert not any("lora" in k for k in weights), "adapters must be merged before saving"
+    assert any(k.endswith("q_proj.weight") for k in weights)

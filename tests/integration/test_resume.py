@@ -79,3 +79,14 @@ def test_kill9_then_resume_is_bitwise_equal(base, tmp_path, stage):
     start = _weights(base, "sft") if stage in ("reward", "ppo") else None
     if stage == "ppo":
         assert any(not torch.equal(a[k], start[k]) for k in a), "PPO did not change the policy"
+
+
+def test_resume_with_a_different_config_is_refused(base, tmp_path):
+    out = tmp_path / "run"
+    _copy_inputs(base, out, "sft")
+    r = rlhf("stage", "sft", *TINY, "--output", str(out), env_extra={"RLHF_FAULT_KILL_AT_STEP": "7"})
+    assert r.returncode == -signal.SIGKILL
+    r = rlhf("stage", "sft", *TINY, "--set", "sft.lr=0.01", "--output", str(out))
+    assert r.returncode == 2
+    assert "different configuration" in r.stderr and "checkpoints" in r.stderr
+    assert not (out / "sft" / "model" / "_COMMITTED").exists()

@@ -114,21 +114,44 @@ def tokenize_pair(tok, prompt: str, response: str) -> tuple[list[int], int]:
     return p + r, len(p)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, models: dict, optimizers: dict, state: dict) -> None:
+def config_fingerprint(cfg: PipelineConfig) -> str:
+    """Hash of everything that shapes training (not tracking, threads or eval settings)."""
+    import hashlib
+
+    d = cfg.model_dump(exclude={"tracking", "num_threads", "device", "eval"})
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CheckpointMismatch(RuntimeError):
+    pass
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, models: dict, optimizers: dict, state: dict,
+                    cfg: PipelineConfig) -> None:
     from rlhf import checkpoint
 
     objects = {name: o.state_dict() for name, o in optimizers.items()}
-    checkpoint.save(ckpt_dir, step, models=models, objects=objects, state=state)
+    checkpoint.save(ckpt_dir, step, models=models, objects=objects,
+                    state={**state, "config_fingerprint": config_fingerprint(cfg)})
 
 
-def resume_checkpoint(ckpt_dir: Path, models: dict, optimizers: dict) -> dict | None:
-    """Load the newest complete checkpoint into models/optimizers; return its state or None."""
+def resume_checkpoint(ckpt_dir: Path, models: dict, optimizers: dict, cfg: PipelineConfig) -> dict | None:
+    """Load the newest complete checkpoint into models/optimizers; return its state or None.
+
+    Refuses checkpoints written under a different training config: resuming them
+    would silently mix two runs."""
     from rlhf import checkpoint
 
     path = checkpoint.latest(ckpt_dir)
     if path is None:
         return None
+    written = json.loads((path / "state.json").read_text()).get("config_fingerprint")
+    if written != config_fingerprint(cfg):
+        raise CheckpointMismatch(
+            f"{path} was written with a different configuration; to start this stage over, delete "
+            f"{ckpt_dir} (or use a new --output folder); to resume it, rerun with the original config")
     objects, state = checkpoint.load(path, models=models)
+    state.pop("config_fingerprint", None)
     for name, o in optimizers.items():
         o.load_state_dict(objects[name])
     return state

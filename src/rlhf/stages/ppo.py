@@ -92,7 +92,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
         B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
 
         ckpt_dir = store.local_path("ppo/checkpoints")
-        state = resume_checkpoint(ckpt_dir, {"policy": policy, "value": value}, {"opt_pol": opt_pol, "opt_val": opt_val})
+        state = resume_checkpoint(ckpt_dir, {"policy": policy, "value": value}, {"opt_pol": opt_pol, "opt_val": opt_val}, cfg)
         if state:
             kl_ctl.load_state_dict(state["kl_ctl"])
         else:
@@ -182,7 +182,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
             if state["step"] % pcfg.checkpoint_every == 0:
                 state["kl_ctl"] = kl_ctl.state_dict()
                 save_checkpoint(ckpt_dir, state["step"], {"policy": policy, "value": value},
-                                {"opt_pol": opt_pol, "opt_val": opt_val}, state)
+                                {"opt_pol": opt_pol, "opt_val": opt_val}, state, cfg)
             maybe_inject_fault(state["step"])
         bar.close()
 

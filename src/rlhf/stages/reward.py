@@ -8,8 +8,13 @@ Held-out accuracy is reported twice: against the labels in the data (`rm/label_a
 and, when the task has a gold judge, against the judge on the pairs it does not tie
 (`rm/accuracy`): the labels are noisy, the judge is the truth.
 
+For the built-in task, comparisons of the SFT model's own samples are collected from
+the simulated labelers first (InstructGPT's labelers ranked SFT outputs): a reward
+model trained only on offline pairs misjudges the errors the policy actually makes.
+They are committed to the store (`reward/comparisons`) so a resumed stage reuses them.
+
 Steps:
-  1. model from SFT + scalar head; tokenise pairs
+  1. model from SFT + scalar head; comparisons of SFT samples; tokenise pairs
   2. optimiser + schedule; resume from the newest complete checkpoint
   3. train, checkpoint every `checkpoint_every`
   4. held-out accuracy (labels and gold judge)
@@ -52,6 +57,48 @@ def score_texts(model, seqs: list[list[int]], pad_id: int, device, batch_size: i
     return torch.cat(out)
 
 
+def collect_policy_comparisons(cfg: PipelineConfig, tok, sft_dir: str, prep, store, device) -> dict[str, list]:
+    """Two SFT samples per prompt, ordered by a simulated labeler; train from train
+    prompts, eval from held-out prompts. Committed once, then reused."""
+    import json
+    import random
+
+    from rlhf.data.processing import read_jsonl_rows, write_jsonl
+    from rlhf.data.schema import PreferenceRow
+    from rlhf.data.tasks import BuiltinTask
+    from rlhf.models import load_causal_lm
+    from rlhf.stages.rollout import decode_responses, generate
+
+    if store.is_committed("reward/comparisons"):
+        d = store.get_dir("reward/comparisons")
+        return {k: read_jsonl_rows(d / f"{k}.jsonl", "preference") for k in ("train", "eval")}
+    policy = load_causal_lm(sft_dir, cfg.model).to(device).eval()
+    task = BuiltinTask(cfg.task, cfg.seed)
+    n = cfg.reward.policy_comparisons
+    out = {}
+    for split, count in (("train", n), ("eval", max(200, int(n * cfg.data.eval_fraction)))):
+        prompts = [r.prompt for r in prep.rows(f"prompt_{split}")]
+        rng = random.Random(f"{cfg.seed}-policy-comparisons-{split}")
+        chosen = [rng.choice(prompts) for _ in range(count)]
+        rows = []
+        for i in range(0, count, 256):
+            batch = chosen[i:i + 256]
+            ids = [tok(p)["input_ids"] for p in batch]
+            a = decode_responses(tok, generate(policy, tok, ids, cfg.ppo.max_new_tokens, 1.0, device))
+            b = decode_responses(tok, generate(policy, tok, ids, cfg.ppo.max_new_tokens, 1.0, device))
+            for p, x, y in zip(batch, a, b):
+                if x != y and x.strip() and y.strip():
+                    c, r = task.label(rng, p, x, y)
+                    rows.append(PreferenceRow(prompt=p, chosen=c, rejected=r))
+        out[split] = rows
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, rows in out.items():
+            write_jsonl(rows, Path(tmp) / f"{k}.jsonl")
+        (Path(tmp) / "info.json").write_text(json.dumps({k: len(v) for k, v in out.items()}))
+        store.put_dir(Path(tmp), "reward/comparisons")
+    return out
+
+
 def heldout_accuracy(model, rows, pairs, pad_id: int, device) -> dict[str, float]:
     model.eval()
     r_c = score_texts(model, [p[0] for p in pairs], pad_id, device)
@@ -87,7 +134,15 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
         model = apply_lora(load_reward_model(sft_dir, cfg.model, tok.pad_token_id), cfg.model, "SEQ_CLS").to(device)
         model.train()
         train_rows, eval_rows = prep.rows("preference_train"), prep.rows("preference_eval")
-        train, held = encode_pairs(tok, train_rows), encode_pairs(tok, eval_rows)
+        policy_eval_rows = []
+        if cfg.uses_builtin_task and rcfg.policy_comparisons:
+            comp = collect_policy_comparisons(cfg, tok, sft_dir, prep, store, device)
+            train_rows = train_rows + comp["train"]
+            policy_eval_rows = comp["eval"]
+            seed_everything(cfg.seed + 1)
+        eval_sets = {"": eval_rows + policy_eval_rows, "_offline": eval_rows, "_policy_samples": policy_eval_rows}
+        train = encode_pairs(tok, train_rows)
+        eval_sets = {k: (rows, encode_pairs(tok, rows)) for k, rows in eval_sets.items() if rows}
         bs = rcfg.batch_size
         steps_per_epoch = math.ceil(len(train) / bs)
         total = rcfg.epochs * steps_per_epoch
@@ -99,7 +154,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
         opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=rcfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(rcfg.warmup_steps, total))
         ckpt_dir = store.local_path("reward/checkpoints")
-        state = resume_checkpoint(ckpt_dir, {"model": model}, {"opt": opt, "sched": sched}) or {"step": 0}
+        state = resume_checkpoint(ckpt_dir, {"model": model}, {"opt": opt, "sched": sched}, cfg) or {"step": 0}
 
         # 3. train
         bar = progress(total, "reward", quiet)
@@ -127,20 +182,23 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
                        "rm/margin": stats["margin_mean"].item(), "rm/grad_norm": float(gnorm),
                        "rm/lr": sched.get_last_lr()[0]}
             if state["step"] % steps_per_epoch == 0 or state["step"] == total:
-                metrics.update(heldout_accuracy(model, eval_rows, held, tok.pad_token_id, device))
+                metrics.update(heldout_accuracy(model, *eval_sets[""], tok.pad_token_id, device))
                 metrics["perf/pairs_per_s"] = pairs_done / max(t_last(), 1e-9)
                 pairs_done, t_last = 0, Timer()
             tracker.log_metrics(metrics, step=state["step"])
             if state["step"] % rcfg.checkpoint_every == 0:
-                save_checkpoint(ckpt_dir, state["step"], {"model": model}, {"opt": opt, "sched": sched}, state)
+                save_checkpoint(ckpt_dir, state["step"], {"model": model}, {"opt": opt, "sched": sched}, state, cfg)
             maybe_inject_fault(state["step"])
         bar.close()
 
         # 4. held-out accuracy
-        final = heldout_accuracy(model, eval_rows, held, tok.pad_token_id, device)
+        final = {}
+        for suffix, (rows, pairs) in eval_sets.items():
+            final.update({f"{k}{suffix}": v for k, v in heldout_accuracy(model, rows, pairs, tok.pad_token_id, device).items()})
         tracker.log_metrics(final, step=state["step"])
 
-        # 5. save
+        # 5. save (problem_type "regression": pipelines return the raw score, no sigmoid)
+        model.config.problem_type = "regression"
         with tempfile.TemporaryDirectory() as tmp:
             out = save_model(model, tok, Path(tmp) / "model")
             store.put_dir(out, "reward/model")

@@ -91,7 +91,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
         ckpt_dir = store.local_path("sft/checkpoints")
         best = clean_state_dict(model)
         state = {"step": 0, "best_loss": float("inf"), "best_step": 0, "bad_evals": 0, "curve": [], "stopped": False}
-        resumed = resume_checkpoint(ckpt_dir, {"model": model, "best": best}, {"opt": opt, "sched": sched})
+        resumed = resume_checkpoint(ckpt_dir, {"model": model, "best": best}, {"opt": opt, "sched": sched}, cfg)
         if resumed:
             state.update(resumed)
         if state["step"] == 0:
@@ -135,7 +135,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
                     state["stopped"] = state["bad_evals"] >= scfg.patience
             tracker.log_metrics(metrics, step=step)
             if step % scfg.checkpoint_every == 0 or state["stopped"]:
-                save_checkpoint(ckpt_dir, step, {"model": model, "best": best}, {"opt": opt, "sched": sched}, state)
+                save_checkpoint(ckpt_dir, step, {"model": model, "best": best}, {"opt": opt, "sched": sched}, state, cfg)
             maybe_inject_fault(state["step"])
         bar.close()
 

@@ -53,11 +53,16 @@ class BuiltinTask:
             b = fam.respond(rng, p, CANDIDATE_CORRECT_RATE, self.cfg.demo_verbose_rate)
             if a == b:
                 continue
-            diff = fam.gold_score(p, a) - fam.gold_score(p, b)
-            p_a = 1.0 / (1.0 + math.exp(-diff / self.cfg.labeler_temperature))
-            chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+            chosen, rejected = self.label(rng, p, a, b)
             rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
         return rows
+
+    def label(self, rng: random.Random, prompt: str, a: str, b: str) -> tuple[str, str]:
+        """A simulated labeler's choice: (chosen, rejected) with Bradley-Terry noise."""
+        fam = self._family(prompt)
+        diff = fam.gold_score(prompt, a) - fam.gold_score(prompt, b)
+        p_a = 1.0 / (1.0 + math.exp(-diff / self.cfg.labeler_temperature))
+        return (a, b) if rng.random() < p_a else (b, a)
 
     def prompts(self, rng: random.Random) -> list[dict]:
         return [{"prompt": self._prompt(rng)} for _ in range(self.cfg.num_prompts)]
