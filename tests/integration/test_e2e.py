@@ -54,6 +54,15 @@ def test_builtin_task_end_to_end(tmp_path):
         assert m in ppo.data.metrics, m
     assert ppo.data.params["ppo.kl.init_coef"] == "0.1"
     assert len(mlflow.MlflowClient().get_metric_history(ppo.info.run_id, "ppo/kl")) == 3
+    # a user loads the logged models with plain MLflow: the policy generates, the reward model scores
+    policy_uri = json.loads((tmp_path / "ppo/result.json").read_text())["model_uri"]
+    reward_uri = json.loads((tmp_path / "reward/result.json").read_text())["model_uri"]
+    gen = mlflow.transformers.load_model(policy_uri)
+    text = gen("sort: 3 1 2", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("sort: 3 1 2") and len(text) > len("sort: 3 1 2")
+    scorer = mlflow.transformers.load_model(reward_uri)
+    scores = scorer(["sort: 3 1 2 1 2 3", "reverse: a b b a"], function_to_apply="none")
+    assert len(scores) == 2 and all(isinstance(s["score"], float) for s in scores)
 
 
 def _write(path: Path, rows: list) -> str:

@@ -13,7 +13,8 @@ from rlhf.data.tasks.base import (
     FILLER_PREFIXES,
     FILLER_SUFFIXES,
     VERBOSITY_PENALTY,
-    positional_agreement,
+    edit_similarity,
+    levenshtein,
 )
 
 # ----------------------------------------------------------------------------- registry
@@ -62,15 +63,15 @@ def test_sort_is_numeric_not_lexicographic():
         (" d c a b", 0.5),  # two positions swapped at the end
         (" c d b a", 0.5),  # swap neighbours at the front
         (" d c b", 0.75),  # dropped the last item: 3 of max(3, 4)
-        (" c b a", 0.0),  # dropped the first item: everything shifts
+        (" c b a", 0.75),  # dropped the first item: one edit, wherever it is
         (" d c b a a", 0.8),  # repeated the last item: 4 of 5
-        (" d d c b a", 0.2),  # repeated the first item: 1 of 5
+        (" d d c b a", 0.8),  # repeated the first item: one edit of 5
         (" d c b h", 0.75),  # replaced one item
-        (" a b c d", 0.0),  # lazy: copied the input
+        (" a b c d", 0.0),  # lazy: copied the input (4 substitutions)
         ("", 0.0),  # nothing
     ],
 )
-def test_gold_hand_worked_positional_agreement(completion, expected):
+def test_gold_hand_worked_edit_similarity(completion, expected):
     assert gold_score("reverse: a b c d", completion) == pytest.approx(expected)
 
 
@@ -107,10 +108,12 @@ def test_family_gold_score_rejects_foreign_prompt():
         rev.gold_score("sort: 1 2", " 1 2")
 
 
-def test_positional_agreement():
-    assert positional_agreement([], []) == 1.0
-    assert positional_agreement(["a"], []) == 0.0
-    assert positional_agreement(["a", "b"], ["a", "c", "d"]) == pytest.approx(1 / 3)
+def test_edit_similarity():
+    assert levenshtein(list("kitten"), list("sitting")) == 3
+    assert levenshtein([], ["a", "b"]) == 2
+    assert edit_similarity([], []) == 1.0
+    assert edit_similarity(["a"], []) == 0.0
+    assert edit_similarity(["a", "b"], ["a", "c", "d"]) == pytest.approx(1 / 3)
 
 
 # ----------------------------------------------------------------------------- simulated humans

@@ -98,11 +98,6 @@ class PrepData:
         return p if p.is_dir() else None
 
 
-def model_source(cfg: PipelineConfig, prep: PrepData) -> str | None:
-    """The base model for SFT: the configured one, or None to build from config."""
-    return cfg.model.name_or_path
-
-
 def write_result(store, stage: str, result: dict) -> None:
     store.write_json(f"{stage}/result.json", result)
 

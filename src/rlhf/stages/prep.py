@@ -11,6 +11,7 @@ Steps:
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
             rows[kind], rep = read_rows(src, kind, max_reject_rate=cfg.data.max_reject_rate,
                                         max_chars=cfg.data.max_chars, read_bytes=store.read_bytes,
                                         hf_split=cfg.data.hf_split)
-            reports[kind] = {"source": src, "total": rep.total, "accepted": rep.accepted,
+            label = f"builtin:{kind}" if cfg.uses_builtin_task else src
+            reports[kind] = {"source": label, "total": rep.total, "accepted": rep.accepted,
                              "rejected": len(rep.bad), "bad_rows": [str(b) for b in rep.bad[:100]]}
         if "prompt" not in rows:
             from rlhf.data.schema import PromptRow
@@ -92,14 +94,14 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
 
         # 6. commit
         report = {
-            "sources": sources,
+            "sources": {k: (f"builtin:{k}" if cfg.uses_builtin_task else v) for k, v in sources.items()},
             "builtin_task": cfg.uses_builtin_task,
             "reports": reports,
             "sizes": {k: len(v) for k, v in splits.items()},
             "hashes": {k: data_hash(v) for k, v in splits.items()},
             "tokenizer": {"trained": cfg.model.name_or_path is None, "vocab_size": len(tok)},
         }
-        (out / "report.json").write_text(__import__("json").dumps(report, indent=2))
+        (out / "report.json").write_text(json.dumps(report, indent=2))
         store.put_dir(out, "prep")
         tracker.log_dict(report, "prep_report.json")
         tracker.log_metrics({f"data/{k}_rows": float(len(v)) for k, v in splits.items()}, step=0)

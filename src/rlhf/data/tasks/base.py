@@ -6,9 +6,10 @@ judge the reward model never sees). Noisy human behaviour (mistakes, verbosity) 
 shared here so every family gets the same kinds of imperfection.
 
 Answers are item sequences written as " x y z" (leading space, single spaces).
-The gold score is positional agreement with the target (1.0 only when exact),
-minus `VERBOSITY_PENALTY` when the answer carries filler words: labelers, like
-InstructGPT's, prefer answers that are both correct and to the point.
+The gold score is edit similarity to the target, 1 - levenshtein(answer, target) /
+max(len): how much of the answer is right, counted in the edits needed to fix it
+(1.0 only when exact), minus `VERBOSITY_PENALTY` when the answer carries filler
+words: labelers, like InstructGPT's, prefer answers that are correct and to the point.
 """
 
 from __future__ import annotations
@@ -52,12 +53,21 @@ def gold_score(prompt: str, completion: str) -> float | None:
     return None if fam is None else fam.gold_score(prompt, completion)
 
 
-def positional_agreement(answer: list[str], target: list[str]) -> float:
-    """Share of positions that agree, over the longer of the two sequences."""
+def levenshtein(a: list[str], b: list[str]) -> int:
+    """Fewest insertions, deletions and substitutions turning a into b."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def edit_similarity(answer: list[str], target: list[str]) -> float:
+    """1 - edit distance / length of the longer sequence (1.0 only when equal)."""
     n = max(len(answer), len(target))
-    if n == 0:
-        return 1.0
-    return sum(a == t for a, t in zip(answer, target)) / n
+    return 1.0 if n == 0 else 1.0 - levenshtein(answer, target) / n
 
 
 class TaskFamily(ABC):
@@ -100,7 +110,7 @@ class TaskFamily(ABC):
         words = completion.split()
         answer = [w for w in words if w in allowed]
         verbose = len(answer) != len(words)
-        score = positional_agreement(answer, self.target(items))
+        score = edit_similarity(answer, self.target(items))
         return score - VERBOSITY_PENALTY * verbose
 
     def mistake(self, rng: random.Random, items: list[str], answer: list[str]) -> list[str]:
