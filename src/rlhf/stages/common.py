@@ -44,12 +44,15 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+def pad_right(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask, both (B, T)."""
     T = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), T), pad, dtype=torch.long)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,6 +106,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
 
         bar = progress(pcfg.updates, "ppo", quiet)
         bar.update(state["step"])
+        metrics: dict[str, float] = {}
         while state["step"] < pcfg.updates:
             update = state["step"]
             t0 = Timer()
@@ -191,7 +192,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
             store.put_dir(out, "ppo/model")
         model_uri = tracker.log_model(store.get_dir("ppo/model"), "policy")
         result = {"wall_s": timer(), "updates": state["step"], "final_beta": kl_ctl.value,
-                  "last_metrics": metrics if pcfg.updates else {}, "model_uri": model_uri,
+                  "last_metrics": metrics, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}
     write_result(store, "ppo", result)
     return result

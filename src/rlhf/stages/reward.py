@@ -51,9 +51,8 @@ def score_texts(model, seqs: list[list[int]], pad_id: int, device, batch_size: i
     with torch.no_grad():
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i:i + batch_size]
-            ids = pad_right(chunk, pad_id).to(device)
-            attn = (torch.arange(ids.shape[1], device=device)[None] < torch.tensor([len(s) for s in chunk], device=device)[:, None]).long()
-            out.append(sequence_scores(model, ids, attn).cpu())
+            ids, attn = pad_right(chunk, pad_id)
+            out.append(sequence_scores(model, ids.to(device), attn.to(device)).cpu())
     return torch.cat(out)
 
 
@@ -165,8 +164,8 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
             order = epoch_order(len(train), cfg.seed + 1, epoch)
             batch = [train[j] for j in order[i * bs:(i + 1) * bs]]
             seqs = [b[0] for b in batch] + [b[1] for b in batch]  # chosen then rejected: one forward
-            ids = pad_right(seqs, tok.pad_token_id).to(device)  # (2B, T)
-            attn = (torch.arange(ids.shape[1], device=device)[None] < torch.tensor([len(s) for s in seqs], device=device)[:, None]).long()
+            ids, attn = pad_right(seqs, tok.pad_token_id)  # (2B, T)
+            ids, attn = ids.to(device), attn.to(device)
             r = sequence_scores(model, ids, attn)  # (2B,)
             loss, stats = pairwise_reward_loss(r[: len(batch)], r[len(batch):], rcfg.margin)
             opt.zero_grad(set_to_none=True)

@@ -37,8 +37,7 @@ def encode(tok, rows) -> list[tuple[list[int], int]]:
 
 
 def collate(batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids = pad_right([b[0] for b in batch], pad_id)  # (B, T)
-    attn = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(b[0]) for b in batch])[:, None]).long()
+    ids, attn = pad_right([b[0] for b in batch], pad_id)  # (B, T)
     loss_mask = attn.clone()
     for i, (_, plen) in enumerate(batch):
         loss_mask[i, :plen] = 0  # (B, T) 1 on completion + EOS
