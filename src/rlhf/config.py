@@ -210,6 +210,13 @@ class PipelineConfig(_Model):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation stage.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
 
+    @model_validator(mode="after")
+    def _check_data_paths(self):
+        if bool(self.data.sft_path) != bool(self.data.preference_path):
+            raise ValueError("data.sft_path and data.preference_path must be set together "
+                             "(or both left empty for the built-in task)")
+        return self
+
     @property
     def uses_builtin_task(self) -> bool:
         return self.data.sft_path is None and self.data.preference_path is None

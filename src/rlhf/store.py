@@ -54,9 +54,12 @@ class LocalStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        key = key.strip("/")
         if key.startswith("file://"):
             key = key[len("file://"):]
+        elif "://" in key:
+            raise StoreError(f"{key}: this is a local store rooted at {self.root}; "
+                             f"{key.split('://')[0]}:// URIs need an S3 store (set the output to s3://...)")
+        key = key.strip("/")
         p = (self.root / key).resolve()
         if p != self.root and self.root not in p.parents:
             raise StoreError(f"key {key!r} escapes the store root {self.root}")

@@ -124,3 +124,20 @@ def test_lora_sft_saves_merged_weights(tmp_path):
     weights = load_file(str(tmp_path / "sft/model/model.safetensors"))
     assert not any("lora" in k for k in weights), "adapters must be merged before saving"
     assert any(k.endswith("q_proj.weight") for k in weights)
+
+
+def test_stages_take_swapped_adapters(tmp_path):
+    """A stage is run(cfg, store, tracker): the no-op tracker records what it was given."""
+    from rlhf.config import load_config
+    from rlhf.stages import prep, sft
+    from rlhf.store import LocalStore
+    from rlhf.tracking import NullTracker
+
+    cfg = load_config("tiny", overrides=["num_threads=1"])
+    store, tracker = LocalStore(tmp_path), NullTracker()
+    prep.run(cfg, store, tracker, quiet=True)
+    result = sft.run(cfg, store, tracker, quiet=True)
+    assert tracker.params["sft"]["batch_size"] == cfg.sft.batch_size
+    losses = [m["sft/loss"] for _, m in tracker.metrics if "sft/loss" in m]
+    assert len(losses) == result["steps"]
+    assert tracker.models["policy"].endswith("sft/model")

@@ -110,7 +110,7 @@ def test_later_set_wins():
 def test_set_values_are_yaml_scalars():
     cfg = load_config("demo", None, [
         "ppo.kl.adaptive=false", "sft.max_steps=5", "ppo.kl.init_coef=1e-2",
-        "data.sft_path=foo.jsonl", "task.families=[sort]", "ppo.reward_clip=",
+        "data.sft_path=foo.jsonl", "data.preference_path=bar.jsonl", "task.families=[sort]", "ppo.reward_clip=",
     ])
     assert cfg.ppo.kl.adaptive is False
     assert cfg.sft.max_steps == 5 and type(cfg.sft.max_steps) is int
@@ -359,3 +359,8 @@ def test_cli_config_show_missing_file(capsys, tmp_path):
     rc = cli.main(["config", "show", "--config", str(tmp_path / "nope.yaml")])
     assert rc == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_user_data_paths_must_come_together():
+    with pytest.raises(ConfigError, match="data.sft_path and data.preference_path"):
+        load_config("tiny", overrides=["data.sft_path=x.jsonl"])

@@ -188,3 +188,9 @@ def test_open_store_local(tmp_path):
 def test_open_store_s3_not_available_yet():
     with pytest.raises(StoreError, match="s3://"):
         open_store("s3://bucket/prefix")
+
+
+def test_local_store_rejects_other_schemes_clearly(tmp_path):
+    store = LocalStore(tmp_path)
+    with pytest.raises(StoreError, match="S3 store"):
+        store.read_bytes("s3://bucket/data.jsonl")

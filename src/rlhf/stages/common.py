@@ -92,8 +92,7 @@ class PrepData:
         self.manifest = json.loads((self.dir / "report.json").read_text())
 
     def rows(self, name: str):
-        kind = {"sft": "sft", "preference": "preference", "prompt": "prompt"}[name.split("_")[0]]
-        return read_jsonl_rows(self.dir / f"{name}.jsonl", kind)
+        return read_jsonl_rows(self.dir / f"{name}.jsonl", name.split("_")[0])  # e.g. "sft_train" -> kind "sft"
 
     @property
     def tokenizer_dir(self) -> Path | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rlhf.config import PipelineConfig
 from rlhf.data.processing import data_hash, dedupe, filter_by_length, split_by_hash, write_jsonl
-from rlhf.data.readers import read_rows
+from rlhf.data.readers import DataError, read_rows
 from rlhf.data.tasks import BuiltinTask
 from rlhf.models import load_tokenizer, train_tokenizer
 from rlhf.stages.common import Timer, write_result
@@ -44,8 +44,6 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
             paths = BuiltinTask(cfg.task, cfg.seed).write(tmp / "raw")
             sources = {k: str(v) for k, v in paths.items()}
         else:
-            if not cfg.data.sft_path or not cfg.data.preference_path:
-                raise ValueError("data.sft_path and data.preference_path must both be set (or neither, for the built-in task)")
             sources = {"sft": cfg.data.sft_path, "preference": cfg.data.preference_path}
             if cfg.data.prompt_path:
                 sources["prompt"] = cfg.data.prompt_path
@@ -86,7 +84,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
             reports[kind]["length_filter"] = counts
             train, evl = split_by_hash(kept, cfg.data.eval_fraction, salt=str(cfg.seed))
             if not train or not evl:
-                raise ValueError(f"{kind} data from {sources.get(kind, 'sft prompts')}: too few rows after filtering "
+                raise DataError(f"{kind} data from {sources.get(kind, 'sft prompts')}: too few rows after filtering "
                                  f"({len(train)} train / {len(evl)} eval); add data or lower data.eval_fraction")
             splits[f"{kind}_train"], splits[f"{kind}_eval"] = train, evl
         for name, rs in splits.items():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.math import entropy_from_logits, token_logprobs
+from rlhf.math import entropy_from_logits
 from rlhf.models import position_ids_from_mask, sequence_scores, token_values
 from rlhf.stages.common import pad_left
 
@@ -95,5 +95,4 @@ def decode_responses(tok, ro: Rollout) -> list[str]:
     return out
 
 
-__all__ = ["Rollout", "generate", "response_logprobs", "response_values", "rewards", "decode_responses",
-           "token_logprobs"]
+__all__ = ["Rollout", "generate", "response_logprobs", "response_values", "rewards", "decode_responses"]
