@@ -190,9 +190,22 @@ class EvalConfig(_Model):
 
 class TrackingConfig(_Model):
     experiment: str = Field("rlhf", description="MLflow experiment name.")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; empty uses MLFLOW_TRACKING_URI or an embedded sqlite file in the output folder.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; empty uses MLFLOW_TRACKING_URI, else the embedded sqlite database $RLHF_HOME/mlflow.db.")
     log_models: bool = Field(True, description="Log trained models with mlflow.transformers.")
     registered_model: str = Field("rlhf-demo", description="Base name for registered models (<name>-sft, -reward, -policy).")
+
+
+class GateConfig(_Model):
+    """Promotion gate: the new policy becomes `@champion` only if every threshold passes
+    AND it beats the current champion on the same held-out prompts."""
+
+    min_win_rate: float = Field(0.55, ge=0, le=1, description="Least win rate (ties half) of the policy against SFT.")
+    min_gold_delta: float = Field(0.0, description="Least gold-score gain over SFT (tasks with a gold judge only).")
+    max_kl: float = Field(10.0, gt=0, description="Most KL(policy || SFT) per response, in nats.")
+    max_alignment_tax: float = Field(0.5, description="Most increase of held-out demonstration loss over SFT.")
+    champion_margin: float = Field(0.0, ge=0, lt=0.5, description="The policy must win more than 0.5 + margin of "
+                                   "comparisons (ties half) against the current champion.")
+    champion_prompts: int = Field(200, gt=0, description="Held-out prompts for the champion/challenger comparison.")
 
 
 class PipelineConfig(_Model):
@@ -209,6 +222,7 @@ class PipelineConfig(_Model):
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO stage.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation stage.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
 
     @model_validator(mode="after")
     def _check_data_paths(self):
@@ -295,8 +309,8 @@ def _format_validation_error(e: ValidationError, origin: str) -> str:
 
 
 def load_config(preset: str | None = "demo", config_file: str | Path | None = None,
-                overrides: list[str] | None = None) -> PipelineConfig:
-    """preset -> YAML file (deep-merged) -> --set overrides, validated once at the end."""
+                overrides: list[str] | None = None, config_dict: dict | None = None) -> PipelineConfig:
+    """preset -> YAML file -> config dict (deep-merged) -> --set overrides, validated once at the end."""
     data: dict[str, Any] = {}
     origin = []
     if preset:
@@ -316,6 +330,11 @@ def load_config(preset: str | None = "demo", config_file: str | Path | None = No
             raise ConfigError(f"{path}: the top level must be a mapping of sections (task, data, model, sft, ...)")
         data = _deep_merge(data, loaded)
         origin.append(str(path))
+    if config_dict:
+        if not isinstance(config_dict, dict):
+            raise ConfigError("the config JSON must be an object of sections (task, data, model, sft, ...)")
+        data = _deep_merge(data, config_dict)
+        origin.append("config JSON")
     for item in overrides or []:
         data = apply_override(data, item)
     if overrides:

@@ -10,7 +10,7 @@ set for MLflow, S3 and Hugging Face are honoured under their usual names.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -30,12 +30,50 @@ class Settings:
     """RLHF_NUM_THREADS: torch intra-op threads; default leaves torch's choice."""
     fault_kill_at_step: int | None = None
     """RLHF_FAULT_KILL_AT_STEP: fault injection for crash-recovery tests: a training
-    stage sends itself SIGKILL right after this optimizer step (or PPO update)."""
+    stage sends itself SIGKILL right after this optimizer step (or PPO update).
+    `ppo:6` limits it to one stage (sft, reward, ppo)."""
+    fault_kill_stage: str | None = None
+    """The stage part of RLHF_FAULT_KILL_AT_STEP (`ppo:6` -> "ppo"); None = any stage."""
+    image: str = "ghcr.io/rlhf-pipeline/rlhf:0.1.0"
+    """RLHF_IMAGE: the training image the KFP components run in (read at compile time)."""
+    retry_backoff: str = "30s"
+    """RLHF_RETRY_BACKOFF: first wait before a failed training step is retried (doubling
+    after), compiled into the pipeline spec."""
+    git_sha: str | None = None
+    """RLHF_GIT_SHA: commit of the running code (images bake it in); else `git rev-parse`."""
+    error_file: str | None = None
+    """RLHF_ERROR_FILE: set by `rlhf run` so a failing step leaves its error message for
+    the command's last line."""
+    aws_region: str | None = None
+    """AWS_REGION (else AWS_DEFAULT_REGION): S3 region; None leaves boto3's own lookup
+    (~/.aws/config). Local S3 servers accept any region."""
+    s3_max_attempts: int = 8
+    """RLHF_S3_MAX_ATTEMPTS: attempts per S3 request (first try included) for throttling
+    (503 SlowDown, 429) and dropped connections; access errors are never retried."""
+    artifact_root: str | None = None
+    """RLHF_ARTIFACT_ROOT: where pipeline runs put their artifacts, a local folder or
+    s3://bucket/prefix; None means a folder under `home`."""
+    stack_dir: Path | None = None
+    """RLHF_STACK_DIR: state folder of the local stack (`rlhf stack up`); default
+    <home>/.stack. Filled in from `home` when left None."""
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    """AWS_ACCESS_KEY_ID: carried so a Settings built from another environment (the local
+    stack's, in tests) reaches boto3 without touching os.environ. Never logged."""
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    """AWS_SECRET_ACCESS_KEY: see `aws_access_key_id`. Never logged."""
+    aws_session_token: str | None = field(default=None, repr=False)
+    """AWS_SESSION_TOKEN: temporary credentials (SSO, assumed roles) need it with the two
+    keys above, so it travels with them. Never logged."""
+
+    def __post_init__(self):
+        if self.stack_dir is None:
+            object.__setattr__(self, "stack_dir", Path(self.home) / ".stack")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
         env = dict(os.environ if env is None else env)
         threads = env.get("RLHF_NUM_THREADS")
+        fault = env.get("RLHF_FAULT_KILL_AT_STEP", "").strip()
         return cls(
             home=Path(env.get("RLHF_HOME", "runs")).expanduser(),
             mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
@@ -43,14 +81,53 @@ class Settings:
             hf_home=env.get("HF_HOME") or None,
             quiet=env.get("RLHF_QUIET", "0").lower() in {"1", "true", "yes"},
             num_threads=int(threads) if threads else None,
-            fault_kill_at_step=int(env["RLHF_FAULT_KILL_AT_STEP"]) if env.get("RLHF_FAULT_KILL_AT_STEP") else None,
+            fault_kill_at_step=int(fault.rpartition(":")[2]) if fault else None,
+            fault_kill_stage=fault.rpartition(":")[0] or None if fault else None,
+            image=env.get("RLHF_IMAGE") or cls.image,
+            retry_backoff=env.get("RLHF_RETRY_BACKOFF") or cls.retry_backoff,
+            git_sha=env.get("RLHF_GIT_SHA") or None,
+            error_file=env.get("RLHF_ERROR_FILE") or None,
+            aws_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            s3_max_attempts=_positive_int(env, "RLHF_S3_MAX_ATTEMPTS", 8),
+            artifact_root=env.get("RLHF_ARTIFACT_ROOT") or None,
+            stack_dir=Path(env["RLHF_STACK_DIR"]).expanduser() if env.get("RLHF_STACK_DIR") else None,
+            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
         )
 
 
-def maybe_inject_fault(step: int) -> None:
-    """Die exactly like `kill -9` (no cleanup, no flush) when RLHF_FAULT_KILL_AT_STEP == step."""
-    at = Settings.from_env().fault_kill_at_step
-    if at is not None and step == at:
+def _positive_int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name}={raw!r}: expected a whole number >= 1 (unset it for the default {default})")
+    return value
+
+
+def maybe_inject_fault(step: int, stage: str | None = None) -> None:
+    """Die exactly like `kill -9` (no cleanup, no flush) when RLHF_FAULT_KILL_AT_STEP names
+    this step (and this stage, when it names one)."""
+    s = Settings.from_env()
+    if s.fault_kill_at_step is not None and step == s.fault_kill_at_step and s.fault_kill_stage in (None, stage):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def child_process_env(overrides: dict[str, str | None]) -> dict[str, str]:
+    """The environment for a child process (the local stack's servers): ours, with
+    `overrides` applied (None removes a variable). Lives here so that os.environ is
+    read in one module only."""
+    env = dict(os.environ)
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env

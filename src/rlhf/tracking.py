@@ -7,7 +7,6 @@ Stages receive a tracker and only call `stage_run`, `log_metrics`, `log_table`,
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,12 +37,15 @@ class NullTracker:
         self.run_id = None
 
     @contextlib.contextmanager
-    def stage_run(self, name: str, params: dict[str, Any], run_id_file: Path | None = None) -> Iterator[None]:
+    def stage_run(self, name: str, params: dict[str, Any], store=None) -> Iterator[None]:
         self.params.update(params)
         yield
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.metrics.append((step, dict(metrics)))
+
+    def flush(self) -> None:
+        pass
 
     def log_table(self, rows: list[dict], name: str) -> None:
         self.tables[name] = rows
@@ -55,56 +57,66 @@ class NullTracker:
         self.models[kind] = str(model_dir)
         return None
 
+    def load_registered(self, name: str, alias: str) -> dict | None:
+        return None
+
+    def log_parent_dict(self, parent_run_id: str | None, obj: dict, name: str) -> None:
+        self.tables[name] = [obj]
+
+
+def embedded_tracking_uri(home: Path) -> str:
+    """The embedded default: one sqlite database under RLHF_HOME, shared by every run
+    there, so the registry (and `@champion`) carries over from run to run."""
+    return f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
+
 
 class MLflowTracker:
-    """One MLflow run per stage, in one experiment.
+    """One MLflow run per stage, in one experiment, optionally nested under a pipeline run.
 
-    Embedded default: a sqlite database and an artifact folder inside the output folder
-    (no server). With `MLFLOW_TRACKING_URI` (or `tracking.tracking_uri`) set, the same
-    code logs to a tracking server.
+    Embedded default: a sqlite database with an artifact folder next to it (no server).
+    With `MLFLOW_TRACKING_URI` (or `tracking.tracking_uri`) set, the same code logs to a
+    tracking server, which stores artifacts where it is configured to (S3 in the stack).
     """
 
-    def __init__(self, experiment: str, tracking_uri: str | None, output_dir: Path, log_models: bool = True):
+    def __init__(self, experiment: str, tracking_uri: str, log_models: bool = True,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None):
         import mlflow
 
         self.mlflow = mlflow
-        output_dir = Path(output_dir).resolve()
-        uri = tracking_uri or f"sqlite:///{output_dir / 'mlflow.db'}"
-        mlflow.set_tracking_uri(uri)
-        self.tracking_uri = uri
-        exp = mlflow.get_experiment_by_name(experiment)
-        if exp is None:
-            artifact_location = (output_dir / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-            exp_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
-        else:
-            exp_id = exp.experiment_id
-        self.experiment_id = exp_id
+        mlflow.set_tracking_uri(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.experiment_id = ensure_experiment(experiment, tracking_uri)
         self.log_models = log_models
+        self.parent_run_id = parent_run_id
+        self.tags = dict(tags or {})
         self.run_id: str | None = None
         self._buffer: list = []
         self._last_flush = time.monotonic()
 
     @contextlib.contextmanager
-    def stage_run(self, name: str, params: dict[str, Any], run_id_file: Path | None = None) -> Iterator[None]:
-        """Start (or, after a crash, resume) the stage's run; FAILED if the body raises."""
+    def stage_run(self, name: str, params: dict[str, Any], store=None) -> Iterator[None]:
+        """Start the stage's run, or resume it when the store holds its id (a retried or
+        restarted stage continues the same run). FAILED if the body raises."""
+        key = f"{name}/mlflow_run_id"
         resume_id = None
-        if run_id_file is not None and run_id_file.is_file():
-            resume_id = run_id_file.read_text().strip() or None
-        parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
+        if store is not None and store.exists(key):
+            resume_id = store.read_bytes(key).decode().strip() or None
+        parent = self.parent_run_id
         with self.mlflow.start_run(run_id=resume_id, run_name=None if resume_id else name,
                                    experiment_id=None if resume_id else self.experiment_id,
                                    nested=bool(parent), parent_run_id=parent if not resume_id else None,
                                    log_system_metrics=False) as run:
             self.run_id = run.info.run_id
-            if run_id_file is not None:
-                run_id_file.parent.mkdir(parents=True, exist_ok=True)
-                run_id_file.write_text(self.run_id)
-            if not resume_id:
+            if store is not None and not resume_id:
+                store.write_bytes(key, self.run_id.encode())
+            if resume_id:
+                self.mlflow.set_tag("rlhf.resumed", "true")
+            else:
                 flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
                 items = list(flat.items())
                 for i in range(0, len(items), 90):
                     self.mlflow.log_params(dict(items[i:i + 90]))
-                self.mlflow.set_tag("rlhf.stage", name)
+                self.mlflow.set_tags({"rlhf.stage": name, **self.tags})
             try:
                 yield
             finally:
@@ -155,6 +167,151 @@ class MLflowTracker:
         return info.model_uri
 
 
-def make_tracker(cfg, output_dir: Path, settings) -> MLflowTracker:
-    uri = cfg.tracking.tracking_uri or settings.mlflow_tracking_uri
-    return MLflowTracker(cfg.tracking.experiment, uri, output_dir, cfg.tracking.log_models)
+    def log_parent_dict(self, parent_run_id: str | None, obj: dict, name: str) -> None:
+        if parent_run_id:
+            self.mlflow.MlflowClient().log_dict(parent_run_id, obj, name)
+
+    def load_registered(self, name: str, alias: str) -> dict | None:
+        """{"version", "model", "tokenizer"} of a registered model's alias, or None when unset."""
+        from rlhf.registry import Registry
+
+        v = Registry(self.tracking_uri).by_alias(name, alias)
+        if v is None:
+            return None
+        parts = self.mlflow.transformers.load_model(f"models:/{name}@{alias}", return_type="components")
+        return {"version": v.version, "model": parts["model"], "tokenizer": parts["tokenizer"]}
+
+
+def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """Experiment id by name, created if missing. With the embedded sqlite store the
+    artifacts go to `mlartifacts/` beside the database (not ./mlruns in the cwd)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another stage
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def tracking_uri_for(cfg, settings) -> str:
+    return cfg.tracking.tracking_uri or settings.mlflow_tracking_uri or embedded_tracking_uri(settings.home)
+
+
+def make_tracker(cfg, settings, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> MLflowTracker:
+    return MLflowTracker(cfg.tracking.experiment, tracking_uri_for(cfg, settings), cfg.tracking.log_models,
+                         parent_run_id=parent_run_id, tags=tags)
+
+
+# ----------------------------------------------------------------------------- pipeline runs
+
+KFP_RUN_TAG = "rlhf.kfp_run_id"
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def find_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str) -> str | None:
+    import mlflow
+
+    exp = _client(tracking_uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = _client(tracking_uri).search_runs([exp.experiment_id], f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'",
+                                            max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, run_name: str,
+                       params: dict[str, Any], tags: dict[str, str]) -> str:
+    """The parent run of one pipeline run (found again, not duplicated, on a retry)."""
+    from mlflow.entities import Param, RunTag
+
+    existing = find_pipeline_run(tracking_uri, experiment, kfp_run_id)
+    if existing:
+        return existing
+    client = _client(tracking_uri)
+    exp_id = ensure_experiment(experiment, tracking_uri)
+    run = client.create_run(exp_id, run_name=run_name, tags={KFP_RUN_TAG: kfp_run_id, "rlhf.stage": "pipeline", **tags})
+    flat = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 90):
+        client.log_batch(run.info.run_id, params=flat[i:i + 90], tags=[RunTag("rlhf.params", "config")] if i == 0 else [])
+    return run.info.run_id
+
+
+def finish_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, succeeded: bool,
+                        error: str = "") -> str | None:
+    """End the parent run FINISHED or FAILED, and any stage run a crash left RUNNING as FAILED."""
+    parent = find_pipeline_run(tracking_uri, experiment, kfp_run_id)
+    if parent is None:
+        return None
+    client = _client(tracking_uri)
+    exp_id = client.get_run(parent).info.experiment_id
+    for child in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000):
+        if child.info.status == "RUNNING":
+            client.set_terminated(child.info.run_id, "FAILED")
+    if error:
+        client.set_tag(parent, "rlhf.error", error[:5000])
+    client.set_terminated(parent, "FINISHED" if succeeded else "FAILED")
+    return parent
+
+
+def log_pipeline_plots(tracking_uri: str, parent: str, summary: dict) -> None:
+    """Images on the parent run: PPO reward/gold/KL/beta curves, the SFT loss curve and
+    win rates; plus the summary's numbers as the parent's metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.entities import Metric
+
+    client = _client(tracking_uri)
+    exp_id = client.get_run(parent).info.experiment_id
+    children = {r.data.tags.get("rlhf.stage"): r.info.run_id
+                for r in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=100)}
+
+    def history(stage: str, key: str) -> tuple[list[int], list[float]]:
+        if stage not in children:
+            return [], []
+        h = sorted(client.get_metric_history(children[stage], key), key=lambda m: m.step)
+        return [m.step for m in h], [m.value for m in h]
+
+    fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+    for key, label in (("ppo/reward", "reward model score"), ("ppo/gold_score", "gold score (monitor only)")):
+        ax[0, 0].plot(*history("ppo", key), label=label)
+    ax[0, 0].set(title="PPO: proxy reward vs gold", xlabel="update")
+    ax[0, 0].legend()
+    ax[0, 1].plot(*history("ppo", "ppo/kl"), label="KL(policy || SFT)")
+    ax[0, 1].plot(*history("ppo", "ppo/beta"), label="beta")
+    ax[0, 1].set(title="PPO: KL penalty", xlabel="update")
+    ax[0, 1].legend()
+    ax[1, 0].plot(*history("sft", "sft/eval_loss"), marker="o")
+    ax[1, 0].set(title="SFT held-out loss", xlabel="step")
+    wins = {k: summary.get(f"eval/{k}_vs_sft") for k in ("win_rate", "decisive_win_rate", "tie_rate")}
+    if summary.get("champion/win_rate") is not None:
+        wins["win_rate_vs_champion"] = summary["champion/win_rate"]
+    wins = {k: v for k, v in wins.items() if v is not None}
+    ax[1, 1].bar(list(wins), list(wins.values()))
+    ax[1, 1].axhline(0.5, color="grey", linestyle="--")
+    ax[1, 1].set(title="Policy vs SFT (and champion)", ylim=(0, 1))
+    ax[1, 1].tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    client.log_figure(parent, fig, "plots/pipeline.png")
+    plt.close(fig)
+    ts = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), ts, 0) for k, v in summary.items() if isinstance(v, (int, float))]
+    for i in range(0, len(metrics), 900):
+        client.log_batch(parent, metrics=metrics[i:i + 900])

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from rlhf.store import COMMIT_MARKER, LocalStore, StoreError, open_store, sha256_file
+from rlhf.settings import Settings
+from rlhf.store import COMMIT_MARKER, LocalStore, S3Store, StoreError, open_store, sha256_file
 
 
 @pytest.fixture
@@ -185,12 +186,78 @@ def test_open_store_local(tmp_path):
     assert s2.root == (tmp_path / "root2").resolve()
 
 
-def test_open_store_s3_not_available_yet():
-    with pytest.raises(StoreError, match="s3://"):
-        open_store("s3://bucket/prefix")
+def test_open_store_s3_returns_s3_store():
+    # Building the store makes no request: no server is needed here.
+    settings = Settings.from_env({"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
+                                  "AWS_SECRET_ACCESS_KEY": "s", "RLHF_S3_MAX_ATTEMPTS": "3"})
+    s = open_store("s3://bucket/some/prefix/", settings)
+    assert isinstance(s, S3Store)
+    assert (s.bucket, s.prefix) == ("bucket", "some/prefix")
+    assert s.uri("models/sft") == "s3://bucket/some/prefix/models/sft"
+    assert s.uri("s3://other/x") == "s3://other/x"
+    assert not hasattr(s, "local_path")
+    with pytest.raises(StoreError, match="escapes"):
+        s.uri("../x")
+    with pytest.raises(StoreError, match="bucket name is missing"):
+        open_store("s3:///prefix", settings)
 
 
 def test_local_store_rejects_other_schemes_clearly(tmp_path):
     store = LocalStore(tmp_path)
     with pytest.raises(StoreError, match="S3 store"):
-        store.read_bytes("s3://bucket/data.jsonl")
+        store.write_bytes("s3://bucket/data.jsonl", b"x")
+    with pytest.raises(StoreError, match="unsupported scheme"):
+        store.fetch("gs://bucket/model", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- move and fetch
+
+
+def test_put_dir_move_renames_files(store, src_dir, tmp_path):
+    expected = {p.relative_to(src_dir).as_posix(): p.read_bytes() for p in src_dir.rglob("*") if p.is_file()}
+    inode = (src_dir / "weights.bin").stat().st_ino
+    manifest = store.put_dir(src_dir, "models/sft", move=True)
+    assert set(manifest) == set(expected)
+    dest = store.root / "models" / "sft"
+    # Renamed, not copied: same inode, and the source no longer has the files.
+    assert (dest / "weights.bin").stat().st_ino == inode
+    assert not [p for p in src_dir.rglob("*") if p.is_file()]
+    out = store.get_dir("models/sft", tmp_path / "copy")
+    assert {rel: (out / rel).read_bytes() for rel in expected} == expected
+
+
+def test_put_dir_move_copies_symlinks(store, src_dir):
+    (src_dir / "link.json").symlink_to("config.json")
+    store.put_dir(src_dir, "a", move=True)
+    dest = store.root / "a"
+    assert not (dest / "link.json").is_symlink()
+    assert (dest / "link.json").read_text() == '{"a": 1}'
+
+
+def test_fetch_plain_folder_and_file_uri(store, src_dir, tmp_path):
+    out = store.fetch(str(src_dir), tmp_path / "plain")
+    assert (out / "sub" / "notes.txt").read_text() == "hello\n"
+    # A file:// URI with an escaped space, as Path.as_uri() writes it.
+    spaced = tmp_path / "my model"
+    spaced.mkdir()
+    (spaced / "w.bin").write_bytes(b"w")
+    out2 = store.fetch(spaced.as_uri(), tmp_path / "spaced")
+    assert (out2 / "w.bin").read_bytes() == b"w"
+    with pytest.raises(StoreError, match="nothing to fetch"):
+        store.fetch(str(tmp_path / "absent"), tmp_path / "x")
+
+
+def test_fetch_verifies_a_manifest_when_there_is_one(store, src_dir, tmp_path):
+    store.put_dir(src_dir, "models/sft")
+    out = store.fetch(store.uri("models/sft"), tmp_path / "ok")
+    assert (out / "weights.bin").read_bytes() == (src_dir / "weights.bin").read_bytes()
+    (store.root / "models" / "sft" / "config.json").write_text('{"a": 2}')
+    with pytest.raises(StoreError, match="checksum mismatch.*config.json"):
+        store.fetch(str(store.root / "models" / "sft"), tmp_path / "bad")
+
+
+def test_manifest_entries_cannot_escape(store, src_dir, tmp_path):
+    store.put_dir(src_dir, "a")
+    (store.root / "a" / "MANIFEST.json").write_text(json.dumps({"../../etc/passwd": "0" * 64}))
+    with pytest.raises(StoreError, match="not a plain relative path"):
+        store.get_dir("a", tmp_path / "copy")

@@ -32,7 +32,7 @@ def resolve_source(source: str, store=None) -> str:
     if source.startswith("s3://"):
         if store is None:
             raise ModelLoadError(f"{source}: an s3:// model needs an artifact store configured")
-        return str(store.get_dir(source, Path(tempfile.mkdtemp(prefix="rlhf-model-"))))
+        return str(store.fetch(source, Path(tempfile.mkdtemp(prefix="rlhf-model-"))))
     return source
 
 

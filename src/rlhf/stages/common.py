@@ -115,7 +115,7 @@ def config_fingerprint(cfg: PipelineConfig) -> str:
     """Hash of everything that shapes training (not tracking, threads or eval settings)."""
     import hashlib
 
-    d = cfg.model_dump(exclude={"tracking", "num_threads", "device", "eval"})
+    d = cfg.model_dump(exclude={"tracking", "num_threads", "device", "eval", "gate"})
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -123,34 +123,57 @@ class CheckpointMismatch(RuntimeError):
     pass
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, models: dict, optimizers: dict, state: dict,
+KEEP_CHECKPOINTS = 2
+
+
+def _checkpoints(store, stage: str) -> list[str]:
+    """Committed checkpoint prefixes of a stage, oldest first."""
+    base = f"{stage}/checkpoints"
+    return [f"{base}/{d}" for d in store.list_dirs(base) if d.startswith("step-") and store.is_committed(f"{base}/{d}")]
+
+
+def save_checkpoint(store, stage: str, step: int, models: dict, optimizers: dict, state: dict,
                     cfg: PipelineConfig) -> None:
+    """Write a checkpoint locally (atomic), commit it to the store, prune old ones.
+
+    Checkpoints live in the artifact store, not on the worker's disk, so a retried
+    pipeline task on another machine finds them. The store's commit marker is what
+    makes one count: a kill mid-upload leaves the previous checkpoint as the newest."""
+    import tempfile
+
     from rlhf import checkpoint
 
     objects = {name: o.state_dict() for name, o in optimizers.items()}
-    checkpoint.save(ckpt_dir, step, models=models, objects=objects,
-                    state={**state, "config_fingerprint": config_fingerprint(cfg)})
+    with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
+        path = checkpoint.save(Path(tmp), step, models=models, objects=objects,
+                               state={**state, "config_fingerprint": config_fingerprint(cfg)})
+        store.put_dir(path, f"{stage}/checkpoints/{path.name}", move=True)
+    for old in _checkpoints(store, stage)[:-KEEP_CHECKPOINTS]:
+        store.delete(old)
 
 
-def resume_checkpoint(ckpt_dir: Path, models: dict, optimizers: dict, cfg: PipelineConfig) -> dict | None:
-    """Load the newest complete checkpoint into models/optimizers; return its state or None.
+def resume_checkpoint(store, stage: str, models: dict, optimizers: dict, cfg: PipelineConfig) -> dict | None:
+    """Load the stage's newest committed checkpoint into models/optimizers; return its state or None.
 
     Refuses checkpoints written under a different training config: resuming them
     would silently mix two runs."""
     from rlhf import checkpoint
 
-    path = checkpoint.latest(ckpt_dir)
-    if path is None:
+    found = _checkpoints(store, stage)
+    if not found:
         return None
+    path = store.get_dir(found[-1])  # verified against its sha256 manifest
     written = json.loads((path / "state.json").read_text()).get("config_fingerprint")
     if written != config_fingerprint(cfg):
         raise CheckpointMismatch(
-            f"{path} was written with a different configuration; to start this stage over, delete "
-            f"{ckpt_dir} (or use a new --output folder); to resume it, rerun with the original config")
+            f"{store.uri(found[-1])} was written with a different configuration; to start this stage over, delete "
+            f"{store.uri(stage + '/checkpoints')} (or use a new --output folder); to resume it, rerun with the "
+            "original config")
     objects, state = checkpoint.load(path, models=models)
     state.pop("config_fingerprint", None)
     for name, o in optimizers.items():
         o.load_state_dict(objects[name])
+    state["resumed_from"] = state["step"]
     return state
 
 

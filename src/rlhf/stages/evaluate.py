@@ -14,7 +14,10 @@ Reported (summary.json and MLflow):
   - alignment tax: policy minus SFT loss (response-token NLL) on held-out demonstrations
   - response lengths, and a samples table (prompt, SFT answer, policy answer, scores)
 
-Steps: 1. load  2. generate  3. score  4. compare  5. summary + log
+  - champion/challenger: the registered `@champion` policy on the same prompts, and the
+    promotion gate's verdict (`gate/passed`, `gate/reasons`; see stages/promote.py)
+
+Steps: 1. load  2. generate  3. score  4. compare  5. champion  6. summary + log
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ import torch
 from rlhf.config import PipelineConfig
 from rlhf.data.tasks import gold_score
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf.stages.common import PrepData, Timer, seed_everything, setup_torch, write_result
+from rlhf.models import sequence_scores
+from rlhf.registry import CHAMPION, model_name
+from rlhf.stages.common import PrepData, Timer, pad_right, seed_everything, setup_torch, tokenize_pair, write_result
+from rlhf.stages.promote import gate_decision
 from rlhf.stages.rollout import decode_responses, generate, response_logprobs, rewards
 from rlhf.stages.sft import encode, heldout_loss
 
@@ -48,12 +54,52 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
             "decisive_win_rate": float((a > b).sum() / decisive) if decisive else 0.5}
 
 
-def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
+@torch.no_grad()
+def score_texts(rm, tok, prompts: list[str], texts: list[str], device, batch_size: int = 128) -> list[float]:
+    """Reward-model score of prompt + response text (retokenised with the RM's tokenizer)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [tokenize_pair(tok, p, t)[0] for p, t in zip(prompts[i:i + batch_size], texts[i:i + batch_size])]
+        ids, attn = pad_right(seqs, tok.pad_token_id)
+        out += sequence_scores(rm, ids.to(device), attn.to(device)).tolist()
+    return out
+
+
+@torch.no_grad()
+def champion_comparison(cfg: PipelineConfig, champ: dict, prompts: list[str], policy_texts: list[str],
+                        rm, tok, device) -> dict:
+    """The new policy against the current champion on the first `gate.champion_prompts`
+    held-out prompts, decoded as in eval. The champion keeps its own tokenizer (it may
+    come from another run). Compared by gold when the task has a judge, else by this
+    run's reward model (which favours the new policy somewhat: see docs/pipeline.md)."""
+    ecfg, n = cfg.eval, min(cfg.gate.champion_prompts, len(prompts))
+    ctok, cmodel = champ["tokenizer"], champ["model"].to(device).eval()
+    if ctok.pad_token is None:
+        ctok.pad_token = ctok.eos_token
+    texts = []
+    for b, start in enumerate(range(0, n, ecfg.batch_size)):
+        ids = [ctok(p)["input_ids"] for p in prompts[start:min(start + ecfg.batch_size, n)]]
+        seed_everything(cfg.seed * 7919 + b)
+        texts += decode_responses(ctok, generate(cmodel, ctok, ids, ecfg.max_new_tokens, ecfg.temperature, device))
+    ps, mine = prompts[:n], policy_texts[:n]
+    gold_mine, gold_champ = [gold_score(p, t) for p, t in zip(ps, mine)], [gold_score(p, t) for p, t in zip(ps, texts)]
+    if all(g is not None for g in gold_mine + gold_champ):
+        a, c, by = np.array(gold_mine), np.array(gold_champ), "gold"
+    else:
+        a, c, by = np.array(score_texts(rm, tok, ps, mine, device)), np.array(score_texts(rm, tok, ps, texts, device)), "reward_model"
+    cmp = compare(a, c)
+    return {"champion/version": champ["version"], "champion/prompts": n, "champion/compared_by": by,
+            "champion/score_champion": float(c.mean()), "champion/score_policy": float(a.mean()),
+            "champion/win_rate": cmp["win_rate"], "champion/tie_rate": cmp["tie_rate"],
+            "champion/decisive_win_rate": cmp["decisive_win_rate"]}
+
+
+def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
     timer = Timer()
     device = setup_torch(cfg)
     ecfg = cfg.eval
-    prep = PrepData(store)
-    with tracker.stage_run("eval", cfg.model_dump(), run_id_file=store.local_path("eval/mlflow_run_id")):
+    prep = PrepData(prep_store or store)
+    with tracker.stage_run("eval", cfg.model_dump(), store=store):
         # 1. load
         sft_dir, pol_dir = str(store.get_dir("sft/model")), str(store.get_dir("ppo/model"))
         tok = load_tokenizer(sft_dir, cfg.model)
@@ -112,21 +158,27 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
         summary.update({"eval/heldout_loss_sft": loss_sft, "eval/heldout_loss_policy": loss_pol,
                         "eval/alignment_tax": loss_pol - loss_sft})
 
-        # 5. summary + log
+        # 5. champion/challenger: the registered champion answers the same prompts
+        champ = tracker.load_registered(model_name(cfg.tracking.registered_model, "policy"), CHAMPION)
+        if champ is not None:
+            summary.update(champion_comparison(cfg, champ, prompts, out["policy"]["text"], rm, tok, device))
+        summary["gate/passed"], summary["gate/reasons"] = gate_decision(summary, cfg.gate)
+
+        # 6. summary + log
         table = [{"prompt": p, "sft": s, "policy": q, "rm_sft": rs, "rm_policy": rq,
                   "gold_sft": gs, "gold_policy": gq}
                  for p, s, q, rs, rq, gs, gq in zip(prompts, out["sft"]["text"], out["policy"]["text"],
                                                     out["sft"]["rm"], out["policy"]["rm"], golds["sft"], golds["policy"])]
         tracker.log_table(table[: ecfg.table_rows], "eval_samples.json")
-        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
+        tracker.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
         summary["eval/wall_s"] = timer()
         store.write_json("eval/samples.json", table[: ecfg.table_rows])
 
     # the run summary: every stage's key results and wall time
     stages = {}
-    for name in ("prep", "sft", "reward", "ppo"):
-        if store.exists(f"{name}/result.json"):
-            stages[name] = store.read_json(f"{name}/result.json")
+    for name, where in (("prep", prep_store or store), ("sft", store), ("reward", store), ("ppo", store)):
+        if where.exists(f"{name}/result.json"):
+            stages[name] = where.read_json(f"{name}/result.json")
     result = {**summary, "eval/mlflow_run_id": tracker.run_id}
     write_result(store, "eval", result)
     full = {

@@ -64,12 +64,12 @@ def _frozen(model):
     return model
 
 
-def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
+def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
     timer = Timer()
     device = setup_torch(cfg)
     pcfg = cfg.ppo
-    prep = PrepData(store)
-    with tracker.stage_run("ppo", cfg.model_dump(), run_id_file=store.local_path("ppo/mlflow_run_id")):
+    prep = PrepData(prep_store or store)
+    with tracker.stage_run("ppo", cfg.model_dump(), store=store):
         # models: policy and reference from SFT, reward frozen, value from the reward model
         seed_everything(cfg.seed + 2)
         sft_dir, rm_dir = str(store.get_dir("sft/model")), str(store.get_dir("reward/model"))
@@ -91,8 +91,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
                   else FixedKLController(pcfg.kl.init_coef))
         B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
 
-        ckpt_dir = store.local_path("ppo/checkpoints")
-        state = resume_checkpoint(ckpt_dir, {"policy": policy, "value": value}, {"opt_pol": opt_pol, "opt_val": opt_val}, cfg)
+        state = resume_checkpoint(store, "ppo", {"policy": policy, "value": value}, {"opt_pol": opt_pol, "opt_val": opt_val}, cfg)
         if state:
             kl_ctl.load_state_dict(state["kl_ctl"])
         else:
@@ -182,16 +181,17 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
                             gold=f"{metrics.get('ppo/gold_score', float('nan')):.2f}")
             if state["step"] % pcfg.checkpoint_every == 0:
                 state["kl_ctl"] = kl_ctl.state_dict()
-                save_checkpoint(ckpt_dir, state["step"], {"policy": policy, "value": value},
+                save_checkpoint(store, "ppo", state["step"], {"policy": policy, "value": value},
                                 {"opt_pol": opt_pol, "opt_val": opt_val}, state, cfg)
-            maybe_inject_fault(state["step"])
+                tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
+            maybe_inject_fault(state["step"], "ppo")
         bar.close()
 
         with tempfile.TemporaryDirectory() as tmp:
             out = save_model(policy, tok, Path(tmp) / "model")
             store.put_dir(out, "ppo/model")
         model_uri = tracker.log_model(store.get_dir("ppo/model"), "policy")
-        result = {"wall_s": timer(), "updates": state["step"], "final_beta": kl_ctl.value,
+        result = {"wall_s": timer(), "updates": state["step"], "resumed_from": state.get("resumed_from"), "final_beta": kl_ctl.value,
                   "last_metrics": metrics, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}
     write_result(store, "ppo", result)

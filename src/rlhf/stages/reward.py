@@ -120,12 +120,12 @@ def heldout_accuracy(model, rows, pairs, pad_id: int, device) -> dict[str, float
     return metrics
 
 
-def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
+def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
     timer = Timer()
     device = setup_torch(cfg)
     rcfg = cfg.reward
-    prep = PrepData(store)
-    with tracker.stage_run("reward", cfg.model_dump(), run_id_file=store.local_path("reward/mlflow_run_id")):
+    prep = PrepData(prep_store or store)
+    with tracker.stage_run("reward", cfg.model_dump(), store=store):
         # 1. model + data
         seed_everything(cfg.seed + 1)
         sft_dir = str(store.get_dir("sft/model"))
@@ -152,8 +152,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=rcfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(rcfg.warmup_steps, total))
-        ckpt_dir = store.local_path("reward/checkpoints")
-        state = resume_checkpoint(ckpt_dir, {"model": model}, {"opt": opt, "sched": sched}, cfg) or {"step": 0}
+        state = resume_checkpoint(store, "reward", {"model": model}, {"opt": opt, "sched": sched}, cfg) or {"step": 0}
 
         # 3. train
         bar = progress(total, "reward", quiet)
@@ -186,8 +185,9 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
                 pairs_done, t_last = 0, Timer()
             tracker.log_metrics(metrics, step=state["step"])
             if state["step"] % rcfg.checkpoint_every == 0:
-                save_checkpoint(ckpt_dir, state["step"], {"model": model}, {"opt": opt, "sched": sched}, state, cfg)
-            maybe_inject_fault(state["step"])
+                save_checkpoint(store, "reward", state["step"], {"model": model}, {"opt": opt, "sched": sched}, state, cfg)
+                tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
+            maybe_inject_fault(state["step"], "reward")
         bar.close()
 
         # 4. held-out accuracy
@@ -202,7 +202,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
             out = save_model(model, tok, Path(tmp) / "model")
             store.put_dir(out, "reward/model")
         model_uri = tracker.log_model(store.get_dir("reward/model"), "reward")
-        result = {"wall_s": timer(), "steps": state["step"], **final, "model_uri": model_uri,
+        result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), **final, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}
     write_result(store, "reward", result)
     return result

@@ -58,12 +58,12 @@ def heldout_loss(model, data, pad_id: int, device, batch_size: int = 128) -> flo
     return nll / max(n, 1.0)
 
 
-def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
+def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
     timer = Timer()
     device = setup_torch(cfg)
     scfg = cfg.sft
-    prep = PrepData(store)
-    with tracker.stage_run("sft", cfg.model_dump(), run_id_file=store.local_path("sft/mlflow_run_id")):
+    prep = PrepData(prep_store or store)
+    with tracker.stage_run("sft", cfg.model_dump(), store=store):
         # 1. model + tokenizer
         seed_everything(cfg.seed)
         if cfg.model.name_or_path:
@@ -87,10 +87,9 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=scfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(scfg.warmup_steps, total))
-        ckpt_dir = store.local_path("sft/checkpoints")
         best = clean_state_dict(model)
         state = {"step": 0, "best_loss": float("inf"), "best_step": 0, "bad_evals": 0, "curve": [], "stopped": False}
-        resumed = resume_checkpoint(ckpt_dir, {"model": model, "best": best}, {"opt": opt, "sched": sched}, cfg)
+        resumed = resume_checkpoint(store, "sft", {"model": model, "best": best}, {"opt": opt, "sched": sched}, cfg)
         if resumed:
             state.update(resumed)
         if state["step"] == 0:
@@ -134,8 +133,9 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
                     state["stopped"] = state["bad_evals"] >= scfg.patience
             tracker.log_metrics(metrics, step=step)
             if step % scfg.checkpoint_every == 0 or state["stopped"]:
-                save_checkpoint(ckpt_dir, step, {"model": model, "best": best}, {"opt": opt, "sched": sched}, state, cfg)
-            maybe_inject_fault(state["step"])
+                save_checkpoint(store, "sft", step, {"model": model, "best": best}, {"opt": opt, "sched": sched}, state, cfg)
+                tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
+            maybe_inject_fault(state["step"], "sft")
         bar.close()
 
         # 5. save the best weights
@@ -145,7 +145,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
             out = save_model(model, tok, Path(tmp) / "model")
             store.put_dir(out, "sft/model")
         model_uri = tracker.log_model(store.get_dir("sft/model"), "policy")
-        result = {"wall_s": timer(), "steps": state["step"], "best_step": state["best_step"],
+        result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), "best_step": state["best_step"],
                   "best_eval_loss": state["best_loss"], "early_stopped": state["stopped"],
                   "eval_curve": state["curve"], "model_uri": model_uri, "mlflow_run_id": tracker.run_id}
         tracker.log_metrics({"sft/best_eval_loss": state["best_loss"]}, step=state["step"])

@@ -1,0 +1,113 @@
+"""KFP v2 components: one per stage, thin wrappers around `rlhf.runs` / `rlhf.stages`.
+
+Each is a lightweight Python component on the training image, with
+`install_kfp_package=False` (the image already has kfp and this package), so
+`kfp.local.SubprocessRunner` runs the very same functions on one machine. A body
+only maps KFP inputs/outputs to one engine call; KFP serialises the function source
+alone, so every import is inside the body.
+
+Outputs are small manifests (store URI, sha256, MLflow run and model ids); models,
+checkpoints and datasets stay in the artifact store and never pass through the
+KFP launcher.
+
+Installed as the `rlhf.components` package (see pyproject.toml).
+"""
+
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from rlhf.settings import Settings
+
+IMAGE = Settings.from_env().image
+"""The training image (RLHF_IMAGE at compile time); see images/."""
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def start_run(preset: str, config_json: str, base_model: str, sft_data: str, preference_data: str,
+              prompt_data: str, seed: int, sft_max_steps: int, reward_epochs: int, ppo_updates: int,
+              kl_coef: float, min_win_rate: float, max_kl: float, champion_margin: float,
+              experiment_name: str, registered_model_name: str, artifact_root: str, run_name: str,
+              kfp_run_id: str) -> NamedTuple("Started", config_json=str, prep_config_json=str, run_root=str,
+                                             parent_run_id=str, data_key=str):
+    """Resolve and validate the config, fingerprint the data, open the MLflow parent run."""
+    from rlhf import runs
+
+    out = runs.start(preset, config_json, {
+        "base_model": base_model, "sft_data": sft_data, "preference_data": preference_data,
+        "prompt_data": prompt_data, "seed": seed, "sft_max_steps": sft_max_steps, "reward_epochs": reward_epochs,
+        "ppo_updates": ppo_updates, "kl_coef": kl_coef, "min_win_rate": min_win_rate, "max_kl": max_kl,
+        "champion_margin": champion_margin, "experiment_name": experiment_name,
+        "registered_model_name": registered_model_name}, artifact_root, run_name, kfp_run_id)
+    return (out["config_json"], out["prep_config_json"], out["run_root"], out["parent_run_id"], out["data_key"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prep_data(prep_config_json: str, artifact_root: str, data_key: str, dataset: Output[Dataset]):
+    """Read, clean, split and tokenise the data into <artifact_root>/_datasets/<data_key>."""
+    from rlhf import runs
+
+    runs.publish(dataset, runs.prep(prep_config_json, artifact_root, data_key))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_sft(config_json: str, run_root: str, parent_run_id: str, dataset: Input[Dataset], model: Output[Model]):
+    """Supervised fine-tuning on demonstrations (resumes from its checkpoints on retry)."""
+    from rlhf import runs
+
+    runs.publish(model, runs.stage("sft", config_json, run_root, parent_run_id, dataset.metadata["root"]))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_reward(config_json: str, run_root: str, parent_run_id: str, dataset: Input[Dataset],
+                 sft_model: Input[Model], model: Output[Model]):
+    """Reward model on preference comparisons, initialised from SFT."""
+    from rlhf import runs
+
+    runs.publish(model, runs.stage("reward", config_json, run_root, parent_run_id, dataset.metadata["root"]))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_ppo(config_json: str, run_root: str, parent_run_id: str, dataset: Input[Dataset],
+              sft_model: Input[Model], reward_model: Input[Model], model: Output[Model]):
+    """PPO against the reward model with a KL penalty to SFT."""
+    from rlhf import runs
+
+    runs.publish(model, runs.stage("ppo", config_json, run_root, parent_run_id, dataset.metadata["root"]))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(config_json: str, run_root: str, parent_run_id: str, dataset: Input[Dataset],
+             policy: Input[Model], metrics: Output[Metrics]) -> bool:
+    """Policy vs SFT and vs the current champion on held-out prompts; returns the gate verdict."""
+    from rlhf import runs
+
+    result = runs.stage("eval", config_json, run_root, parent_run_id, dataset.metadata["root"])
+    for k, v in result.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            metrics.log_metric(k.replace("/", "_"), v)
+    return bool(result["gate/passed"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def promote(config_json: str, run_root: str, parent_run_id: str, dataset: Input[Dataset],
+            policy: Input[Model], move_alias: bool, summary: Output[Dataset]):
+    """Register <name>-sft/-reward/-policy; with move_alias=True move @champion to the policy."""
+    from rlhf import runs
+
+    runs.publish(summary, runs.stage("promote", config_json, run_root, parent_run_id, dataset.metadata["root"],
+                                     promote=move_alias))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def finish_run(preset: str, config_json: str, experiment_name: str, registered_model_name: str,
+               artifact_root: str, run_name: str, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
+    """Exit handler: close the MLflow parent run FINISHED/FAILED; after a failure, remove
+    the versions this run registered so the registry is as the run found it."""
+    from rlhf import runs
+
+    runs.finish(preset, config_json, {"experiment_name": experiment_name,
+                                      "registered_model_name": registered_model_name},
+                artifact_root, run_name, kfp_run_id, status.state, status.error_message or "")

@@ -1,0 +1,93 @@
+"""`rlhf run`: the Kubeflow DAG on one machine through `kfp.local.SubprocessRunner`.
+
+Every step runs as a subprocess of this Python, exactly the component code a cluster
+runs in the training image. Settings reach the steps through the environment (as on
+a cluster, where they come from Secrets and ConfigMaps), never through pipeline
+parameters: the tracking URI of the embedded default is set here when none is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from rlhf.config import PipelineConfig
+from rlhf.settings import Settings
+from rlhf.tracking import embedded_tracking_uri
+
+
+class PipelineFailed(RuntimeError):
+    pass
+
+
+def split_output(output: str) -> tuple[str, str]:
+    """'runs/demo-1' -> (absolute 'runs', 'demo-1'); 's3://b/p/x' -> ('s3://b/p', 'x')."""
+    if output.startswith("s3://"):
+        root, _, name = output.rstrip("/").rpartition("/")
+        if not name or root in ("s3:", "s3:/"):
+            raise PipelineFailed(f"{output}: give a run folder under a bucket, e.g. s3://bucket/runs/my-run")
+        return root, name
+    p = Path(output).expanduser().resolve()
+    return str(p.parent), p.name
+
+
+def default_output(cfg_name: str, settings: Settings) -> str:
+    root = settings.artifact_root or str(settings.home)
+    return f"{root.rstrip('/')}/{cfg_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[str, str] | None = None) -> dict:
+    """Run the whole DAG; return the run's summary. Raises PipelineFailed with the failing
+    step's own error when a step fails (after the exit handler has run)."""
+    from kfp import local
+
+    from rlhf.pipelines import rlhf_pipeline
+    from rlhf.store import open_store
+
+    artifact_root, run_name = split_output(output)
+    store = open_store(f"{artifact_root}/{run_name}", settings)
+    if store.exists("promote/result.json"):
+        raise PipelineFailed(f"{store.uri('')} already holds a finished run; choose a new --output")
+    child_env = dict(env or {})
+    if not (cfg.tracking.tracking_uri or settings.mlflow_tracking_uri or child_env.get("MLFLOW_TRACKING_URI")):
+        child_env["MLFLOW_TRACKING_URI"] = embedded_tracking_uri(settings.home)
+    child_env.setdefault("RLHF_QUIET", "1")
+    kfp_dir = settings.home.resolve() / ".kfp"
+    kfp_dir.mkdir(parents=True, exist_ok=True)
+    error_file = kfp_dir / f"error-{os.getpid()}.json"
+    error_file.unlink(missing_ok=True)
+    child_env["RLHF_ERROR_FILE"] = str(error_file)
+    saved = {k: os.environ.get(k) for k in child_env}
+    os.environ.update(child_env)  # kfp.local passes its environment to every step
+    try:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_dir / "outputs"),
+                   enable_caching=True, cache_root=str(kfp_dir / "cache"), raise_on_error=False)
+        rlhf_pipeline(preset="", config_json=cfg.model_dump_json(), artifact_root=artifact_root, run_name=run_name)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if not store.exists("promote/result.json"):
+        err = json.loads(error_file.read_text()) if error_file.is_file() else {}
+        where = f"step {err['step']!r} failed: " if err.get("step") else ""
+        raise PipelineFailed(f"the pipeline did not finish: {where}{err.get('message', 'see the step logs above')}")
+    return store.read_json("summary.json")
+
+
+def summary_lines(summary: dict, output: str, tracking_uri: str) -> list[str]:
+    keys = ["rm/accuracy", "eval/win_rate_vs_sft", "eval/decisive_win_rate_vs_sft", "eval/gold_delta",
+            "eval/kl_vs_sft", "champion/win_rate", "promoted", "registered_model", "policy_model_uri",
+            "registered_versions"]
+    lines = [f"{k}: {json.dumps(summary[k])}" for k in keys if summary.get(k) is not None]
+    if summary.get("gate_reasons"):
+        lines.append("gate: " + "; ".join(summary["gate_reasons"]))
+    lines.append(f"summary: {output.rstrip('/')}/summary.json")
+    if tracking_uri.startswith("sqlite:///"):
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
+    else:
+        lines.append(f"MLflow UI: {tracking_uri}")
+    return lines

@@ -1,0 +1,85 @@
+"""`rlhf compile`: the spec loads back with the kfp SDK, documents its parameters,
+carries no credential, and has the retry/caching/exit-handler shape of the DAG."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SECRET = "do-not-leak-7f3a9c"
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> tuple[Path, dict, str]:
+    out = tmp_path_factory.mktemp("compile") / "pipeline.yaml"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIA" + SECRET, "AWS_SECRET_ACCESS_KEY": SECRET,
+           "MLFLOW_TRACKING_URI": f"http://user:{SECRET}@mlflow.example:5000",
+           "MLFLOW_TRACKING_PASSWORD": SECRET, "RLHF_IMAGE": "registry.example/rlhf:test"}
+    r = subprocess.run([sys.executable, "-m", "rlhf.cli", "compile", "--output", str(out)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    return out, yaml.safe_load(text), text
+
+
+def test_loads_back_with_kfp(spec):
+    from kfp import components
+
+    path, _, _ = spec
+    comp = components.load_component_from_file(str(path))
+    assert comp.name == "rlhf-instructgpt"
+    inputs = comp.component_spec.inputs
+    for name in ("preset", "config_json", "base_model", "sft_data", "preference_data", "ppo_updates", "kl_coef",
+                 "min_win_rate", "experiment_name", "registered_model_name", "artifact_root"):
+        assert name in inputs, name
+
+
+def test_parameters_have_types_defaults_and_descriptions(spec):
+    _, doc, _ = spec
+    params = doc["root"]["inputDefinitions"]["parameters"]
+    assert len(params) >= 15
+    for name, p in params.items():
+        assert p.get("description"), f"{name} has no description"
+        assert "defaultValue" in p, f"{name} has no default"
+    assert params["ppo_updates"]["parameterType"] == "NUMBER_INTEGER"
+    assert params["kl_coef"]["parameterType"] == "NUMBER_DOUBLE"
+    assert params["preset"]["defaultValue"] == "demo"
+    assert "KL penalty" in params["kl_coef"]["description"]
+
+
+def test_no_credentials_in_the_spec(spec):
+    _, _, text = spec
+    assert SECRET not in text
+    for word in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "mlflow.example"):
+        assert word not in text, word
+
+
+def test_dag_shape(spec):
+    _, doc, _ = spec
+    executors = doc["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {"registry.example/rlhf:test"}
+    inner = doc["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert {"start-run", "prep-data", "train-sft", "train-reward", "train-ppo", "evaluate"} <= set(inner)
+    for t in ("train-sft", "train-reward", "train-ppo", "evaluate"):
+        assert inner[t]["retryPolicy"]["maxRetryCount"] == 2, t
+        assert not inner[t].get("cachingOptions", {}).get("enableCache"), t
+    assert inner["prep-data"]["cachingOptions"]["enableCache"] is True
+    assert not inner["start-run"].get("cachingOptions", {}).get("enableCache")
+    # the gate: promote under If(eval passed), register-only under Else
+    conditions = {name: t["triggerPolicy"]["condition"] for comp in doc["components"].values()
+                  for name, t in comp.get("dag", {}).get("tasks", {}).items() if "condition" in t.get("triggerPolicy", {})}
+    assert sorted(conditions.values()) == sorted([
+        "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true",
+        "!(inputs.parameter_values['pipelinechannel--evaluate-Output'] == true)"])
+    promote_args = {c: doc["components"][f"comp-{c}"]["dag"]["tasks"] for c in conditions}
+    moves = sorted(next(iter(t.values()))["inputs"]["parameters"]["move_alias"]["runtimeValue"]["constant"]
+                   for t in promote_args.values())
+    assert moves == [False, True]
+    # the exit task runs whatever happened inside the handler
+    root = doc["root"]["dag"]["tasks"]
+    assert root["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"

@@ -1,0 +1,164 @@
+"""`rlhf run`: the whole DAG through kfp.local on the embedded default (sqlite MLflow,
+local artifact folder), with the promotion gate and the failure paths.
+
+One RLHF_HOME (one registry) for the module; the runs build on each other:
+  1. a first run whose PPO step is killed (SIGKILL) once: the retried task resumes
+     from its checkpoint; the run registers three models and becomes @champion
+  2. the same config again: an identical policy does not beat the champion, so its
+     version is registered with the reasons and the alias stays
+  3. a run killed between registering and moving the alias: the exit handler removes
+     its versions, the alias stays
+  4. bad data: prep fails with file:line; nothing registered
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+NAME = "pipe-test"
+TINY = ["--preset", "tiny", "--set", "num_threads=1", "--set", "gate.min_win_rate=0.0",
+        "--set", f"tracking.registered_model={NAME}", "--set", "tracking.experiment=pipeline-test"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+def rlhf(home: Path, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full = {**os.environ, "RLHF_HOME": str(home), "RLHF_RETRY_BACKOFF": "1s", **(env or {})}
+    full.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def client(home: Path) -> mlflow.MlflowClient:
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def versions(home: Path, kind: str) -> list[str]:
+    return sorted(v.version for v in client(home).search_model_versions(f"name = '{NAME}-{kind}'"))
+
+
+def champion(home: Path) -> str | None:
+    v = client(home).get_registered_model(f"{NAME}-policy").aliases.get("champion")
+    return None if v is None else str(v)
+
+
+@pytest.fixture(scope="module")
+def first(home):
+    """Run 1, with PPO killed after update 2 (its checkpoint) on the first attempt."""
+    r = rlhf(home, "run", *TINY, "--output", str(home / "run1"), env={"RLHF_FAULT_KILL_AT_STEP": "ppo:2"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r, json.loads((home / "run1" / "summary.json").read_text())
+
+
+def test_first_run_is_promoted(home, first):
+    r, summary = first
+    for key in ("rm/accuracy", "eval/win_rate_vs_sft", "eval/gold_delta", "eval/kl_vs_sft", "eval/alignment_tax",
+                "promoted", "registered_model", "policy_model_uri", "registered_versions", "wall_s"):
+        assert key in summary, key
+    assert summary["promoted"] is True
+    assert summary["registered_model"] == f"{NAME}-policy"
+    assert summary["policy_model_uri"] == f"models:/{NAME}-policy@champion"
+    assert summary["registered_versions"] == {f"{NAME}-sft": "1", f"{NAME}-reward": "1", f"{NAME}-policy": "1"}
+    assert {"sft", "reward", "ppo", "eval", "promote", "total"} <= set(summary["wall_s"])
+    assert champion(home) == "1"
+    assert "promoted: true" in r.stdout and "MLflow UI: mlflow ui --backend-store-uri sqlite:///" in r.stdout
+
+
+def test_killed_ppo_task_resumed_from_its_checkpoint(home, first):
+    r, _ = first
+    ppo = json.loads((home / "run1" / "ppo" / "result.json").read_text())
+    assert ppo["resumed_from"] == 2 and ppo["updates"] == 3  # continued at 2, not restarted at 0
+    assert r.stdout.count("Executing task \x1b[96m'train-ppo'") == 2 or r.stdout.count("'train-ppo'") >= 2
+    c = client(home)
+    run = c.get_run(ppo["mlflow_run_id"])
+    assert run.data.tags.get("rlhf.resumed") == "true" and run.info.status == "FINISHED"
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "ppo/kl")]
+    assert sorted(set(steps)) == [1, 2, 3]
+
+
+def test_parent_run_with_nested_stage_runs(home, first):
+    c = client(home)
+    exp = c.get_experiment_by_name("pipeline-test")
+    runs = c.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("rlhf.stage") == "pipeline" and r.info.run_name == "run1")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["rlhf.git_sha"] and parent.data.tags["rlhf.data_key"]
+    assert parent.data.params["ppo.updates"] == "3"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["rlhf.stage"] for r in children) == ["eval", "ppo", "promote", "reward", "sft"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/pipeline.png" in arts
+    v = c.get_model_version(f"{NAME}-policy", "1")
+    assert v.tags["rlhf.parent_run_id"] == parent.info.run_id and v.tags["rlhf.sft_version"] == "1"
+    assert v.tags["rlhf.gate"] == "passed"
+
+
+def test_models_list_and_pull_and_plain_mlflow_load(home, first, tmp_path):
+    r = rlhf(home, "models", "list", "--prefix", NAME)
+    assert r.returncode == 0, r.stderr
+    assert f"{NAME}-policy" in r.stdout and "@champion=v1" in r.stdout
+    r = rlhf(home, "models", "pull", f"{NAME}-policy@champion", "--to", str(tmp_path / "pulled"))
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "pulled")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pulled", use_safetensors=True)
+    ids = tok("reverse: a b c ->", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+    client(home)
+    gen = mlflow.transformers.load_model(f"models:/{NAME}-policy@champion")
+    out = gen("sort: 3 1 2 ->", max_new_tokens=4, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str)
+
+
+def test_second_run_not_better_keeps_champion(home, first):
+    r = rlhf(home, "run", *TINY, "--output", str(home / "run2"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((home / "run2" / "summary.json").read_text())
+    assert summary["champion/version"] == "1"
+    assert summary["champion/win_rate"] == pytest.approx(0.5)  # same seed, same policy: all ties
+    assert summary["promoted"] is False and summary["gate_passed"] is False
+    assert any("does not beat champion" in x for x in summary["gate_reasons"])
+    assert champion(home) == "1"
+    v2 = client(home).get_model_version(f"{NAME}-policy", "2")
+    assert v2.tags["rlhf.gate"] == "failed" and "champion" in v2.tags["rlhf.gate_reasons"]
+
+
+def test_killed_promote_leaves_registry_untouched(home, first):
+    before = {k: versions(home, k) for k in ("sft", "reward", "policy")}
+    r = rlhf(home, "run", *TINY, "--output", str(home / "run3"), env={"RLHF_FAULT_KILL_AT_STEP": "promote:1"})
+    assert r.returncode == 1
+    assert "step 'promote' failed" in r.stderr or "did not finish" in r.stderr
+    assert {k: versions(home, k) for k in ("sft", "reward", "policy")} == before
+    assert champion(home) == "1"
+    c = client(home)
+    parent = c.search_runs([c.get_experiment_by_name("pipeline-test").experiment_id],
+                           "attributes.run_name = 'run3'")[0]
+    assert parent.info.status == "FAILED"
+
+
+def test_bad_data_fails_in_prep_with_file_and_line(home, first, tmp_path):
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    before = versions(home, "policy")
+    r = rlhf(home, "run", *TINY, "--set", f"data.sft_path={bad}", "--set", f"data.preference_path={prefs}",
+             "--output", str(home / "run4"))
+    assert r.returncode == 1
+    assert "step 'prep' failed" in r.stderr and f"{bad}:2" in r.stderr, r.stderr[-2000:]
+    assert versions(home, "policy") == before
+    assert not (home / "run4" / "sft").exists()
