@@ -1,4 +1,8 @@
 import os
+import sys
+from pathlib import Path
+
+import pytest
 
 # Keep tests deterministic and within the 2-core budget.
 os.environ.setdefault("RLHF_QUIET", "1")
@@ -6,8 +10,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
-
-import pytest  # noqa: E402
+# The real local stack (SeaweedFS + mlflow server), started once per session for the
+# integration and pipeline tests that need it. The test folders are not packages, so
+# the fixture module is imported by location.
+sys.path.insert(0, str(Path(__file__).parent))
+from stack_fixtures import local_stack, s3_store  # noqa: E402,F401  (fixtures, found by name)
 
 
 @pytest.fixture(autouse=True)

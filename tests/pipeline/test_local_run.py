@@ -124,6 +124,19 @@ def test_models_list_and_pull_and_plain_mlflow_load(home, first, tmp_path):
     assert isinstance(out[0]["generated_text"], str)
 
 
+def test_rerunning_promote_changes_nothing(home, first, monkeypatch):
+    from rlhf import runs
+
+    pipeline = json.loads((home / "run1" / "pipeline.json").read_text())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    before = {k: versions(home, k) for k in ("sft", "reward", "policy")}
+    result = runs.stage("promote", json.dumps(pipeline["config"]), str(home / "run1"), pipeline["parent_run_id"],
+                        str(home / "_datasets" / pipeline["data_key"]), promote=True)
+    assert result["promoted"] is True and result["registered_versions"][f"{NAME}-policy"] == "1"
+    assert {k: versions(home, k) for k in ("sft", "reward", "policy")} == before
+    assert champion(home) == "1"
+
+
 def test_second_run_not_better_keeps_champion(home, first):
     r = rlhf(home, "run", *TINY, "--output", str(home / "run2"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
