@@ -178,8 +178,13 @@ class MLflowTracker:
         v = Registry(self.tracking_uri).by_alias(name, alias)
         if v is None:
             return None
-        parts = self.mlflow.transformers.load_model(f"models:/{name}@{alias}", return_type="components")
-        return {"version": v.version, "model": parts["model"], "tokenizer": parts["tokenizer"]}
+        parts = self.load_components(f"models:/{name}@{alias}")
+        return {"version": v.version, "tags": v.tags, **parts}
+
+    def load_components(self, model_uri: str) -> dict:
+        """{"model", "tokenizer"} of a logged or registered transformers model."""
+        parts = self.mlflow.transformers.load_model(model_uri, return_type="components")
+        return {"model": parts["model"], "tokenizer": parts["tokenizer"]}
 
 
 def ensure_experiment(name: str, tracking_uri: str) -> str:

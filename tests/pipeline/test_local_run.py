@@ -116,11 +116,11 @@ def test_models_list_and_pull_and_plain_mlflow_load(home, first, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "pulled")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pulled", use_safetensors=True)
-    ids = tok("reverse: a b c ->", return_tensors="pt")["input_ids"]
+    ids = tok("reverse: a b c", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
     client(home)
     gen = mlflow.transformers.load_model(f"models:/{NAME}-policy@champion")
-    out = gen("sort: 3 1 2 ->", max_new_tokens=4, do_sample=False)
+    out = gen("sort: 3 1 2", max_new_tokens=4, do_sample=False)
     assert isinstance(out[0]["generated_text"], str)
 
 

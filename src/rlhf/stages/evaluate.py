@@ -67,11 +67,13 @@ def score_texts(rm, tok, prompts: list[str], texts: list[str], device, batch_siz
 
 @torch.no_grad()
 def champion_comparison(cfg: PipelineConfig, champ: dict, prompts: list[str], policy_texts: list[str],
-                        rm, tok, device) -> dict:
+                        rm, tok, device, load=None) -> dict:
     """The new policy against the current champion on the first `gate.champion_prompts`
     held-out prompts, decoded as in eval. The champion keeps its own tokenizer (it may
-    come from another run). Compared by gold when the task has a judge, else by this
-    run's reward model (which favours the new policy somewhat: see docs/pipeline.md)."""
+    come from another run). Compared by gold when the task has a judge. Otherwise by
+    reward models: this run's favours the policy trained against it, so the champion's
+    own reward model (its lineage tag, loaded with `load`) judges too, and the policy's
+    win rate is the lower of the two."""
     ecfg, n = cfg.eval, min(cfg.gate.champion_prompts, len(prompts))
     ctok, cmodel = champ["tokenizer"], champ["model"].to(device).eval()
     if ctok.pad_token is None:
@@ -83,15 +85,31 @@ def champion_comparison(cfg: PipelineConfig, champ: dict, prompts: list[str], po
         texts += decode_responses(ctok, generate(cmodel, ctok, ids, ecfg.max_new_tokens, ecfg.temperature, device))
     ps, mine = prompts[:n], policy_texts[:n]
     gold_mine, gold_champ = [gold_score(p, t) for p, t in zip(ps, mine)], [gold_score(p, t) for p, t in zip(ps, texts)]
+    judges = []  # (name, policy scores, champion scores)
     if all(g is not None for g in gold_mine + gold_champ):
-        a, c, by = np.array(gold_mine), np.array(gold_champ), "gold"
+        judges.append(("gold", np.array(gold_mine), np.array(gold_champ)))
     else:
-        a, c, by = np.array(score_texts(rm, tok, ps, mine, device)), np.array(score_texts(rm, tok, ps, texts, device)), "reward_model"
-    cmp = compare(a, c)
-    return {"champion/version": champ["version"], "champion/prompts": n, "champion/compared_by": by,
-            "champion/score_champion": float(c.mean()), "champion/score_policy": float(a.mean()),
-            "champion/win_rate": cmp["win_rate"], "champion/tie_rate": cmp["tie_rate"],
-            "champion/decisive_win_rate": cmp["decisive_win_rate"]}
+        judges.append(("reward_model", np.array(score_texts(rm, tok, ps, mine, device)),
+                       np.array(score_texts(rm, tok, ps, texts, device))))
+        crm_uri = champ.get("tags", {}).get("rlhf.reward_model_uri")
+        if crm_uri and load is not None:
+            crm = load(crm_uri)
+            m, t = crm["model"].to(device).eval(), crm["tokenizer"]
+            if t.pad_token is None:
+                t.pad_token = t.eos_token
+            judges.append(("champion_reward_model", np.array(score_texts(m, t, ps, mine, device)),
+                           np.array(score_texts(m, t, ps, texts, device))))
+    out = {"champion/version": champ["version"], "champion/prompts": n,
+           "champion/compared_by": "+".join(j[0] for j in judges)}
+    for name, a, c in judges:
+        cmp = compare(a, c)
+        out.update({f"champion/{name}_score_champion": float(c.mean()), f"champion/{name}_score_policy": float(a.mean()),
+                    f"champion/{name}_win_rate": cmp["win_rate"], f"champion/{name}_tie_rate": cmp["tie_rate"]})
+    worst = min(judges, key=lambda j: compare(j[1], j[2])["win_rate"])
+    cmp = compare(worst[1], worst[2])
+    out.update({"champion/win_rate": cmp["win_rate"], "champion/tie_rate": cmp["tie_rate"],
+                "champion/decisive_win_rate": cmp["decisive_win_rate"]})
+    return out
 
 
 def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
@@ -161,7 +179,8 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         # 5. champion/challenger: the registered champion answers the same prompts
         champ = tracker.load_registered(model_name(cfg.tracking.registered_model, "policy"), CHAMPION)
         if champ is not None:
-            summary.update(champion_comparison(cfg, champ, prompts, out["policy"]["text"], rm, tok, device))
+            summary.update(champion_comparison(cfg, champ, prompts, out["policy"]["text"], rm, tok, device,
+                                               load=getattr(tracker, "load_components", None)))
         summary["gate/passed"], summary["gate/reasons"] = gate_decision(summary, cfg.gate)
 
         # 6. summary + log
