@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -88,6 +89,6 @@ def summary_lines(summary: dict, output: str, tracking_uri: str) -> list[str]:
     lines.append(f"summary: {output.rstrip('/')}/summary.json")
     if tracking_uri.startswith("sqlite:///"):
         lines.append(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
-    else:
-        lines.append(f"MLflow UI: {tracking_uri}")
+    else:  # never print credentials embedded in the URI (http://user:token@host)
+        lines.append(f"MLflow UI: {re.sub(r'//[^/@]*@', '//', tracking_uri)}")
     return lines

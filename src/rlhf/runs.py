@@ -53,8 +53,8 @@ def records_errors(step: str):
             try:
                 return fn(*args, **kwargs)
             except Exception as e:
-                path = getattr(Settings.from_env(), "error_file", None)
-                if path:
+                path = Settings.from_env().error_file
+                if path and not Path(path).exists():  # the first failure is the cause
                     name = kwargs.get("name") or (args[0] if step == "stage" and args else step)
                     Path(path).write_text(json.dumps({"step": name, "type": type(e).__name__, "message": str(e)}))
                 raise
@@ -85,7 +85,7 @@ def resolve_config(preset: str, config_json: str = "", overrides: dict[str, Any]
 
 
 def git_sha() -> str:
-    sha = getattr(Settings.from_env(), "git_sha", None)  # RLHF_GIT_SHA, baked into images
+    sha = Settings.from_env().git_sha  # RLHF_GIT_SHA, baked into images
     if sha:
         return sha
     try:
@@ -189,7 +189,10 @@ def finish(preset: str, config_json: str, overrides: dict[str, Any], artifact_ro
     from rlhf.stages.promote import RUN_TAG
     from rlhf.tracking import finish_pipeline_run, log_pipeline_plots, tracking_uri_for
 
-    cfg = resolve_config(preset, config_json, overrides)
+    try:
+        cfg = resolve_config(preset, config_json, overrides)
+    except ConfigError:  # start failed on it: no parent run, nothing registered
+        return {"parent_run_id": None, "state": state, "removed_versions": []}
     uri = tracking_uri_for(cfg, Settings.from_env())
     store = open_store(join(artifact_root, run_name or kfp_run_id))
     succeeded = state == "SUCCEEDED"
