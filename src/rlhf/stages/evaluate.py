@@ -79,11 +79,11 @@ def champion_comparison(cfg: PipelineConfig, champ: dict, prompts: list[str], po
     if ctok.pad_token is None:
         ctok.pad_token = ctok.eos_token
     texts = []
-    for b, start in enumerate(range(0, n, ecfg.batch_size)):
-        ids = [ctok(p)["input_ids"] for p in prompts[start:min(start + ecfg.batch_size, n)]]
+    for b, start in enumerate(range(0, n, ecfg.batch_size)):  # eval's batches and seeds, so an identical
+        ids = [ctok(p)["input_ids"] for p in prompts[start:start + ecfg.batch_size]]  # model gives identical text
         seed_everything(cfg.seed * 7919 + b)
         texts += decode_responses(ctok, generate(cmodel, ctok, ids, ecfg.max_new_tokens, ecfg.temperature, device))
-    ps, mine = prompts[:n], policy_texts[:n]
+    ps, mine, texts = prompts[:n], policy_texts[:n], texts[:n]
     gold_mine, gold_champ = [gold_score(p, t) for p, t in zip(ps, mine)], [gold_score(p, t) for p, t in zip(ps, texts)]
     judges = []  # (name, policy scores, champion scores)
     if all(g is not None for g in gold_mine + gold_champ):
