@@ -14,6 +14,7 @@ Installed as the `rlhf.pipelines` package (see pyproject.toml).
 from kfp import dsl
 
 from rlhf import components as c
+from rlhf.profiles import Profile
 from rlhf.settings import Settings
 
 TRAINING_RETRIES = 2
@@ -29,91 +30,153 @@ def _training(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     return task
 
 
-@dsl.pipeline(name="rlhf-instructgpt",
-              description="InstructGPT-style RLHF: data prep, SFT, reward model, PPO with a KL penalty "
-                          "against SFT, evaluation, and gated promotion in the MLflow Model Registry.")
-def rlhf_pipeline(
-    preset: str = "demo",
-    config_json: str = "",
-    base_model: str = "",
-    sft_data: str = "",
-    preference_data: str = "",
-    prompt_data: str = "",
-    seed: int = -1,
-    sft_max_steps: int = -1,
-    reward_epochs: int = -1,
-    ppo_updates: int = -1,
-    kl_coef: float = -1.0,
-    min_win_rate: float = -1.0,
-    max_kl: float = -1.0,
-    champion_margin: float = -1.0,
-    experiment_name: str = "",
-    registered_model_name: str = "",
-    artifact_root: str = "s3://rlhf/runs",
-    run_name: str = "",
-):
-    """Train, evaluate and (through the gate) promote an RLHF policy.
+def _place(task: dsl.PipelineTask, stage: str, profile: Profile | None) -> dsl.PipelineTask:
+    """Apply a cluster profile to one step (kfp.kubernetes; ignored by kfp.local)."""
+    if profile is None:
+        return task
+    from kfp import kubernetes as k8s
 
-    Empty strings and -1 leave the value from the preset / config_json.
-
-    Args:
-        preset: Config preset: demo (tiny model, built-in task), instructgpt (the paper's PPO settings), tiny (smoke test).
-        config_json: The full config as JSON (sections task, data, model, sft, reward, ppo, eval, tracking, gate), merged over the preset; `rlhf config show` lists every field.
-        base_model: Base model: Hugging Face hub id, s3:// folder or local path (safetensors only). Empty builds the preset's small model from config.
-        sft_data: SFT demonstrations, JSONL {prompt, completion} or {messages}: local path, s3:// URI or HF dataset name. Empty uses the built-in task.
-        preference_data: Preference pairs, JSONL {prompt, chosen, rejected}, conversational or Anthropic HH. Set together with sft_data.
-        prompt_data: PPO prompts, JSONL {prompt} or {messages}. Empty uses the SFT prompts.
-        seed: Seed for data generation, initialisation and training.
-        sft_max_steps: Hard cap on SFT optimizer steps.
-        reward_epochs: Passes over the preference pairs for the reward model.
-        ppo_updates: PPO updates (each one rollout batch).
-        kl_coef: KL penalty coefficient beta against the SFT model (the initial value when adaptive).
-        min_win_rate: Gate: least win rate (ties half) of the policy against SFT on held-out prompts.
-        max_kl: Gate: most KL(policy || SFT) per response, in nats.
-        champion_margin: Gate: the policy must win more than 0.5 + margin against the current @champion.
-        experiment_name: MLflow experiment for the parent and stage runs.
-        registered_model_name: Base name of the registered models: <name>-sft, <name>-reward, <name>-policy.
-        artifact_root: Where runs keep datasets, checkpoints and models: s3://bucket/prefix (or a local folder for local runs).
-        run_name: Folder of this run under artifact_root and MLflow parent run name. Empty uses the KFP run id.
-    """
-    finish = c.finish_run(preset=preset, config_json=config_json, experiment_name=experiment_name,
-                          registered_model_name=registered_model_name, artifact_root=artifact_root,
-                          run_name=run_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-    finish.set_display_name("finish").set_caching_options(False)
-    with dsl.ExitHandler(finish, name="rlhf"):
-        start = c.start_run(
-            preset=preset, config_json=config_json, base_model=base_model, sft_data=sft_data,
-            preference_data=preference_data, prompt_data=prompt_data, seed=seed, sft_max_steps=sft_max_steps,
-            reward_epochs=reward_epochs, ppo_updates=ppo_updates, kl_coef=kl_coef, min_win_rate=min_win_rate,
-            max_kl=max_kl, champion_margin=champion_margin, experiment_name=experiment_name,
-            registered_model_name=registered_model_name, artifact_root=artifact_root, run_name=run_name,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        start.set_display_name("start").set_caching_options(False)
-        run = dict(config_json=start.outputs["config_json"], run_root=start.outputs["run_root"],
-                   parent_run_id=start.outputs["parent_run_id"])
-
-        # cacheable: its inputs (data hash, prep settings, root) fully determine its output
-        prep = c.prep_data(prep_config_json=start.outputs["prep_config_json"], artifact_root=artifact_root,
-                           data_key=start.outputs["data_key"])
-        prep.set_display_name("data prep").set_caching_options(True)
-        data = prep.outputs["dataset"]
-
-        sft = _training(c.train_sft(dataset=data, **run), "SFT")
-        reward = _training(c.train_reward(dataset=data, sft_model=sft.outputs["model"], **run), "reward model")
-        ppo = _training(c.train_ppo(dataset=data, sft_model=sft.outputs["model"],
-                                    reward_model=reward.outputs["model"], **run), "PPO")
-        ev = _training(c.evaluate(dataset=data, policy=ppo.outputs["model"], **run), "eval")
-
-        with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 - a KFP condition
-            c.promote(dataset=data, policy=ppo.outputs["model"], move_alias=True, **run) \
-                .set_display_name("promote").set_caching_options(False)
-        with dsl.Else(name="gate-failed"):
-            c.promote(dataset=data, policy=ppo.outputs["model"], move_alias=False, **run) \
-                .set_display_name("register (not promoted)").set_caching_options(False)
+    spec = profile.for_stage(stage)
+    if spec.nodes > 1:
+        raise NotImplementedError(f"profile {profile.name!r}: stages.{stage}.nodes={spec.nodes}: multi-node "
+                                  "steps (Kubeflow Trainer jobs) are not built yet; use one node")
+    for key, value in spec.node_selector.items():
+        k8s.add_node_selector(task, key, value)
+    for t in spec.tolerations:
+        k8s.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+    if spec.accelerator_count:
+        task.set_accelerator_type(spec.accelerator_type or "nvidia.com/gpu")
+        task.set_accelerator_limit(spec.accelerator_count)
+    for setter, value in ((task.set_cpu_request, spec.cpu_request), (task.set_cpu_limit, spec.cpu_limit),
+                          (task.set_memory_request, spec.memory_request), (task.set_memory_limit, spec.memory_limit)):
+        if value:
+            setter(value)
+    if spec.shm_size:
+        k8s.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=spec.shm_size)
+    if spec.timeout_s:
+        k8s.set_timeout(task, spec.timeout_s)
+    for secret in profile.secrets:
+        k8s.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env={v: k for k, v in secret.env.items()})
+    for key, value in profile.env.items():
+        task.set_env_variable(key, value)
+    if profile.image_pull_secrets:
+        k8s.set_image_pull_secrets(task, profile.image_pull_secrets)
+    if profile.image_pull_policy:
+        k8s.set_image_pull_policy(task, profile.image_pull_policy)
+    k8s.set_security_context(task, run_as_user=profile.run_as_user, run_as_group=profile.run_as_user,
+                             run_as_non_root=True)
+    return task
 
 
-def compile_pipeline(path: str) -> str:
+def build_pipeline(profile: Profile | None = None):
+    """The pipeline, with a cluster profile applied to its steps (None: no placement)."""
+    return dsl.pipeline(
+        name="rlhf-instructgpt",
+        description="InstructGPT-style RLHF: data prep, SFT, reward model, PPO with a KL penalty against SFT, "
+                    "evaluation, and gated promotion in the MLflow Model Registry.",
+    )(_pipeline_func(profile))
+
+
+def _pipeline_func(profile: Profile | None):
+    def rlhf_pipeline(
+        preset: str = "demo",
+        config_json: str = "",
+        base_model: str = "",
+        sft_data: str = "",
+        preference_data: str = "",
+        prompt_data: str = "",
+        seed: int = -1,
+        sft_max_steps: int = -1,
+        reward_epochs: int = -1,
+        ppo_updates: int = -1,
+        kl_coef: float = -1.0,
+        min_win_rate: float = -1.0,
+        max_kl: float = -1.0,
+        champion_margin: float = -1.0,
+        experiment_name: str = "",
+        registered_model_name: str = "",
+        artifact_root: str = "s3://rlhf/runs",
+        run_name: str = "",
+    ):
+        """Train, evaluate and (through the gate) promote an RLHF policy.
+
+        Empty strings and -1 leave the value from the preset / config_json.
+
+        Args:
+            preset: Config preset: demo (tiny model, built-in task), instructgpt (the paper's PPO settings), tiny (smoke test).
+            config_json: The full config as JSON (sections task, data, model, sft, reward, ppo, eval, tracking, gate), merged over the preset; `rlhf config show` lists every field.
+            base_model: Base model: Hugging Face hub id, s3:// folder or local path (safetensors only). Empty builds the preset's small model from config.
+            sft_data: SFT demonstrations, JSONL {prompt, completion} or {messages}: local path, s3:// URI or HF dataset name. Empty uses the built-in task.
+            preference_data: Preference pairs, JSONL {prompt, chosen, rejected}, conversational or Anthropic HH. Set together with sft_data.
+            prompt_data: PPO prompts, JSONL {prompt} or {messages}. Empty uses the SFT prompts.
+            seed: Seed for data generation, initialisation and training.
+            sft_max_steps: Hard cap on SFT optimizer steps.
+            reward_epochs: Passes over the preference pairs for the reward model.
+            ppo_updates: PPO updates (each one rollout batch).
+            kl_coef: KL penalty coefficient beta against the SFT model (the initial value when adaptive).
+            min_win_rate: Gate: least win rate (ties half) of the policy against SFT on held-out prompts.
+            max_kl: Gate: most KL(policy || SFT) per response, in nats.
+            champion_margin: Gate: the policy must win more than 0.5 + margin against the current @champion.
+            experiment_name: MLflow experiment for the parent and stage runs.
+            registered_model_name: Base name of the registered models: <name>-sft, <name>-reward, <name>-policy.
+            artifact_root: Where runs keep datasets, checkpoints and models: s3://bucket/prefix (or a local folder for local runs).
+            run_name: Folder of this run under artifact_root and MLflow parent run name. Empty uses the KFP run id.
+        """
+        finish = c.finish_run(preset=preset, config_json=config_json, experiment_name=experiment_name,
+                              registered_model_name=registered_model_name, artifact_root=artifact_root,
+                              run_name=run_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        finish.set_display_name("finish").set_caching_options(False)
+        _place(finish, "finish", profile)
+        with dsl.ExitHandler(finish, name="rlhf"):
+            start = c.start_run(
+                preset=preset, config_json=config_json, base_model=base_model, sft_data=sft_data,
+                preference_data=preference_data, prompt_data=prompt_data, seed=seed, sft_max_steps=sft_max_steps,
+                reward_epochs=reward_epochs, ppo_updates=ppo_updates, kl_coef=kl_coef, min_win_rate=min_win_rate,
+                max_kl=max_kl, champion_margin=champion_margin, experiment_name=experiment_name,
+                registered_model_name=registered_model_name, artifact_root=artifact_root, run_name=run_name,
+                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+            start.set_display_name("start").set_caching_options(False)
+            _place(start, "start", profile)
+            run = dict(config_json=start.outputs["config_json"], run_root=start.outputs["run_root"],
+                       parent_run_id=start.outputs["parent_run_id"])
+
+            # cacheable: its inputs (data hash, prep settings, root) fully determine its output
+            prep = c.prep_data(prep_config_json=start.outputs["prep_config_json"], artifact_root=artifact_root,
+                               data_key=start.outputs["data_key"])
+            prep.set_display_name("data prep").set_caching_options(True)
+            _place(prep, "prep", profile)
+            data = prep.outputs["dataset"]
+
+            sft = _place(_training(c.train_sft(dataset=data, **run), "SFT"), "sft", profile)
+            reward = _place(_training(c.train_reward(dataset=data, sft_model=sft.outputs["model"], **run), "reward model"),
+                            "reward", profile)
+            ppo = _place(_training(c.train_ppo(dataset=data, sft_model=sft.outputs["model"],
+                                               reward_model=reward.outputs["model"], **run), "PPO"), "ppo", profile)
+            ev = _place(_training(c.evaluate(dataset=data, policy=ppo.outputs["model"], **run), "eval"), "eval", profile)
+
+            with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 - a KFP condition
+                _place(c.promote(dataset=data, policy=ppo.outputs["model"], move_alias=True, **run)
+                       .set_display_name("promote").set_caching_options(False), "promote", profile)
+            with dsl.Else(name="gate-failed"):
+                _place(c.promote(dataset=data, policy=ppo.outputs["model"], move_alias=False, **run)
+                       .set_display_name("register (not promoted)").set_caching_options(False), "promote", profile)
+
+    return rlhf_pipeline
+
+
+rlhf_pipeline = build_pipeline()
+
+
+def compile_pipeline(path: str, profile: Profile | None = None) -> str:
+    """Write the KFP v2 spec; with a profile, its placement and its image."""
+    import yaml
     from kfp import compiler
 
-    compiler.Compiler().compile(rlhf_pipeline, package_path=str(path))
+    compiler.Compiler().compile(build_pipeline(profile) if profile else rlhf_pipeline, package_path=str(path))
+    if profile is not None and profile.image:
+        docs = list(yaml.safe_load_all(open(path)))
+        for ex in docs[0]["deploymentSpec"]["executors"].values():
+            ex["container"]["image"] = profile.image
+        with open(path, "w") as f:
+            yaml.safe_dump_all(docs, f, sort_keys=False)
     return str(path)

@@ -86,8 +86,10 @@ def _cmd_run(args, cfg: PipelineConfig, settings: Settings) -> int:
 
 def _cmd_compile(args, settings: Settings) -> int:
     from rlhf.pipelines import compile_pipeline
+    from rlhf.profiles import load_profile
 
-    print(f"wrote {compile_pipeline(args.output)}")
+    profile = load_profile(args.profile) if args.profile else None
+    print(f"wrote {compile_pipeline(args.output, profile)}" + (f" (profile {profile.name})" if profile else ""))
     return 0
 
 
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pk = sub.add_parser("compile", help="Compile the pipeline to a KFP v2 YAML spec.")
     pk.add_argument("--output", default="pipeline.yaml", help="Where to write the spec.")
+    pk.add_argument("--profile", default=None,
+                    help="Cluster profile YAML: node pools, GPUs, resources, /dev/shm, secrets (see profiles/).")
 
     pm = sub.add_parser("models", help="Registered models: list them, or pull one as a Hugging Face folder.")
     pm.add_argument("action", choices=["list", "pull"])

@@ -1,0 +1,123 @@
+"""Cluster profiles: where and how each pipeline step runs on Kubernetes.
+
+A profile is YAML, validated here (pydantic, no kfp import), and applied to the
+pipeline at compile time (`rlhf compile --profile F`, see pipelines/) with
+`kfp.kubernetes`: node selectors, tolerations, accelerators, CPU/memory, a
+memory-backed `/dev/shm`, image pull secrets, a non-root security context, and the
+Kubernetes Secrets that carry S3 and MLflow credentials, mounted as environment
+variables by name; a profile never holds a secret value.
+
+    image: ghcr.io/acme/rlhf:0.1.0
+    image_pull_secrets: [ghcr]
+    service_account: rlhf-pipeline           # used by `rlhf submit` for the run
+    secrets:
+      - name: rlhf-s3
+        env: {AWS_ACCESS_KEY_ID: access-key, AWS_SECRET_ACCESS_KEY: secret-key}
+    env: {MLFLOW_TRACKING_URI: http://mlflow.rlhf:5000}   # plain settings, not secrets
+    defaults: {cpu_request: "2", memory_request: 8Gi}
+    stages:
+      ppo: {accelerator_type: nvidia.com/gpu, accelerator_count: 8, shm_size: 64Gi,
+            node_selector: {cloud.google.com/gke-accelerator: nvidia-h100-80gb},
+            tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rlhf.config import ConfigError
+
+STAGES = ("start", "prep", "sft", "reward", "ppo", "eval", "promote", "finish")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|[KMGTPE]i?|[kMGTPE])?$")
+_SECRETISH = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE)", re.I)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Toleration(_Model):
+    key: str | None = Field(None, description="Taint key (empty with operator Exists: tolerate everything).")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal (key=value) or Exists (any value).")
+    value: str | None = Field(None, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect; empty = all.")
+
+
+class SecretEnv(_Model):
+    name: str = Field(..., description="Kubernetes Secret in the run's namespace.")
+    env: dict[str, str] = Field(..., description="Environment variable -> key in the Secret.")
+
+
+class StageSpec(_Model):
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the step's pod requires.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the step's pod tolerates.")
+    accelerator_type: str | None = Field(None, description="Accelerator resource, e.g. nvidia.com/gpu.")
+    accelerator_count: int = Field(0, ge=0, description="Accelerators per pod (0 = none).")
+    cpu_request: str | None = Field(None, description="CPU request, e.g. '8' or '500m'.")
+    cpu_limit: str | None = Field(None, description="CPU limit.")
+    memory_request: str | None = Field(None, description="Memory request, e.g. 64Gi.")
+    memory_limit: str | None = Field(None, description="Memory limit.")
+    shm_size: str | None = Field(None, description="Size of a memory-backed /dev/shm (NCCL, dataloaders), e.g. 16Gi.")
+    nodes: int = Field(1, ge=1, description="Nodes for the step; more than one is a multi-node job (not built yet).")
+    timeout_s: int | None = Field(None, gt=0, description="Kill the step after this many seconds.")
+
+    @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit", "shm_size")
+    @classmethod
+    def _quantity(cls, v):
+        if v is not None and not _QUANTITY.match(str(v)):
+            raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 500m, 8, 16Gi)")
+        return v
+
+
+class Profile(_Model):
+    name: str = Field("default", description="A label for the profile (recorded on compiled pipelines).")
+    image: str | None = Field(None, description="Training image of every step (overrides RLHF_IMAGE).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(None, description="Pull policy.")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets for a private registry.")
+    service_account: str | None = Field(None, description="Service account the run's pods use (set at submission).")
+    run_as_user: int = Field(10001, ge=1, description="Non-root UID of the step containers.")
+    secrets: list[SecretEnv] = Field(default_factory=list, description="Secrets mounted as env into every step.")
+    env: dict[str, str] = Field(default_factory=dict, description="Plain, non-secret environment for every step.")
+    defaults: StageSpec = Field(default_factory=StageSpec, description="Applied to every step, under `stages`.")
+    stages: dict[Literal[STAGES], StageSpec] = Field(default_factory=dict,  # type: ignore[valid-type]
+                                                    description="Per step, merged over `defaults`.")
+
+    @field_validator("env")
+    @classmethod
+    def _no_secret_literals(cls, env):
+        bad = [k for k in env if _SECRETISH.search(k)]
+        if bad:
+            raise ValueError(f"{bad} look like credentials: put them in a Kubernetes Secret and list it under "
+                             "`secrets` (a profile is compiled into the pipeline YAML)")
+        return env
+
+    def for_stage(self, stage: str) -> StageSpec:
+        """`defaults` with the stage's own fields (those it sets) on top."""
+        spec = self.stages.get(stage)
+        if spec is None:
+            return self.defaults
+        return self.defaults.model_copy(update={k: getattr(spec, k) for k in spec.model_fields_set})
+
+
+def load_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"profile not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as e:
+        lines = [f"invalid profile {path}:"]
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+            msg = "unknown field; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  - {loc}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
