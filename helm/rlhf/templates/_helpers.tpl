@@ -1,0 +1,163 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "rlhf.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Prefix of every resource name: "<release>-<chart>", or the release name when it
+already contains the chart name. Truncated so that suffixes like "-schedule" fit. */}}
+{{- define "rlhf.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Standard labels (app.kubernetes.io/*); pass (dict "ctx" $ "component" "mlflow"). */}}
+{{- define "rlhf.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "rlhf.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: rlhf-pipeline
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "rlhf.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "rlhf.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Image reference; pass (dict "ctx" $ "override" .Values.mlflow.image) or (dict "ctx" $). */}}
+{{- define "rlhf.image" -}}
+{{- $override := .override | default dict -}}
+{{- $repo := $override.repository | default .ctx.Values.image.repository -}}
+{{- $tag := $override.tag | default .ctx.Values.image.tag | default .ctx.Chart.AppVersion -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end -}}
+
+{{- define "rlhf.mlflow.fullname" -}}
+{{- printf "%s-mlflow" (include "rlhf.fullname" .) -}}
+{{- end -}}
+
+{{- define "rlhf.mlflow.serviceAccountName" -}}
+{{- .Values.mlflow.serviceAccount.name | default (include "rlhf.mlflow.fullname" .) -}}
+{{- end -}}
+
+{{- define "rlhf.schedule.serviceAccountName" -}}
+{{- .Values.schedule.serviceAccount.name | default (printf "%s-schedule" (include "rlhf.fullname" .)) -}}
+{{- end -}}
+
+{{- define "rlhf.pipelineRunner.serviceAccountName" -}}
+{{- .Values.pipelineRunner.serviceAccount.name | default (printf "%s-pipeline-runner" (include "rlhf.fullname" .)) -}}
+{{- end -}}
+
+{{/* In-cluster URL of the MLflow server. */}}
+{{- define "rlhf.mlflow.url" -}}
+{{- printf "http://%s.%s.svc.%s:%d" (include "rlhf.mlflow.fullname" .) .Release.Namespace .Values.mlflow.clusterDomain (int .Values.mlflow.service.port) -}}
+{{- end -}}
+
+{{/* `--allowed-hosts` of the MLflow server: setting it replaces MLflow's defaults
+(localhost, private IPs), so those are listed again, then the Service's names, then the
+user's extra hosts. */}}
+{{- define "rlhf.mlflow.allowedHosts" -}}
+{{- $svc := include "rlhf.mlflow.fullname" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $hosts := list "localhost" "localhost:*" "127.0.0.1" "127.0.0.1:*" "10.*" "192.168.*" -}}
+{{- range $i := untilStep 16 32 1 -}}
+{{- $hosts = append $hosts (printf "172.%d.*" $i) -}}
+{{- end -}}
+{{- range $name := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $.Values.mlflow.clusterDomain) -}}
+{{- $hosts = append $hosts $name -}}
+{{- $hosts = append $hosts (printf "%s:*" $name) -}}
+{{- end -}}
+{{- concat $hosts .Values.mlflow.allowedHosts | uniq | join "," -}}
+{{- end -}}
+
+{{/* Pod-level security context shared by every pod. */}}
+{{- define "rlhf.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.podSecurity.runAsUser }}
+runAsGroup: {{ .Values.podSecurity.runAsGroup }}
+fsGroup: {{ .Values.podSecurity.fsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Container-level security context shared by every container. */}}
+{{- define "rlhf.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.podSecurity.runAsUser }}
+runAsGroup: {{ .Values.podSecurity.runAsGroup }}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Writable scratch for a read-only root filesystem: /tmp and $HOME (caches). */}}
+{{- define "rlhf.scratchVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 2Gi
+- name: home
+  emptyDir:
+    sizeLimit: 1Gi
+{{- end -}}
+
+{{- define "rlhf.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/rlhf
+{{- end -}}
+
+{{- define "rlhf.scratchEnv" -}}
+- name: HOME
+  value: /home/rlhf
+- name: XDG_CACHE_HOME
+  value: /home/rlhf/.cache
+- name: MPLCONFIGDIR
+  value: /tmp/matplotlib
+- name: TMPDIR
+  value: /tmp
+{{- end -}}
+
+{{/* S3 endpoint, region and credentials (secretKeyRef, never a literal). */}}
+{{- define "rlhf.s3Env" -}}
+{{- with .Values.s3.endpoint }}
+- name: MLFLOW_S3_ENDPOINT_URL
+  value: {{ . | quote }}
+- name: AWS_ENDPOINT_URL_S3
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.credentials.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.s3.credentials.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.s3.credentials.secretAccessKeyKey }}
+{{- end }}
+{{- end -}}

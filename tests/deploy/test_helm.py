@@ -1,0 +1,355 @@
+"""The helm chart `helm/rlhf`: lint, render and validate it offline, then check what matters.
+
+No cluster, no helm binary and no network: helm-python-sdk (import `helm_python`) binds
+Helm v4's Go SDK through a bundled shared library, so `helm_python.lint(...)` is
+`helm lint` and `Chart.render(...)` is `helm template` (values are coalesced with the
+chart's defaults and checked against values.schema.json, as an install would).
+Every rendered object is validated by kubernetes-validate against the bundled OpenAPI
+schemas of Kubernetes KUBE_VERSION in strict mode (unknown fields fail).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is in the `test` extra")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the `test` extra")
+
+ROOT = Path(__file__).resolve().parents[2]
+HELM = ROOT / "helm"
+CHART = HELM / "rlhf"
+KUBE_VERSION = "1.33"  # a recent release that GKE and EKS both run
+RELEASE, NAMESPACE = "rlhf", "ml-team"
+
+# the scheduled-retraining case on top of the defaults: every optional branch on
+SCHEDULED = {
+    "schedule": {
+        "enabled": True,
+        "cron": "0 15 4 * * *",
+        "parameters": {"preset": "demo", "ppo_updates": 4, "kl_coef": 0.05},
+    },
+    "kfp": {"auth": {"mode": "secret", "existingSecret": "kfp-token", "tokenKey": "token"}},
+    "mlflow": {"auth": {"enabled": True, "existingSecret": "mlflow-admin"}},
+    "rbac": {"readableSecrets": ["mlflow-client"]},
+}
+CASES = {
+    "default": {},
+    "scheduled": SCHEDULED,
+    "gke": yaml.safe_load((HELM / "values-gke.yaml").read_text()),
+    "eks": yaml.safe_load((HELM / "values-eks.yaml").read_text()),
+}
+SECRETISH = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|BACKEND_STORE|DATABASE")
+CREDENTIALS_IN_URL = re.compile(r"://[^/@\s]+:[^/@\s]+@")  # scheme://user:password@host
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def rendered(chart) -> dict[str, list[dict]]:
+    """case -> every rendered Kubernetes object (NOTES.txt left out)."""
+    out = {}
+    for case, values in CASES.items():
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        out[case] = [
+            doc
+            for path, text in sorted(manifests.items())
+            if path.endswith(".yaml")
+            for doc in yaml.safe_load_all(text)
+            if doc
+        ]
+    return out
+
+
+def _of(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _one(docs: list[dict], kind: str) -> dict:
+    found = _of(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def _pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+            for d in docs if d["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet")]
+
+
+# ----------------------------------------------------------------------------- chart and schema
+
+
+def test_chart_metadata_matches_project():
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["apiVersion"] == "v2"
+    assert meta["version"] == "0.1.0"
+    assert meta["appVersion"] == project["version"]
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert defaults["image"]["repository"] == "ghcr.io/rlhf-pipeline/rlhf"
+
+
+def test_schema_closes_every_object():
+    """Every object level of the schema with named properties rejects unknown keys."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    open_objects = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            if "properties" in node and node.get("additionalProperties") is not False:
+                open_objects.append(where)
+            for key, child in node.items():
+                walk(child, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{where}/{i}")
+
+    walk(schema, "#")
+    assert not open_objects, f"objects without additionalProperties: false: {open_objects}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lint_clean(case):
+    report = helm.lint(CHART, CASES[case], strict=True, namespace=NAMESPACE,
+                       kube_version=f"v{KUBE_VERSION}.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+def test_bad_values_fail_with_the_field_named(chart):
+    bad = yaml.safe_load((HELM / "bad-values.yaml").read_text())
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.validate_schema(bad)
+    message = str(err.value)
+    assert "additional properties 'wokers' not allowed" in message, message
+    assert "/mlflow/replicas" in message and "want integer" in message, message
+    # an install/template fails the same way, before any template runs
+    with pytest.raises(helm.HelmValuesError, match="wokers"):
+        chart.render(bad, name=RELEASE, namespace=NAMESPACE)
+    # and so does `helm lint -f bad-values.yaml`
+    report = helm.lint(CHART, bad)
+    assert any("wokers" in e for e in report["errors"]), report
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"schedule": {"cron": "3 * * 0"}}, "/schedule/cron"),  # 5 or 6 fields
+    ({"kfp": {"auth": {"mode": "basic"}}}, "/kfp/auth/mode"),
+    ({"mlflow": {"backendStore": {"existingSecret": "x", "key": "k", "url": "postgresql://u:p@db/m"}}},
+     "additional properties 'url'"),
+])
+def test_schema_rejects(chart, values, field):
+    with pytest.raises(helm.HelmValuesError, match=re.escape(field)):
+        chart.validate_schema(values)
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_manifests_validate_strict(rendered, case):
+    failures = []
+    for doc in rendered[case]:
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            failures.append(f"{doc['kind']}/{doc['metadata']['name']}: "
+                            f"{'.'.join(map(str, e.path))}: {e.message}")
+    assert not failures, "\n".join(failures)
+
+
+def test_strict_validation_catches_unknown_fields(rendered):
+    """Control: strict mode really rejects a misspelled field in a rendered Deployment."""
+    deployment = copy.deepcopy(_one(rendered["default"], "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_namespaced_and_labelled(rendered, case):
+    assert not _of(rendered[case], "Secret"), "the chart must never carry secret values"
+    for doc in rendered[case]:
+        meta = doc["metadata"]
+        assert meta["namespace"] == NAMESPACE, doc["kind"]
+        for label in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
+                      "app.kubernetes.io/version", "app.kubernetes.io/managed-by",
+                      "app.kubernetes.io/component", "helm.sh/chart"):
+            assert label in meta["labels"], (doc["kind"], label)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_mlflow_server_takes_secrets_by_reference(rendered, case):
+    deployment = _one(rendered[case], "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    args = container["args"]
+
+    def secret_ref(name):
+        assert "value" not in env[name], f"{name} is a literal"
+        return env[name]["valueFrom"]["secretKeyRef"]
+
+    assert secret_ref("MLFLOW_BACKEND_STORE_URI")["name"] == CASES[case].get("mlflow", {}).get(
+        "backendStore", {}).get("existingSecret", "rlhf-mlflow-db")
+    assert args[args.index("--backend-store-uri") + 1] == "$(MLFLOW_BACKEND_STORE_URI)"
+    assert container["command"] == ["mlflow", "server"]
+    for flag, value in (("--host", "0.0.0.0"), ("--port", "5000")):
+        assert args[args.index(flag) + 1] == value
+    assert "--workers" in args and "--serve-artifacts" in args
+    assert args[args.index("--artifacts-destination") + 1].startswith("s3://")
+
+    if case == "eks":  # IRSA: no keys anywhere, S3 on AWS without an endpoint
+        assert "AWS_ACCESS_KEY_ID" not in env and "MLFLOW_S3_ENDPOINT_URL" not in env
+        sa = next(d for d in _of(rendered[case], "ServiceAccount")
+                  if d["metadata"]["name"] == deployment["spec"]["template"]["spec"]["serviceAccountName"])
+        assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    else:
+        assert secret_ref("AWS_ACCESS_KEY_ID") and secret_ref("AWS_SECRET_ACCESS_KEY")
+    if case == "gke":
+        assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "https://storage.googleapis.com"
+        for sa in _of(rendered[case], "ServiceAccount"):
+            assert "iam.gke.io/gcp-service-account" in sa["metadata"]["annotations"]
+
+    if case in ("scheduled", "gke"):  # basic auth: admin and Flask key from the Secret
+        assert args[args.index("--app-name") + 1] == "basic-auth"
+        for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                     "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+            secret_ref(name)
+    else:
+        assert "--app-name" not in args
+
+    # no secret-looking variable anywhere carries a literal value
+    for _, spec in _pod_specs(rendered[case]):
+        for c in spec["containers"] + spec.get("initContainers", []):
+            for e in c.get("env", []):
+                if SECRETISH.search(e["name"]) and not e["name"].endswith("_PATH"):
+                    assert "valueFrom" in e and "value" not in e, (c["name"], e)
+                assert not CREDENTIALS_IN_URL.search(e.get("value", "")), (c["name"], e)
+
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+    service = _one(rendered[case], "Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"][0]["port"] == 5000
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pod_security_everywhere(rendered, case):
+    specs = _pod_specs(rendered[case])
+    assert specs
+    for where, spec in specs:
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, where
+        assert (pod["runAsUser"], pod["runAsGroup"]) == (10001, 10001), where
+        assert pod["seccompProfile"]["type"] == "RuntimeDefault", where
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001, (where, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+            assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault", (where, c["name"])
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            home = next(e["value"] for e in c["env"] if e["name"] == "HOME")
+            for path in ("/tmp", home):  # writable scratch on a read-only root
+                assert "emptyDir" in volumes[mounts[path]], (where, c["name"], path)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_schedule_job(rendered, case):
+    jobs = _of(rendered[case], "Job")
+    values = CASES[case].get("schedule", {})
+    if not values.get("enabled"):
+        assert not jobs
+        assert all("schedule" not in sa["metadata"]["name"] for sa in _of(rendered[case], "ServiceAccount"))
+        return
+    job = _one(rendered[case], "Job")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert spec["serviceAccountName"] in {sa["metadata"]["name"] for sa in _of(rendered[case], "ServiceAccount")}
+    assert spec["serviceAccountName"] != _one(rendered[case], "RoleBinding")["subjects"][0]["name"]
+    (compile_step,) = spec["initContainers"]
+    assert compile_step["command"] + compile_step["args"] == ["rlhf", "compile", "--output", "/tmp/pipeline.yaml"]
+    (schedule,) = spec["containers"]
+    argv = schedule["command"] + schedule["args"]
+    assert argv[:2] == ["rlhf", "schedule"]
+
+    def flag(name):
+        return argv[argv.index(name) + 1]
+
+    assert flag("--cron") == values["cron"]
+    assert flag("--max-concurrency") == "1" and "--no-catchup" in argv
+    assert flag("--package") == "/tmp/pipeline.yaml"
+    assert flag("--host").startswith("http")
+    assert flag("--experiment") and flag("--pipeline-name")
+    params = [argv[i + 1] for i, a in enumerate(argv) if a == "--param"]
+    assert params == [f"{k}={v}" for k, v in sorted(values["parameters"].items())]
+
+    env = {e["name"]: e for e in schedule["env"]}
+    mode = CASES[case].get("kfp", {}).get("auth", {}).get("mode", "none")
+    if mode == "none":
+        assert "KF_PIPELINES_SA_TOKEN_PATH" not in env
+    else:  # the token is a mounted file, never a literal
+        token = next(v for v in spec["volumes"] if v["name"] == "kfp-token")
+        if mode == "secret":
+            assert token["secret"]["secretName"] == "kfp-token"
+        else:
+            assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
+        assert env["KF_PIPELINES_SA_TOKEN_PATH"]["value"].endswith("/token")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_network_policy(rendered, case):
+    policy = _one(rendered[case], "NetworkPolicy")["spec"]
+    deployment = _one(rendered[case], "Deployment")
+    assert policy["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"protocol": "TCP", "port": 5000}]
+    assert {"podSelector": {}} in ingress["from"]
+    namespaces = [p["namespaceSelector"]["matchLabels"] for p in ingress["from"] if "namespaceSelector" in p]
+    if case in ("gke", "eks"):
+        assert {"kubernetes.io/metadata.name": "kubeflow"} in namespaces
+    else:
+        assert not namespaces
+    egress_ports = {p["port"] for rule in policy["egress"] for p in rule.get("ports", [])}
+    assert {53, 443, 5432} <= egress_ports
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_role_is_least_privilege(rendered, case):
+    role = _one(rendered[case], "Role")
+    for rule in role["rules"]:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], (field, rule)
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+        assert set(rule["resources"]) <= {"pods", "pods/log", "secrets"}, rule
+        if "secrets" in rule["resources"]:
+            assert rule["verbs"] == ["get"] and rule["resourceNames"], rule
+    secret_rules = [r for r in role["rules"] if "secrets" in r["resources"]]
+    if case == "eks":  # no Secret to read: no secrets rule (empty resourceNames would mean all)
+        assert not secret_rules
+    else:
+        assert "mlflow-admin" not in secret_rules[0]["resourceNames"]
+    binding = _one(rendered[case], "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    runner = binding["subjects"][0]
+    assert runner["namespace"] == NAMESPACE
+    assert runner["name"] in {sa["metadata"]["name"] for sa in _of(rendered[case], "ServiceAccount")}
+    assert not _of(rendered[case], "ClusterRole") and not _of(rendered[case], "ClusterRoleBinding")
