@@ -4,6 +4,9 @@
     rlhf stage prep|sft|reward|ppo|eval|all [--preset P] [--config F] [--set k=v ...] [--output DIR] [--quiet]
     rlhf config show [--preset P] [--config F] [--set k=v ...]
     rlhf compile [--output pipeline.yaml]
+    rlhf submit --host URL [--experiment E] [--profile F] [--param k=v ...]
+    rlhf schedule --host URL --cron "0 3 * * *" [--experiment E] [--param k=v ...] [--no-catchup]
+    rlhf runs --host URL [--experiment E]
     rlhf models list | pull NAME@ALIAS --to DIR
     rlhf stack up|down|status
 
@@ -93,6 +96,57 @@ def _cmd_compile(args, settings: Settings) -> int:
     return 0
 
 
+def _cluster_args(p: argparse.ArgumentParser, *, pipeline: bool = True) -> None:
+    from rlhf.cluster import DEFAULT_EXPERIMENT, DEFAULT_PIPELINE
+
+    p.add_argument("--host", default=None, help="Kubeflow Pipelines URL, e.g. http://localhost:8080 through "
+                                                "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80` "
+                                                "(default: KF_PIPELINES_ENDPOINT).")
+    p.add_argument("--namespace", default=None, help="Kubernetes namespace (multi-user Kubeflow: your profile).")
+    p.add_argument("--token-file", default=None, help="File with the bearer token (default: KF_PIPELINES_TOKEN, "
+                                                      "else the pod's KF_PIPELINES_SA_TOKEN_PATH).")
+    if not pipeline:
+        p.add_argument("--experiment", default=None, help="Only the runs of this KFP experiment.")
+        return
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="KFP experiment (created when missing).")
+    p.add_argument("--pipeline-name", default=DEFAULT_PIPELINE, help="KFP pipeline that gets the new version.")
+    p.add_argument("--profile", default=None, help="Cluster profile YAML compiled in; its service_account runs the pods.")
+    p.add_argument("--package", default=None, help="Upload this compiled spec instead of compiling one.")
+    p.add_argument("--service-account", default=None, help="Service account of the run (overrides the profile's).")
+    p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                   help="Pipeline parameter, typed as the pipeline declares it, e.g. --param ppo_updates=100 (repeatable).")
+
+
+def _cmd_cluster(args, settings: Settings) -> int:
+    from rlhf import cluster
+
+    host = args.host or settings.kfp_host
+    token = cluster.read_token(args.token_file, settings)
+    if args.cmd == "runs":
+        rows = cluster.list_runs(host, experiment=args.experiment, namespace=args.namespace, token=token)
+        if not rows:
+            print("no runs" + (f" in experiment {args.experiment}" if args.experiment else ""))
+        if rows:
+            print(f"{'RUN ID':38s} {'STATE':10s} {'CREATED':27s} NAME")
+        for r in rows:
+            print(f"{r['id']:38s} {str(r['state'] or '-'):10s} {str(r['created_at'] or '-'):27s} {r['name']}")
+        return 0
+    common = dict(experiment=args.experiment, pipeline_name=args.pipeline_name,
+                  params=cluster.parse_param_pairs(args.params), profile_path=args.profile,
+                  namespace=args.namespace, token=token, package_path=args.package,
+                  service_account=args.service_account)
+    if args.cmd == "submit":
+        out = cluster.submit(host, run_name=args.run_name, **common)
+        print(f"submitted run {out['run_id']} (pipeline {args.pipeline_name} version {out['version_name']}, "
+              f"experiment {args.experiment})\n{out['url']}")
+        return 0
+    out = cluster.schedule(host, cron=args.cron, schedule_name=args.schedule_name,
+                           max_concurrency=args.max_concurrency, no_catchup=args.no_catchup, **common)
+    print(f"{'replaced' if out['replaced'] else 'created'} recurring run {out['recurring_run_id']} "
+          f"(cron {out['cron']!r}, version {out['version_name']})\n{out['url']}")
+    return 0
+
+
 def _cmd_models(args, settings: Settings) -> int:
     from rlhf.registry import Registry, pull
     from rlhf.tracking import embedded_tracking_uri
@@ -141,6 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     pk.add_argument("--profile", default=None,
                     help="Cluster profile YAML: node pools, GPUs, resources, /dev/shm, secrets (see profiles/).")
 
+    psu = sub.add_parser("submit", help="Upload the pipeline as a new version and start one run on Kubeflow Pipelines.")
+    _cluster_args(psu)
+    psu.add_argument("--run-name", default=None, help="Run name (default: pipeline name and UTC time).")
+
+    psc = sub.add_parser("schedule", help="Create or replace the recurring run of a new pipeline version.")
+    _cluster_args(psc)
+    psc.add_argument("--cron", required=True, help="Cron: 5 fields (minute hour dom month dow, e.g. '0 3 * * *'), "
+                                                   "or KFP's 6 with seconds first.")
+    psc.add_argument("--schedule-name", default=None, help="Recurring run name (default: <pipeline-name>-schedule).")
+    psc.add_argument("--max-concurrency", type=int, default=1, help="Most runs of the schedule at once.")
+    psc.add_argument("--no-catchup", action="store_true", help="Skip missed intervals instead of backfilling them.")
+
+    pru = sub.add_parser("runs", help="List the latest runs on Kubeflow Pipelines.")
+    _cluster_args(pru, pipeline=False)
+
     pm = sub.add_parser("models", help="Registered models: list them, or pull one as a Hugging Face folder.")
     pm.add_argument("action", choices=["list", "pull"])
     pm.add_argument("ref", nargs="?", help="For pull: NAME@ALIAS (e.g. rlhf-demo-policy@champion) or NAME/VERSION.")
@@ -154,18 +223,21 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     settings = Settings.from_env()
+    from rlhf.cluster import ClusterError
     from rlhf.data.readers import DataError
     from rlhf.models import ModelLoadError
     from rlhf.registry import RegistryError
     from rlhf.stages.common import CheckpointMismatch
     from rlhf.store import StoreError
 
-    known = (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError, RegistryError)
+    known = (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError, RegistryError, ClusterError)
     try:
         if args.cmd == "compile":
             return _cmd_compile(args, settings)
         if args.cmd == "models":
             return _cmd_models(args, settings)
+        if args.cmd in ("submit", "schedule", "runs"):
+            return _cmd_cluster(args, settings)
         if args.cmd == "stack":
             return stack_mod.handle_cli(args, settings)
         cfg = load_config(args.preset, args.config, args.overrides)

@@ -64,6 +64,15 @@ class Settings:
     aws_session_token: str | None = field(default=None, repr=False)
     """AWS_SESSION_TOKEN: temporary credentials (SSO, assumed roles) need it with the two
     keys above, so it travels with them. Never logged."""
+    kfp_host: str | None = None
+    """KF_PIPELINES_ENDPOINT (the kfp SDK's own variable): Kubeflow Pipelines API/UI URL,
+    the default of `rlhf submit|schedule|runs --host`."""
+    kfp_token: str | None = field(default=None, repr=False)
+    """KF_PIPELINES_TOKEN: bearer token for the Kubeflow Pipelines API (`--token-file`
+    wins over it). Never logged."""
+    kfp_token_path: str | None = None
+    """KF_PIPELINES_SA_TOKEN_PATH (the kfp SDK's own variable): file holding a projected
+    service-account token, read when no token is given otherwise (in-cluster Jobs)."""
 
     def __post_init__(self):
         if self.stack_dir is None:
@@ -94,6 +103,9 @@ class Settings:
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
             aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
             aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
+            kfp_host=env.get("KF_PIPELINES_ENDPOINT") or None,
+            kfp_token=env.get("KF_PIPELINES_TOKEN") or None,
+            kfp_token_path=env.get("KF_PIPELINES_SA_TOKEN_PATH") or None,
         )
 
 
