@@ -9,7 +9,7 @@ variables by name; a profile never holds a secret value.
 
     image: ghcr.io/acme/rlhf:0.1.0
     image_pull_secrets: [ghcr]
-    service_account: rlhf-pipeline           # used by `rlhf submit` for the run
+    service_account: rlhf-pipeline-runner    # used by `rlhf submit` for the run
     secrets:
       - name: rlhf-s3
         env: {AWS_ACCESS_KEY_ID: access-key, AWS_SECRET_ACCESS_KEY: secret-key}

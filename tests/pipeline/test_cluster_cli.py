@@ -217,7 +217,7 @@ def test_submit_uploads_pipeline_then_versions_and_runs_with_typed_params(kfp_se
     run = run_call["body"]
     assert run["display_name"] == "first"
     assert run["experiment_id"] == next(iter(kfp.experiments))
-    assert run["service_account"] == "rlhf-pipeline"
+    assert run["service_account"] == "rlhf-pipeline-runner"
     assert run["pipeline_version_reference"] == {"pipeline_id": pipeline_id,
                                                  "pipeline_version_id": list(kfp.versions)[-1]}
     params = run["runtime_config"]["parameters"]

@@ -44,8 +44,8 @@ def test_gke_training_steps_get_gpus_nodes_tolerations_shm_and_secrets(gke):
         shm = cfg["emptyDirMounts"][0]
         assert (shm["mountPath"], shm["medium"], shm["sizeLimit"]) == ("/dev/shm", "Memory", want.shm_size)
         secrets = {s["secretName"]: {e["envVar"]: e["secretKey"] for e in s["keyToEnv"]} for s in cfg["secretAsEnv"]}
-        assert secrets == {"rlhf-s3": {"AWS_ACCESS_KEY_ID": "access-key-id",
-                                       "AWS_SECRET_ACCESS_KEY": "secret-access-key"},
+        assert secrets == {"rlhf-s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                       "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
                            "rlhf-mlflow": {"MLFLOW_TRACKING_URI": "tracking-uri"}}
         assert cfg["securityContext"]["runAsNonRoot"] is True
     # PPO on the H100 pool, SFT on A100s
