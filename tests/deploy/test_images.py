@@ -187,11 +187,13 @@ def test_package_installed_with_the_right_extras(image):
     python, index, torch_version, *extras = calls[0]
     assert index == "${TORCH_INDEX_URL}" and torch_version == "${TORCH_VERSION}"
     optional = PYPROJECT["project"]["optional-dependencies"]
+    # every image serves MLflow for the helm chart, basic auth included (mlflow[auth])
+    assert any(Requirement(r).name == "mlflow" and "auth" in Requirement(r).extras for r in optional["server"])
     if name == "gpu":
-        assert extras == ["gpu"]
+        assert extras == ["gpu,server"]
         assert any(Requirement(r).name == "deepspeed" for r in optional["gpu"])
     else:
-        assert extras == [], f"cpu image must not install extras (deepspeed), got {extras}"
+        assert extras == ["server"], f"cpu image must not install deepspeed, got {extras}"
     # kfp is a core dependency: the components run with install_kfp_package=False
     assert any(Requirement(r).name == "kfp" for r in PYPROJECT["project"]["dependencies"])
 
