@@ -49,8 +49,8 @@ def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[st
 
     artifact_root, run_name = split_output(output)
     store = open_store(f"{artifact_root}/{run_name}", settings)
-    if store.exists("promote/result.json"):
-        raise PipelineFailed(f"{store.uri('')} already holds a finished run; choose a new --output")
+    if store.exists("pipeline.json"):
+        raise PipelineFailed(f"{store.uri('')} already holds a pipeline run; choose a new --output")
     child_env = dict(env or {})
     if not (cfg.tracking.tracking_uri or settings.mlflow_tracking_uri or child_env.get("MLFLOW_TRACKING_URI")):
         child_env["MLFLOW_TRACKING_URI"] = embedded_tracking_uri(settings.home)

@@ -8,11 +8,12 @@ validated before any work starts; errors name the field and the fix.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -193,6 +194,15 @@ class TrackingConfig(_Model):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; empty uses MLFLOW_TRACKING_URI, else the embedded sqlite database $RLHF_HOME/mlflow.db.")
     log_models: bool = Field(True, description="Log trained models with mlflow.transformers.")
     registered_model: str = Field("rlhf-demo", description="Base name for registered models (<name>-sft, -reward, -policy).")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v):
+        if v and re.search(r"//[^/@]+@", v):
+            raise ValueError("the URI carries credentials, which would be logged with the config: remove "
+                             "user:password@ and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                             "(or MLFLOW_TRACKING_TOKEN) in the environment instead")
+        return v
 
 
 class GateConfig(_Model):

@@ -90,7 +90,7 @@ class Profile(_Model):
     @field_validator("env")
     @classmethod
     def _no_secret_literals(cls, env):
-        bad = [k for k in env if _SECRETISH.search(k)]
+        bad = [k for k, v in env.items() if _SECRETISH.search(k) or re.search(r"//[^/@\s]+@", str(v))]
         if bad:
             raise ValueError(f"{bad} look like credentials: put them in a Kubernetes Secret and list it under "
                              "`secrets` (a profile is compiled into the pipeline YAML)")

@@ -11,8 +11,9 @@ outputs; the logic lives here so it is testable without KFP:
 - `stage`: sft / reward / ppo / eval / promote in the run's store, as a run nested under
   the parent. Retried tasks resume from the checkpoints in the store.
 - `finish`: the exit handler. Marks the parent run (and any stage run left RUNNING)
-  FINISHED or FAILED; after a failure it removes model versions this run registered
-  without making them champion, so a failed run leaves the registry as it found it.
+  FINISHED or FAILED; after a failure it puts `@champion` back where promote found it
+  and removes every model version this run registered, so a failed run leaves the
+  registry as it found it.
   After success it logs the curves (reward, KL, gold, win rates) as images.
 """
 
@@ -25,11 +26,12 @@ import json
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from rlhf import __version__
 from rlhf.config import ConfigError, PipelineConfig, load_config
 from rlhf.settings import Settings
-from rlhf.store import open_store
+from rlhf.store import StoreError, open_store
 
 STAGES = {"sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "evaluate", "promote": "promote"}
 PREP_SECTIONS = ("seed", "task", "data", "model")
@@ -50,14 +52,17 @@ def records_errors(step: str):
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
+            name = kwargs.get("name") or (args[0] if step == "stage" and args else step)
+            path = Settings.from_env().error_file
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
             except Exception as e:
-                path = Settings.from_env().error_file
                 if path and not Path(path).exists():  # the first failure is the cause
-                    name = kwargs.get("name") or (args[0] if step == "stage" and args else step)
                     Path(path).write_text(json.dumps({"step": name, "type": type(e).__name__, "message": str(e)}))
                 raise
+            if path and Path(path).exists() and json.loads(Path(path).read_text()).get("step") == name:
+                Path(path).unlink()  # a retry of this step succeeded: its earlier error is not the cause
+            return out
         return inner
     return wrap
 
@@ -105,10 +110,13 @@ def data_key(cfg: PipelineConfig, store) -> str:
     for src in (cfg.data.sft_path, cfg.data.preference_path, cfg.data.prompt_path):
         if not src:
             continue
+        local = Path(unquote(urlparse(src).path)) if src.startswith("file://") else Path(src).expanduser()
         if src.startswith("s3://"):
             h.update(hashlib.sha256(store.read_bytes(src)).digest())
-        elif Path(src).expanduser().is_file():
-            h.update(hashlib.sha256(Path(src).expanduser().read_bytes()).digest())
+        elif local.is_file():
+            h.update(hashlib.sha256(local.read_bytes()).digest())
+        elif "://" in src and not src.startswith("hf://"):
+            raise ConfigError(f"{src}: cannot read this data source (not a file, s3:// URI or hf:// dataset)")
         else:  # a hub dataset: its name and split (pin a revision in the name to make this exact)
             h.update(f"hf:{src}:{cfg.data.hf_split}".encode())
     return h.hexdigest()[:20]
@@ -123,6 +131,10 @@ def start(preset: str, config_json: str, overrides: dict[str, Any], artifact_roo
     settings = Settings.from_env()
     run_root = join(artifact_root, run_name or kfp_run_id)
     store = open_store(run_root)
+    owner = store.read_json("pipeline.json").get("kfp_run_id") if store.exists("pipeline.json") else None
+    if owner not in (None, kfp_run_id):  # a KFP retry of this step has the same id
+        raise ConfigError(f"{store.uri('')} already holds pipeline run {owner}; give this run its own folder "
+                          "(a new run_name / --output, or an empty run_name to use the KFP run id)")
     key = data_key(cfg, store)
     sha = git_sha()
     parent = start_pipeline_run(
@@ -161,6 +173,9 @@ def stage(name: str, config_json: str, run_root: str, parent_run_id: str, datase
     cfg = PipelineConfig.model_validate_json(config_json)
     settings = Settings.from_env()
     store, prep_store = open_store(run_root), open_store(dataset_root)
+    if not prep_store.is_committed("prep"):
+        raise StoreError(f"the dataset {prep_store.uri('prep')} is gone (deleted, or a cached prep step from "
+                         "another store): rerun with caching off for the data prep step")
     report = json.loads(prep_store.read_bytes("prep/report.json"))
     tags = {"rlhf.run": store.uri(""), "rlhf.data_hashes": json.dumps(report["hashes"], sort_keys=True)[:5000]}
     tracker = make_tracker(cfg, settings, parent_run_id=parent_run_id, tags=tags)
@@ -186,7 +201,7 @@ def stage(name: str, config_json: str, run_root: str, parent_run_id: str, datase
 def finish(preset: str, config_json: str, overrides: dict[str, Any], artifact_root: str, run_name: str,
            kfp_run_id: str, state: str, error: str = "") -> dict:
     from rlhf.registry import CHAMPION, KINDS, Registry, model_name
-    from rlhf.stages.promote import RUN_TAG
+    from rlhf.stages.promote import PREVIOUS_CHAMPION, RUN_TAG
     from rlhf.tracking import finish_pipeline_run, log_pipeline_plots, tracking_uri_for
 
     try:
@@ -197,15 +212,23 @@ def finish(preset: str, config_json: str, overrides: dict[str, Any], artifact_ro
     store = open_store(join(artifact_root, run_name or kfp_run_id))
     succeeded = state == "SUCCEEDED"
     removed = []
-    if not succeeded:  # leave the registry as this run found it
+    owner = store.read_json("pipeline.json").get("kfp_run_id") if store.exists("pipeline.json") else None
+    if not succeeded and owner == kfp_run_id:  # leave the registry as this run found it: alias back, versions gone
         reg = Registry(uri)
-        for kind in KINDS:
-            name = model_name(cfg.tracking.registered_model, kind)
-            champion = reg.by_alias(name, CHAMPION)
-            for v in reg.find(name, RUN_TAG, store.uri("")):
-                if champion is None or champion.version != v.version:
-                    reg.delete(v)
-                    removed.append(f"{name}/{v.version}")
+        mine = {kind: reg.find(model_name(cfg.tracking.registered_model, kind), RUN_TAG, store.uri(""))
+                for kind in KINDS}
+        policy_name = model_name(cfg.tracking.registered_model, "policy")
+        champion = reg.by_alias(policy_name, CHAMPION)
+        if champion is not None and champion.version in {v.version for v in mine["policy"]}:
+            previous = store.read_json(PREVIOUS_CHAMPION).get("version") if store.exists(PREVIOUS_CHAMPION) else None
+            if previous:
+                reg.client.set_registered_model_alias(policy_name, CHAMPION, previous)
+            else:
+                reg.client.delete_registered_model_alias(policy_name, CHAMPION)
+        for versions in mine.values():
+            for v in versions:
+                reg.delete(v)
+                removed.append(f"{v.name}/{v.version}")
     parent = finish_pipeline_run(uri, cfg.tracking.experiment, kfp_run_id, succeeded, error)
     if succeeded and parent and store.exists("summary.json"):
         log_pipeline_plots(uri, parent, store.read_json("summary.json"))

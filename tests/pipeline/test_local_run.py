@@ -6,8 +6,8 @@ One RLHF_HOME (one registry) for the module; the runs build on each other:
      from its checkpoint; the run registers three models and becomes @champion
   2. the same config again: an identical policy does not beat the champion, so its
      version is registered with the reasons and the alias stays
-  3. a run killed between registering and moving the alias: the exit handler removes
-     its versions, the alias stays
+  3. a run killed right after moving the alias: the exit handler puts the alias back
+     and removes the run's versions
   4. bad data: prep fails with file:line; nothing registered
 """
 
@@ -150,17 +150,25 @@ def test_second_run_not_better_keeps_champion(home, first):
     assert v2.tags["rlhf.gate"] == "failed" and "champion" in v2.tags["rlhf.gate_reasons"]
 
 
-def test_killed_promote_leaves_registry_untouched(home, first):
+def test_killed_after_moving_the_alias_leaves_registry_untouched(home, first):
+    """A fresh model name: no champion, so the gate passes and promote moves the alias;
+    killed right after, the exit handler must take the alias back and the versions away."""
     before = {k: versions(home, k) for k in ("sft", "reward", "policy")}
-    r = rlhf(home, "run", *TINY, "--output", str(home / "run3"), env={"RLHF_FAULT_KILL_AT_STEP": "promote:1"})
+    other = [*TINY, "--set", "tracking.registered_model=pipe-other"]
+    r = rlhf(home, "run", *other, "--output", str(home / "run3"), env={"RLHF_FAULT_KILL_AT_STEP": "promote:2"})
     assert r.returncode == 1
-    assert "step 'promote' failed" in r.stderr or "did not finish" in r.stderr
-    assert {k: versions(home, k) for k in ("sft", "reward", "policy")} == before
-    assert champion(home) == "1"
+    assert "did not finish" in r.stderr
     c = client(home)
+    assert c.search_model_versions("name = 'pipe-other-policy'") == []
+    assert c.search_model_versions("name = 'pipe-other-sft'") == []
+    assert c.get_registered_model("pipe-other-policy").aliases == {}
+    assert {k: versions(home, k) for k in ("sft", "reward", "policy")} == before and champion(home) == "1"
     parent = c.search_runs([c.get_experiment_by_name("pipeline-test").experiment_id],
                            "attributes.run_name = 'run3'")[0]
     assert parent.info.status == "FAILED"
+    # the folder belongs to that run now: a new run must not reuse it
+    r = rlhf(home, "run", *TINY, "--output", str(home / "run3"))
+    assert r.returncode == 1 and "already holds a pipeline run" in r.stderr
 
 
 def test_bad_data_fails_in_prep_with_file_and_line(home, first, tmp_path):

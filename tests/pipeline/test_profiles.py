@@ -89,6 +89,7 @@ def test_other_example_profiles_compile(name, tmp_path):
     ("stages: {ppo: {memory_request: lots}}", "is not a Kubernetes quantity"),
     ("stages: {trainer: {}}", "stages.trainer"),
     ("env: {AWS_SECRET_ACCESS_KEY: abc}", "put them in a Kubernetes Secret"),
+    ("env: {MLFLOW_TRACKING_URI: 'http://u:p@mlflow:5000'}", "put them in a Kubernetes Secret"),
 ])
 def test_bad_profiles_fail_with_the_field(body, words, tmp_path):
     f = tmp_path / "p.yaml"

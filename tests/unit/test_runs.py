@@ -72,3 +72,59 @@ def test_summary_lines_never_print_uri_credentials():
     text = "\n".join(lines)
     assert "t0ken" not in text and "bob" not in text and "https://mlflow.example" in text
     assert "promoted: true" in text and "summary: s3://b/r/x/summary.json" in text
+
+
+def test_file_uri_sources_are_hashed_by_content(tmp_path):
+    from rlhf.config import load_config
+
+    sft, prefs = tmp_path / "sft.jsonl", tmp_path / "p.jsonl"
+    sft.write_text('{"prompt": "a", "completion": "b"}\n')
+    prefs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    store = LocalStore(tmp_path / "store")
+    cfg = lambda: load_config("tiny", overrides=[f"data.sft_path={sft.as_uri()}",  # noqa: E731
+                                                  f"data.preference_path={prefs.as_uri()}"])
+    k1 = data_key(cfg(), store)
+    sft.write_text('{"prompt": "a", "completion": "changed"}\n')
+    assert data_key(cfg(), store) != k1
+
+
+def test_tracking_uri_with_credentials_is_refused():
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_PASSWORD"):
+        resolve_config("tiny", json.dumps({"tracking": {"tracking_uri": "https://bob:pw@mlflow.example"}}), {})
+
+
+def test_a_run_folder_belongs_to_one_pipeline_run(tmp_path, monkeypatch):
+    from rlhf import runs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = runs.start("tiny", "", {}, str(tmp_path / "runs"), "r1", "kfp-1")
+    assert runs.start("tiny", "", {}, str(tmp_path / "runs"), "r1", "kfp-1")["parent_run_id"] == out["parent_run_id"]
+    with pytest.raises(ConfigError, match="already holds pipeline run kfp-1"):
+        runs.start("tiny", "", {}, str(tmp_path / "runs"), "r1", "kfp-2")
+
+
+def test_failed_run_puts_the_previous_champion_back(tmp_path, monkeypatch):
+    from rlhf import runs
+    from rlhf.registry import Registry
+    from rlhf.stages.promote import PREVIOUS_CHAMPION, RUN_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    reg = Registry(uri)
+    old = reg.register("m-policy", "file:///old", None, {RUN_TAG: "file:///elsewhere"})
+    reg.set_alias(old)
+    store = LocalStore(tmp_path / "runs" / "r2")
+    store.write_json("pipeline.json", {"kfp_run_id": "k2"})
+    mine = {k: reg.register(f"m-{k}", f"file:///{k}", None, {RUN_TAG: store.uri("")}) for k in ("sft", "reward", "policy")}
+    store.write_json(PREVIOUS_CHAMPION, {"name": "m-policy", "version": old.version})
+    reg.set_alias(mine["policy"])  # promote moved it, then the run failed
+    cfg = json.dumps({"tracking": {"registered_model": "m"}})
+    out = runs.finish("tiny", cfg, {}, str(tmp_path / "runs"), "r2", "k2", "FAILED", "boom")
+    assert sorted(out["removed_versions"]) == ["m-policy/2", "m-reward/1", "m-sft/1"]
+    assert reg.aliases("m-policy") == {"champion": old.version}
+    assert [v.version for v in reg.find("m-policy", RUN_TAG, "file:///elsewhere")] == [old.version]
+    # another run's folder: the exit handler of a run that does not own it touches nothing
+    reg.set_alias(old)
+    theirs = reg.register("m-policy", "file:///x", None, {RUN_TAG: store.uri("")})
+    assert runs.finish("tiny", cfg, {}, str(tmp_path / "runs"), "r2", "k3", "FAILED")["removed_versions"] == []
+    assert reg.find("m-policy", RUN_TAG, store.uri(""))[0].version == theirs.version

@@ -7,8 +7,9 @@ gate passed, with `promote=False` otherwise, so a rejected version is still
 registered, tagged with the reasons, and the alias stays where it was.
 
 All or nothing: a failure while registering deletes the versions this call created;
-the alias moves last. Idempotent: versions are found again by the run's tag, and an
-alias already on this version is left alone, so re-running changes nothing.
+the alias moves last, after the previous champion is recorded in the store, so the
+exit handler can put it back if anything later fails. Idempotent: a completed promote
+returns its recorded result; a partial one finds its versions again by the run's tag.
 
 Steps: 1. inputs  2. register (or find) sft/reward/policy  3. gate, alias  4. results
 """
@@ -21,6 +22,7 @@ from rlhf.registry import CHAMPION, KINDS, Registry, RegistryError, Version, mod
 from rlhf.stages.common import Timer, write_result
 
 RUN_TAG = "rlhf.run"
+PREVIOUS_CHAMPION = "promote/previous_champion.json"
 STAGE_OF = {"sft": "sft", "reward": "reward", "policy": "ppo"}
 
 
@@ -89,6 +91,8 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, promote: bool 
     if not getattr(tracker, "tracking_uri", None):
         raise RegistryError("promotion needs an MLflow tracking store (the registry); it is off in this run")
     base = cfg.tracking.registered_model
+    if store.exists("promote/result.json"):  # done before: re-running changes nothing
+        return store.read_json("promote/result.json")
     with tracker.stage_run("promote", {"promote": promote, "registered_model": base}, store=store):
         # 1. inputs: eval's summary (with its gate) and each stage's logged model
         summary = store.read_json("summary.json")
@@ -110,7 +114,11 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, promote: bool 
                            f"{compared or 'none'}; rerun the pipeline to compare against the new champion")
         if promote and passed:
             if current is None or current.version != policy.version:
+                # what to restore if anything after this fails (the exit handler reads it)
+                store.write_json(PREVIOUS_CHAMPION, {"name": policy.name,
+                                                     "version": current.version if current else None})
                 reg.set_alias(policy, CHAMPION)
+                maybe_inject_fault(2, "promote")  # crash tests: killed right after moving the alias
             reg.set_tags(policy, {"rlhf.gate": "passed"})
         else:
             reasons = reasons or ["the pipeline's gate did not pass"]
