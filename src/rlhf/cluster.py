@@ -191,14 +191,9 @@ def submit(host: str, *, experiment: str = DEFAULT_EXPERIMENT, pipeline_name: st
            service_account: str | None = None) -> dict:
     """One run of a freshly uploaded pipeline version. Returns {run_id, url, pipeline_id,
     version_id, version_name}; url is the run's page in the KFP UI."""
-    # 1. compile (or take --package) and type the parameters: nothing is sent before this
-    with _spec(profile_path, package_path) as (spec_path, declared, profile):
-        typed = typed_params(declared, params or {})
-        sa = service_account or (profile.service_account if profile else None)
-        client, host = _connect(host, token, namespace)
-        # 2. upload a new version, 3. the experiment, 4. the run
-        pipeline_id, version_id, version_name = _upload_version(client, host, spec_path, pipeline_name, namespace)
-        experiment_id = _experiment_id(client, host, experiment, namespace, create=True)
+    with _new_version(host, token, namespace, profile_path, package_path, params, pipeline_name, experiment,
+                      service_account) as (client, host, typed, sa, pipeline_id, version_id, version_name,
+                                           experiment_id):
         name = run_name or f"{pipeline_name} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}"
         with _api_errors(host, "creating the run", namespace):
             run = client.run_pipeline(experiment_id=experiment_id, job_name=name, params=typed,
@@ -219,12 +214,9 @@ def schedule(host: str, *, cron: str, experiment: str = DEFAULT_EXPERIMENT, pipe
     if max_concurrency < 1:
         raise ClusterError(f"--max-concurrency {max_concurrency}: expected 1 or more")
     name = schedule_name or f"{pipeline_name}-schedule"
-    with _spec(profile_path, package_path) as (spec_path, declared, profile):
-        typed = typed_params(declared, params or {})
-        sa = service_account or (profile.service_account if profile else None)
-        client, host = _connect(host, token, namespace)
-        pipeline_id, version_id, version_name = _upload_version(client, host, spec_path, pipeline_name, namespace)
-        experiment_id = _experiment_id(client, host, experiment, namespace, create=True)
+    with _new_version(host, token, namespace, profile_path, package_path, params, pipeline_name, experiment,
+                      service_account) as (client, host, typed, sa, pipeline_id, version_id, version_name,
+                                           experiment_id):
         # KFP cannot update a recurring run: delete the old one(s) of this name, then create
         with _api_errors(host, f"looking up the recurring run {name!r}", namespace):
             found = _filtered(client.list_recurring_runs, "recurring_runs", name, experiment_id=experiment_id)
@@ -258,6 +250,21 @@ def list_runs(host: str, *, experiment: str | None = None, page_size: int = 20, 
 
 
 # --- helpers --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _new_version(host, token, namespace, profile_path, package_path, params, pipeline_name, experiment,
+                 service_account):
+    """What submit and schedule share: 1. compile (or take --package) and type the
+    parameters, before anything is sent; 2. connect; 3. upload a new pipeline version;
+    4. get or create the experiment."""
+    with _spec(profile_path, package_path) as (spec_path, declared, profile):
+        typed = typed_params(declared, params or {})
+        sa = service_account or (profile.service_account if profile else None)
+        client, host = _connect(host, token, namespace)
+        pipeline_id, version_id, version_name = _upload_version(client, host, spec_path, pipeline_name, namespace)
+        experiment_id = _experiment_id(client, host, experiment, namespace, create=True)
+        yield client, host, typed, sa, pipeline_id, version_id, version_name, experiment_id
+
 
 @contextlib.contextmanager
 def _spec(profile_path: str | None, package_path: str | None):

@@ -318,6 +318,19 @@ def _format_validation_error(e: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: Path, what: str, of: str) -> dict:
+    """A YAML file whose top level is a mapping, with errors that name the file."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of {of}")
+    return loaded
+
+
 def load_config(preset: str | None = "demo", config_file: str | Path | None = None,
                 overrides: list[str] | None = None, config_dict: dict | None = None) -> PipelineConfig:
     """preset -> YAML file -> config dict (deep-merged) -> --set overrides, validated once at the end."""
@@ -330,14 +343,7 @@ def load_config(preset: str | None = "demo", config_file: str | Path | None = No
         origin.append(f"preset {preset}")
     if config_file:
         path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (task, data, model, sft, ...)")
+        loaded = read_yaml_mapping(path, "config file", "sections (task, data, model, sft, ...)")
         data = _deep_merge(data, loaded)
         origin.append(str(path))
     if config_dict:

@@ -27,10 +27,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, read_yaml_mapping
 
 STAGES = ("start", "prep", "sft", "reward", "ppo", "eval", "promote", "finish")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|[KMGTPE]i?|[kMGTPE])?$")
@@ -106,12 +105,7 @@ class Profile(_Model):
 
 def load_profile(path: str | Path) -> Profile:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"profile not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml_mapping(path, "profile", "fields (image, secrets, defaults, stages, ...)")
     try:
         return Profile.model_validate(data)
     except ValidationError as e:
