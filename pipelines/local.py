@@ -66,6 +66,13 @@ def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[st
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_dir / "outputs"),
                    enable_caching=True, cache_root=str(kfp_dir / "cache"), raise_on_error=False)
         rlhf_pipeline(preset="", config_json=cfg.model_dump_json(), artifact_root=artifact_root, run_name=run_name)
+    except KeyboardInterrupt:  # the exit handler never runs: do its work, then stop
+        if store.exists("pipeline.json"):
+            from rlhf import runs
+
+            runs.finish("", cfg.model_dump_json(), {}, artifact_root, run_name,
+                        store.read_json("pipeline.json")["kfp_run_id"], "CANCELLED", "interrupted (Ctrl-C)")
+        raise
     finally:
         for k, v in saved.items():
             if v is None:

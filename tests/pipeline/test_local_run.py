@@ -183,3 +183,25 @@ def test_bad_data_fails_in_prep_with_file_and_line(home, first, tmp_path):
     assert "step 'prep' failed" in r.stderr and f"{bad}:2" in r.stderr, r.stderr[-2000:]
     assert versions(home, "policy") == before
     assert not (home / "run4" / "sft").exists()
+
+
+def test_ctrl_c_closes_the_parent_run(home, first):
+    import signal
+    import time
+
+    full = {**os.environ, "RLHF_HOME": str(home)}
+    full.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "run", *TINY, "--output", str(home / "run5")],
+                            env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (home / "run5" / "pipeline.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert (home / "run5" / "pipeline.json").exists()
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    c = client(home)
+    parent = c.search_runs([c.get_experiment_by_name("pipeline-test").experiment_id],
+                           "attributes.run_name = 'run5'")[0]
+    assert parent.info.status == "FAILED" and "interrupted" in parent.data.tags["rlhf.error"]
