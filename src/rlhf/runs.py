@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import yaml
+
 from rlhf import __version__
 from rlhf.config import ConfigError, PipelineConfig, load_config
 from rlhf.settings import Settings
@@ -179,7 +181,7 @@ def stage(name: str, config_json: str, run_root: str, parent_run_id: str, datase
     report = json.loads(prep_store.read_bytes("prep/report.json"))
     tags = {"rlhf.run": store.uri(""), "rlhf.data_hashes": json.dumps(report["hashes"], sort_keys=True)[:5000]}
     tracker = make_tracker(cfg, settings, parent_run_id=parent_run_id, tags=tags)
-    store.write_bytes(f"{name}/config.yaml", json.dumps(cfg.model_dump(), indent=2).encode())
+    store.write_bytes(f"{name}/config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode())
     module = importlib.import_module(f"rlhf.stages.{STAGES[name]}")
     if name == "promote":
         pipeline = store.read_json("pipeline.json")
