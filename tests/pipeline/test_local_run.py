@@ -191,8 +191,11 @@ def test_ctrl_c_closes_the_parent_run(home, first):
 
     full = {**os.environ, "RLHF_HOME": str(home)}
     full.pop("MLFLOW_TRACKING_URI", None)
+    # a shell that starts jobs in the background ignores SIGINT, and children inherit that: restore the
+    # default so the command gets its KeyboardInterrupt as in a terminal
     proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "run", *TINY, "--output", str(home / "run5")],
-                            env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (home / "run5" / "pipeline.json").exists() and time.monotonic() < deadline:
         time.sleep(0.5)
