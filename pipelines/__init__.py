@@ -14,10 +14,13 @@ Installed as the `rlhf.pipelines` package (see pyproject.toml).
 from kfp import dsl
 
 from rlhf import components as c
-from rlhf.profiles import Profile
+from rlhf.profiles import Profile, StageSpec
 from rlhf.settings import Settings
 
 TRAINING_RETRIES = 2
+# the step of a multi-node stage only submits and watches its Trainer job: (request, limit)
+LAUNCHER_CPU, LAUNCHER_MEMORY = ("1", "2"), ("2Gi", "4Gi")
+LAUNCHER_MARGIN_S = 900  # it outlives its Trainer job's deadline, to report how the job ended
 RETRY_BACKOFF = Settings.from_env().retry_backoff
 
 
@@ -38,8 +41,7 @@ def _place(task: dsl.PipelineTask, stage: str, profile: Profile | None) -> dsl.P
 
     spec = profile.for_stage(stage)
     if spec.nodes > 1:
-        raise NotImplementedError(f"profile {profile.name!r}: stages.{stage}.nodes={spec.nodes}: multi-node "
-                                  "steps (Kubeflow Trainer jobs) are not built yet; use one node")
+        spec = _launch_trainjob(task, stage, profile)
     for key, value in spec.node_selector.items():
         k8s.add_node_selector(task, key, value)
     for t in spec.tolerations:
@@ -66,6 +68,23 @@ def _place(task: dsl.PipelineTask, stage: str, profile: Profile | None) -> dsl.P
     k8s.set_security_context(task, run_as_user=profile.run_as_user, run_as_group=profile.run_as_user,
                              run_as_non_root=True)
     return task
+
+
+def _launch_trainjob(task: dsl.PipelineTask, stage: str, profile: Profile) -> StageSpec:
+    """A multi-node step: the task submits a Kubeflow Trainer job and watches it
+    (rlhf.trainjob). The job's spec travels as RLHF_TRAINJOB (Secret names, no values).
+    The GPUs belong to the job's pods, so the task itself is placed like a light step
+    (the profile's `defaults` pool) with a modest CPU and memory and no GPU; it keeps
+    the Secrets and env (it reads the store). Returns that placement."""
+    from rlhf.trainjob import trainjob_spec
+
+    job = trainjob_spec(profile, stage)
+    task.set_env_variable("RLHF_TRAINJOB", job.model_dump_json())
+    task.set_env_variable("RLHF_IMAGE", job.image)
+    return StageSpec(node_selector=profile.defaults.node_selector, tolerations=profile.defaults.tolerations,
+                     cpu_request=LAUNCHER_CPU[0], cpu_limit=LAUNCHER_CPU[1],
+                     memory_request=LAUNCHER_MEMORY[0], memory_limit=LAUNCHER_MEMORY[1],
+                     timeout_s=job.timeout_s and job.timeout_s + LAUNCHER_MARGIN_S)
 
 
 def build_pipeline(profile: Profile | None = None):

@@ -41,12 +41,18 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_stage(name: str, cfg: PipelineConfig, output: str, quiet: bool, settings: Settings) -> dict:
+    from rlhf import distributed
     from rlhf.store import open_store
     from rlhf.tracking import make_tracker
 
     store = open_store(output)
+    if distributed.launcher_for(name, cfg, settings) == "torchrun":  # one process per GPU, rank 0 writes the result
+        request = {"kind": "cli", "name": name, "config_json": cfg.model_dump_json(), "output": str(output), "quiet": quiet}
+        distributed.launch(request, distributed.world_size(cfg), settings)
+        return store.read_json(f"{name}/result.json")
     # the exact config every stage ran with, next to its outputs
-    store.write_bytes(f"{name}/config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode())
+    if settings.rank == 0:
+        store.write_bytes(f"{name}/config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode())
     tracker = make_tracker(cfg, settings)
     module = importlib.import_module(f"rlhf.stages.{STAGE_MODULES[name]}")
     return module.run(cfg, store, tracker, quiet=quiet)
@@ -230,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.stages.common import CheckpointMismatch
     from rlhf.store import StoreError
 
-    known = (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError, RegistryError, ClusterError)
+    from rlhf.distributed import DistributedError
+    from rlhf.trainjob import TrainJobError
+
+    known = (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError, RegistryError, ClusterError,
+             DistributedError, TrainJobError)
     try:
         if args.cmd == "compile":
             return _cmd_compile(args, settings)

@@ -218,6 +218,31 @@ class GateConfig(_Model):
     champion_prompts: int = Field(200, gt=0, description="Held-out prompts for the champion/challenger comparison.")
 
 
+class DistributedConfig(_Model):
+    """How sft, reward and ppo spread over the GPUs of a node (one process per GPU).
+
+    With more than one process (or `engine: deepspeed`) a stage trains with DeepSpeed:
+    data-parallel ZeRO, optional CPU offload, bf16; its DeepSpeed config is generated
+    from the stage's own batch size, learning rate, weight decay and gradient clip."""
+
+    num_processes: int = Field(0, ge=0, description="Processes per node for sft, reward and ppo: 0 = one per visible GPU (1 without GPUs). Each stage's batch sizes must divide by the total process count.")
+    engine: Literal["auto", "torch", "deepspeed"] = Field("auto", description="auto: DeepSpeed when a stage runs in more than one process, plain torch otherwise; deepspeed: DeepSpeed even in one process.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 partitions optimizer states and gradients, 3 also the parameters.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states and step on the CPU (DeepSpeed's CPU Adam).")
+    offload_params: bool = Field(False, description="ZeRO-3 only: parameters live on the CPU between uses.")
+    bf16: bool | None = Field(None, description="DeepSpeed bf16 mixed precision; empty = on when the GPU supports it.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass of trained models (less memory, ~30% more compute).")
+    zero3_generation: Literal["gather", "synced"] = Field("gather", description="PPO rollouts under ZeRO-3: gather the whole policy on every GPU while generating (fast; the policy must fit one GPU), or generate with layer-by-layer gathering in lockstep (synced_gpus).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("distributed.offload_params needs distributed.zero_stage: 3 (only ZeRO-3 partitions parameters)")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("distributed.offload_optimizer needs distributed.zero_stage 1, 2 or 3")
+        return self
+
+
 class PipelineConfig(_Model):
     """The whole pipeline: every stage's config, plus run-wide settings."""
 
@@ -233,6 +258,7 @@ class PipelineConfig(_Model):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation stage.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-GPU training (DeepSpeed).")
 
     @model_validator(mode="after")
     def _check_data_paths(self):

@@ -19,6 +19,9 @@ variables by name; a profile never holds a secret value.
       ppo: {accelerator_type: nvidia.com/gpu, accelerator_count: 8, shm_size: 64Gi,
             node_selector: {cloud.google.com/gke-accelerator: nvidia-h100-80gb},
             tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]}
+
+`nodes: N` (sft, reward, ppo) runs that stage on N such nodes as a Kubeflow Trainer job
+that the step submits and watches (trainjob.py); the step itself then needs no GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rlhf.config import ConfigError, read_yaml_mapping
 
 STAGES = ("start", "prep", "sft", "reward", "ppo", "eval", "promote", "finish")
+MULTI_NODE_STAGES = ("sft", "reward", "ppo")
+"""The stages that can run on several nodes (a Kubeflow Trainer job, see trainjob.py)."""
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|[KMGTPE]i?|[kMGTPE])?$")
 _SECRETISH = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE)", re.I)
 
@@ -62,7 +67,14 @@ class StageSpec(_Model):
     memory_request: str | None = Field(None, description="Memory request, e.g. 64Gi.")
     memory_limit: str | None = Field(None, description="Memory limit.")
     shm_size: str | None = Field(None, description="Size of a memory-backed /dev/shm (NCCL, dataloaders), e.g. 16Gi.")
-    nodes: int = Field(1, ge=1, description="Nodes for the step; more than one is a multi-node job (not built yet).")
+    nodes: int = Field(1, ge=1, description="Nodes for the step. More than one (sft, reward, ppo only) runs the "
+                                            "stage as a Kubeflow Trainer job of that many pods, each with the "
+                                            "accelerators and resources above; the step itself then only launches "
+                                            "and watches it (one CPU, no GPU).")
+    trainer_runtime: Literal["torch-distributed", "deepspeed-distributed"] = Field(
+        "torch-distributed", description="Kubeflow Trainer runtime of a multi-node step: torch-distributed (torchrun, "
+                                         "the project's image) or deepspeed-distributed (MPI; needs OpenMPI and sshd "
+                                         "in the image).")
     timeout_s: int | None = Field(None, gt=0, description="Kill the step after this many seconds.")
 
     @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit", "shm_size")
@@ -94,6 +106,24 @@ class Profile(_Model):
             raise ValueError(f"{bad} look like credentials: put them in a Kubernetes Secret and list it under "
                              "`secrets` (a profile is compiled into the pipeline YAML)")
         return env
+
+    @field_validator("defaults")
+    @classmethod
+    def _one_node_by_default(cls, defaults):
+        if defaults.nodes > 1:
+            raise ValueError(f"nodes: {defaults.nodes} would apply to every step; set it per stage under "
+                             f"stages.{{{','.join(MULTI_NODE_STAGES)}}}.nodes instead")
+        return defaults
+
+    @field_validator("stages")
+    @classmethod
+    def _several_nodes_for_training_only(cls, stages):
+        bad = [f"stages.{name}.nodes: {spec.nodes}" for name, spec in stages.items()
+               if spec.nodes > 1 and name not in MULTI_NODE_STAGES]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: only {', '.join(MULTI_NODE_STAGES)} can run on several nodes "
+                             "(as Kubeflow Trainer jobs); remove nodes or set it to 1")
+        return stages
 
     def for_stage(self, stage: str) -> StageSpec:
         """`defaults` with the stage's own fields (those it sets) on top."""

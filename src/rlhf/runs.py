@@ -172,16 +172,30 @@ def stage(name: str, config_json: str, run_root: str, parent_run_id: str, datase
     """Run one stage of a pipeline run; returns its result plus where its model lives."""
     from rlhf.tracking import make_tracker
 
+    from rlhf import distributed
+
     cfg = PipelineConfig.model_validate_json(config_json)
     settings = Settings.from_env()
     store, prep_store = open_store(run_root), open_store(dataset_root)
+    launcher = distributed.launcher_for(name, cfg, settings)
+    if launcher:  # this step only starts the stage's processes; rank 0 leaves the result in the store
+        request = {"kind": "pipeline", "args": {"name": name, "config_json": config_json, "run_root": run_root,
+                                                "parent_run_id": parent_run_id, "dataset_root": dataset_root}}
+        if launcher == "trainjob":
+            from rlhf.trainjob import run_trainjob
+
+            run_trainjob(request, json.loads(settings.trainjob), settings)
+        else:
+            distributed.launch(request, distributed.world_size(cfg), settings)
+        return _with_artifact(name, store, store.read_json(f"{name}/result.json"))
     if not prep_store.is_committed("prep"):
         raise StoreError(f"the dataset {prep_store.uri('prep')} is gone (deleted, or a cached prep step from "
                          "another store): rerun with caching off for the data prep step")
     report = json.loads(prep_store.read_bytes("prep/report.json"))
     tags = {"rlhf.run": store.uri(""), "rlhf.data_hashes": json.dumps(report["hashes"], sort_keys=True)[:5000]}
     tracker = make_tracker(cfg, settings, parent_run_id=parent_run_id, tags=tags)
-    store.write_bytes(f"{name}/config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode())
+    if settings.rank == 0:
+        store.write_bytes(f"{name}/config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode())
     module = importlib.import_module(f"rlhf.stages.{STAGES[name]}")
     if name == "promote":
         pipeline = store.read_json("pipeline.json")
@@ -189,9 +203,16 @@ def stage(name: str, config_json: str, run_root: str, parent_run_id: str, datase
                    "rlhf.data_key": pipeline["data_key"], "rlhf.git_sha": pipeline["git_sha"]}
         result = module.run(cfg, store, tracker, quiet=True, promote=promote, lineage=lineage)
     else:
-        if name == "sft":
+        if name == "sft" and settings.rank == 0:
             tracker.log_parent_dict(parent_run_id, report, "prep_report.json")
         result = module.run(cfg, store, tracker, quiet=True, prep_store=prep_store)
+    if settings.rank != 0:
+        return result
+    return _with_artifact(name, store, result)
+
+
+def _with_artifact(name: str, store, result: dict) -> dict:
+    """The stage's result plus where its model lives (URI and manifest hash)."""
     model_key = {"sft": "sft/model", "reward": "reward/model", "ppo": "ppo/model"}.get(name)
     if model_key:
         result["artifact_uri"] = store.uri(model_key)

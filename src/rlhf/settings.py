@@ -73,6 +73,23 @@ class Settings:
     kfp_token_path: str | None = None
     """KF_PIPELINES_SA_TOKEN_PATH (the kfp SDK's own variable): file holding a projected
     service-account token, read when no token is given otherwise (in-cluster Jobs)."""
+    rank: int = 0
+    """RANK (set by torchrun / the Kubeflow Trainer): this process's rank in a distributed stage."""
+    world_size: int = 1
+    """WORLD_SIZE: processes in a distributed stage (1 = not distributed)."""
+    local_rank: int = 0
+    """LOCAL_RANK: rank on this node; picks the GPU."""
+    node_rank: int = 0
+    """GROUP_RANK (torchrun) or NODE_RANK: which node this process runs on."""
+    stage_request: str | None = None
+    """RLHF_STAGE_REQUEST: JSON arguments of `runs.stage` for `python -m rlhf.worker`, the
+    entry point of each process of a distributed stage (set by the launcher)."""
+    worker_error_dir: str | None = None
+    """RLHF_WORKER_ERROR_DIR: where each process of a local multi-process stage leaves its
+    error message for the launcher (set by `distributed.launch`)."""
+    trainjob: str | None = None
+    """RLHF_TRAINJOB: JSON spec of the Kubeflow Trainer job that runs this stage on several
+    nodes; compiled onto the step by a profile with `nodes > 1` (no secret values)."""
 
     def __post_init__(self):
         if self.stack_dir is None:
@@ -106,6 +123,13 @@ class Settings:
             kfp_host=env.get("KF_PIPELINES_ENDPOINT") or None,
             kfp_token=env.get("KF_PIPELINES_TOKEN") or None,
             kfp_token_path=env.get("KF_PIPELINES_SA_TOKEN_PATH") or None,
+            rank=int(env.get("RANK") or 0),
+            world_size=int(env.get("WORLD_SIZE") or 1),
+            local_rank=int(env.get("LOCAL_RANK") or 0),
+            node_rank=int(env.get("GROUP_RANK") or env.get("NODE_RANK") or 0),
+            stage_request=env.get("RLHF_STAGE_REQUEST") or None,
+            worker_error_dir=env.get("RLHF_WORKER_ERROR_DIR") or None,
+            trainjob=env.get("RLHF_TRAINJOB") or None,
         )
 
 

@@ -212,7 +212,9 @@ def tracking_uri_for(cfg, settings) -> str:
     return cfg.tracking.tracking_uri or settings.mlflow_tracking_uri or embedded_tracking_uri(settings.home)
 
 
-def make_tracker(cfg, settings, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> MLflowTracker:
+def make_tracker(cfg, settings, parent_run_id: str | None = None, tags: dict[str, str] | None = None):
+    if settings.rank != 0:  # one process of a distributed stage logs: rank 0
+        return NullTracker()
     return MLflowTracker(cfg.tracking.experiment, tracking_uri_for(cfg, settings), cfg.tracking.log_models,
                          parent_run_id=parent_run_id, tags=tags)
 

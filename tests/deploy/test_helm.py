@@ -45,6 +45,7 @@ CASES = {
     "gke": yaml.safe_load((HELM / "values-gke.yaml").read_text()),
     "eks": yaml.safe_load((HELM / "values-eks.yaml").read_text()),
 }
+CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding")
 SECRETISH = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|BACKEND_STORE|DATABASE")
 CREDENTIALS_IN_URL = re.compile(r"://[^/@\s]+:[^/@\s]+@")  # scheme://user:password@host
 
@@ -181,7 +182,10 @@ def test_namespaced_and_labelled(rendered, case):
     assert not _of(rendered[case], "Secret"), "the chart must never carry secret values"
     for doc in rendered[case]:
         meta = doc["metadata"]
-        assert meta["namespace"] == NAMESPACE, doc["kind"]
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in meta and NAMESPACE in meta["name"], doc["kind"]  # unique per release
+        else:
+            assert meta["namespace"] == NAMESPACE, doc["kind"]
         for label in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
                       "app.kubernetes.io/version", "app.kubernetes.io/managed-by",
                       "app.kubernetes.io/component", "helm.sh/chart"):
@@ -334,13 +338,21 @@ def test_network_policy(rendered, case):
 @pytest.mark.parametrize("case", CASES)
 def test_role_is_least_privilege(rendered, case):
     role = _one(rendered[case], "Role")
+    # what each resource may be asked; only TrainJobs (multi-node stages) are ever written
+    allowed = {"pods": {"get", "list", "watch"}, "pods/log": {"get", "list", "watch"}, "secrets": {"get"},
+               "events": {"list"}, "trainingruntimes": {"get", "list"},
+               "trainjobs": {"create", "get", "list", "watch", "delete"}}
     for rule in role["rules"]:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], (field, rule)
-        assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
-        assert set(rule["resources"]) <= {"pods", "pods/log", "secrets"}, rule
+        for resource in rule["resources"]:
+            assert resource in allowed and set(rule["verbs"]) <= allowed[resource], rule
         if "secrets" in rule["resources"]:
             assert rule["verbs"] == ["get"] and rule["resourceNames"], rule
+    # the kubeflow SDK of rlhf.trainjob submits, watches and (on timeout or cancel) deletes TrainJobs
+    trainer = [r for r in role["rules"] if r["apiGroups"] == ["trainer.kubeflow.org"]]
+    assert {"trainjobs": ["create", "get", "list", "watch", "delete"], "trainingruntimes": ["get", "list"]} == {
+        res: r["verbs"] for r in trainer for res in r["resources"]}
     secret_rules = [r for r in role["rules"] if "secrets" in r["resources"]]
     if case == "eks":  # no Secret to read: no secrets rule (empty resourceNames would mean all)
         assert not secret_rules
@@ -352,4 +364,11 @@ def test_role_is_least_privilege(rendered, case):
     runner = binding["subjects"][0]
     assert runner["namespace"] == NAMESPACE
     assert runner["name"] in {sa["metadata"]["name"] for sa in _of(rendered[case], "ServiceAccount")}
-    assert not _of(rendered[case], "ClusterRole") and not _of(rendered[case], "ClusterRoleBinding")
+    # cluster-wide: reading the Trainer's ClusterTrainingRuntimes, nothing else
+    cluster_role = _one(rendered[case], "ClusterRole")
+    assert cluster_role["rules"] == [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["clustertrainingruntimes"],
+                                      "verbs": ["get", "list"]}]
+    cluster_binding = _one(rendered[case], "ClusterRoleBinding")
+    assert cluster_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                          "name": cluster_role["metadata"]["name"]}
+    assert cluster_binding["subjects"] == binding["subjects"]

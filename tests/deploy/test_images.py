@@ -189,11 +189,13 @@ def test_package_installed_with_the_right_extras(image):
     optional = PYPROJECT["project"]["optional-dependencies"]
     # every image serves MLflow for the helm chart, basic auth included (mlflow[auth])
     assert any(Requirement(r).name == "mlflow" and "auth" in Requirement(r).extras for r in optional["server"])
+    # every image can launch multi-node stages: the kubeflow SDK submits Trainer jobs
+    assert any(Requirement(r).name == "kubeflow" for r in optional["cluster"])
     if name == "gpu":
-        assert extras == ["gpu,server"]
+        assert extras == ["gpu,server,cluster"]
         assert any(Requirement(r).name == "deepspeed" for r in optional["gpu"])
     else:
-        assert extras == ["server"], f"cpu image must not install deepspeed, got {extras}"
+        assert extras == ["server,cluster"], f"cpu image must not install deepspeed, got {extras}"
     # kfp is a core dependency: the components run with install_kfp_package=False
     assert any(Requirement(r).name == "kfp" for r in PYPROJECT["project"]["dependencies"])
 

@@ -101,10 +101,13 @@ def test_bad_profiles_fail_with_the_field(body, words, tmp_path):
     assert not (tmp_path / "x.yaml").exists()
 
 
-def test_multi_node_is_refused_until_trainer_jobs_exist(tmp_path):
+def test_multi_node_is_for_training_stages_only(tmp_path):
+    """`nodes > 1` makes the step launch a Kubeflow Trainer job (tests/pipeline/test_trainjob.py)."""
+    from rlhf.pipelines import build_pipeline
+
     f = tmp_path / "p.yaml"
     f.write_text("stages: {ppo: {nodes: 2}}")
-    with pytest.raises(NotImplementedError, match="multi-node"):
-        from rlhf.pipelines import build_pipeline
-
-        build_pipeline(load_profile(f))
+    build_pipeline(load_profile(f))
+    f.write_text("stages: {eval: {nodes: 2}}")
+    with pytest.raises(ConfigError, match="stages.eval.nodes: 2: only sft, reward, ppo can run on several nodes"):
+        load_profile(f)

@@ -17,6 +17,8 @@ from rlhf.data.processing import read_jsonl_rows
 
 
 def setup_torch(cfg: PipelineConfig) -> torch.device:
+    """Threads, TF32 and the device of a one-process stage (eval); training stages use
+    `distributed.setup`, which also joins the process group of a multi-GPU job."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.use_deterministic_algorithms(False)
@@ -115,7 +117,9 @@ def config_fingerprint(cfg: PipelineConfig) -> str:
     """Hash of everything that shapes training (not tracking, threads or eval settings)."""
     import hashlib
 
-    d = cfg.model_dump(exclude={"tracking", "num_threads", "device", "eval", "gate"})
+    # the process count is checked on its own (a clearer message); these two change no number
+    d = cfg.model_dump(exclude={"tracking": True, "num_threads": True, "device": True, "eval": True, "gate": True,
+                                "distributed": {"num_processes", "gradient_checkpointing", "zero3_generation"}})
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -129,52 +133,161 @@ KEEP_CHECKPOINTS = 2
 def _checkpoints(store, stage: str) -> list[str]:
     """Committed checkpoint prefixes of a stage, oldest first."""
     base = f"{stage}/checkpoints"
-    return [f"{base}/{d}" for d in store.list_dirs(base) if d.startswith("step-") and store.is_committed(f"{base}/{d}")]
+    return [f"{base}/{d}" for d in store.list_dirs(base)
+            if d.startswith("step-") and ".node-" not in d and store.is_committed(f"{base}/{d}")]
 
 
-def save_checkpoint(store, stage: str, step: int, models: dict, optimizers: dict, state: dict,
-                    cfg: PipelineConfig) -> None:
-    """Write a checkpoint locally (atomic), commit it to the store, prune old ones.
+def _split(models: dict) -> tuple[dict, dict, dict]:
+    """Trainables (with or without a DeepSpeed engine) and plain weights of a checkpoint."""
+    from rlhf.distributed import Trainable
 
-    Checkpoints live in the artifact store, not on the worker's disk, so a retried
-    pipeline task on another machine finds them. The store's commit marker is what
-    makes one count: a kill mid-upload leaves the previous checkpoint as the newest."""
+    engines = {k: m for k, m in models.items() if isinstance(m, Trainable) and m.engine is not None}
+    plain = {k: (m.module if isinstance(m, Trainable) else m) for k, m in models.items() if k not in engines}
+    objects_of = {k: m for k, m in models.items() if isinstance(m, Trainable) and m.engine is None}
+    return engines, plain, objects_of
+
+
+def save_checkpoint(store, stage: str, step: int, models: dict, state: dict, cfg: PipelineConfig, dist=None) -> None:
+    """Write a checkpoint, commit it to the store, prune old ones. Every rank calls it.
+
+    `models` maps names to `Trainable`s (weights, optimiser and schedule), modules or
+    plain state dicts. Checkpoints live in the artifact store, not on the worker's
+    disk, so a retried pipeline task on another machine finds them; the store's commit
+    marker is what makes one count, so a kill mid-upload leaves the previous one newest.
+
+    One process: one folder (safetensors, objects.pt, state.json) written locally and
+    moved into the store. DeepSpeed: each model's `engine.save_checkpoint` (every rank
+    writes its ZeRO partition, plus its RNG state) into a folder shared by the node's
+    ranks; each node but the first uploads its part as `step-N.node-K`, then rank 0
+    uploads node 0's part with our own files as `step-N`, committed last."""
     import tempfile
 
     from rlhf import checkpoint
 
-    objects = {name: o.state_dict() for name, o in optimizers.items()}
-    with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
-        path = checkpoint.save(Path(tmp), step, models=models, objects=objects,
-                               state={**state, "config_fingerprint": config_fingerprint(cfg)})
-        store.put_dir(path, f"{stage}/checkpoints/{path.name}", move=True)
-    for old in _checkpoints(store, stage)[:-KEEP_CHECKPOINTS]:
-        store.delete(old)
+    engines, plain, objects_of = _split(models)
+    state = {**state, "config_fingerprint": config_fingerprint(cfg), "world_size": dist.world if dist else 1}
+    if not engines:
+        objects = {f"{k}.{o}": v for k, t in objects_of.items() for o, v in t.objects().items()}
+        with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
+            path = checkpoint.save(Path(tmp), step, models=plain, objects=objects, state=state)
+            store.put_dir(path, f"{stage}/checkpoints/{path.name}", move=True)
+    else:
+        import shutil
+
+        import torch
+
+        from rlhf.distributed import scratch_dir
+
+        name = f"step-{step:08d}"
+        local = scratch_dir(store.uri(""), stage, dist) / name
+        if dist.node_main:
+            shutil.rmtree(local, ignore_errors=True)
+            local.mkdir(parents=True)
+        dist.barrier()
+        for k, t in engines.items():
+            t.engine.save_checkpoint(str(local / f"ds-{k}"), tag="ckpt", save_latest=False)
+        torch.save(checkpoint.rng_state(), local / f"rng-rank-{dist.rank:05d}.pt")
+        nodes = _nodes(dist)  # collective: every rank
+        if dist.main:
+            checkpoint.save(local / "main", step, models=plain, objects={}, state={**state, "nodes": nodes}, keep=1)
+        dist.barrier()
+        if dist.node_main and not dist.main:
+            store.put_dir(local, f"{stage}/checkpoints/{name}.node-{dist.node}")
+        dist.barrier()
+        if dist.main:
+            store.put_dir(local, f"{stage}/checkpoints/{name}")
+        dist.barrier()
+        if dist.node_main:
+            shutil.rmtree(local, ignore_errors=True)
+    if dist is None or dist.main:
+        for old in _checkpoints(store, stage)[:-KEEP_CHECKPOINTS]:
+            for part in [old, *(f"{old}.node-{n}" for n in range(1, 1 + _nodes_of(store, old)))]:
+                store.delete(part)
+    if dist is not None:
+        dist.barrier()
 
 
-def resume_checkpoint(store, stage: str, models: dict, optimizers: dict, cfg: PipelineConfig) -> dict | None:
-    """Load the stage's newest committed checkpoint into models/optimizers; return its state or None.
+def _nodes(dist) -> int:
+    import torch
 
-    Refuses checkpoints written under a different training config: resuming them
-    would silently mix two runs."""
+    if dist.world == 1:
+        return 1
+    t = torch.tensor([dist.node], device=dist._comm_device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item()) + 1
+
+
+def _nodes_of(store, prefix: str) -> int:
+    """Node parts beside a checkpoint (DeepSpeed on several nodes), read from its state."""
+    key = f"{prefix}/main/{prefix.rsplit('/', 1)[-1]}/state.json"
+    return json.loads(store.read_bytes(key)).get("nodes", 1) - 1 if store.exists(key) else 0
+
+
+def resume_checkpoint(store, stage: str, models: dict, cfg: PipelineConfig, dist=None) -> dict | None:
+    """Load the stage's newest committed checkpoint into `models` (see save_checkpoint);
+    return its state, or None when there is none. Every rank calls it.
+
+    Refuses checkpoints written under a different training config or process count:
+    resuming them would silently mix two runs (ZeRO partitions depend on the count)."""
     from rlhf import checkpoint
 
+    engines, plain, objects_of = _split(models)
     found = _checkpoints(store, stage)
     if not found:
         return None
-    path = store.get_dir(found[-1])  # verified against its sha256 manifest
-    written = json.loads((path / "state.json").read_text()).get("config_fingerprint")
-    if written != config_fingerprint(cfg):
-        raise CheckpointMismatch(
-            f"{store.uri(found[-1])} was written with a different configuration; to start this stage over, delete "
-            f"{store.uri(stage + '/checkpoints')} (or use a new --output folder); to resume it, rerun with the "
-            "original config")
-    objects, state = checkpoint.load(path, models=models)
-    state.pop("config_fingerprint", None)
-    for name, o in optimizers.items():
-        o.load_state_dict(objects[name])
+    world = dist.world if dist else 1
+    if not engines:
+        path = store.get_dir(found[-1])  # verified against its sha256 manifest
+        _check_resumable(store, found[-1], _written_state(path), cfg, world)
+        objects, state = checkpoint.load(path, models=plain)
+        for k, t in objects_of.items():
+            t.load_objects({o.split(".", 1)[1]: v for o, v in objects.items() if o.startswith(f"{k}.")})
+    else:
+        import shutil
+
+        import torch
+
+        from rlhf.distributed import scratch_dir
+
+        local = scratch_dir(store.uri(""), stage, dist) / "resume"
+        if dist.node_main:
+            shutil.rmtree(local, ignore_errors=True)
+            store.get_dir(found[-1], local)
+            for n in range(1, 1 + _nodes_of(store, found[-1])):  # other nodes' ZeRO partitions
+                store.get_dir(f"{found[-1]}.node-{n}", local)
+        dist.barrier()
+        _check_resumable(store, found[-1], _written_state(local), cfg, world)
+        main = next((local / "main").glob("step-*"))
+        objects, state = checkpoint.load(main, models=plain)
+        for k, t in engines.items():
+            t.engine.load_checkpoint(str(local / f"ds-{k}"), tag="ckpt")
+        checkpoint.set_rng_state(torch.load(local / f"rng-rank-{dist.rank:05d}.pt", weights_only=True))
+        dist.barrier()
+        if dist.node_main:
+            shutil.rmtree(local, ignore_errors=True)
+    for key in ("config_fingerprint", "world_size", "nodes"):
+        state.pop(key, None)
     state["resumed_from"] = state["step"]
     return state
+
+
+def _written_state(path: Path) -> dict:
+    """state.json of a checkpoint folder, one-process or DeepSpeed layout (main/step-N/)."""
+    found = [path / "state.json", *sorted((path / "main").glob("step-*/state.json"))]
+    return next((json.loads(f.read_text()) for f in found if f.is_file()), {})
+
+
+def _check_resumable(store, prefix: str, written: dict, cfg: PipelineConfig, world: int) -> None:
+    if written.get("config_fingerprint") != config_fingerprint(cfg):
+        raise CheckpointMismatch(
+            f"{store.uri(prefix)} was written with a different configuration; to start this stage over, delete "
+            f"{store.uri(prefix.rsplit('/', 1)[0])} (or use a new --output folder); to resume it, rerun with the "
+            "original config")
+    if written.get("world_size", 1) != world:
+        raise CheckpointMismatch(
+            f"{store.uri(prefix)} was written by {written.get('world_size', 1)} training processes and this run has "
+            f"{world}; resume with the same distributed.num_processes / GPU count, or delete "
+            f"{store.uri(prefix.rsplit('/', 1)[0])} to start the stage over")
 
 
 def clean_state_dict(model) -> dict:

@@ -20,12 +20,14 @@ Each update:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
 import torch
 
 from rlhf.config import PipelineConfig
+from rlhf.distributed import Trainable, check_divisible, frozen, setup
 from rlhf.settings import maybe_inject_fault
 from rlhf.data.tasks import gold_score
 from rlhf.math import (
@@ -35,8 +37,7 @@ from rlhf.math import (
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, save_model
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
-    PrepData, Timer, epoch_order, progress, resume_checkpoint, save_checkpoint, seed_everything, setup_torch,
-    write_result,
+    PrepData, Timer, epoch_order, progress, resume_checkpoint, save_checkpoint, seed_everything, write_result,
 )
 from rlhf.stages.rollout import decode_responses, generate, response_logprobs, response_values, rewards
 
@@ -57,16 +58,10 @@ class PromptSampler:
         return out
 
 
-def _frozen(model):
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
     timer = Timer()
-    device = setup_torch(cfg)
+    dist = setup(cfg)
+    device, dcfg = dist.device, cfg.distributed
     pcfg = cfg.ppo
     prep = PrepData(prep_store or store)
     with tracker.stage_run("ppo", cfg.model_dump(), store=store):
@@ -74,44 +69,54 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         seed_everything(cfg.seed + 2)
         sft_dir, rm_dir = str(store.get_dir("sft/model")), str(store.get_dir("reward/model"))
         tok = load_tokenizer(sft_dir, cfg.model)
-        policy = apply_lora(load_causal_lm(sft_dir, cfg.model), cfg.model).to(device)
-        ref = _frozen(load_causal_lm(sft_dir, cfg.model).to(device))
-        reward_model = _frozen(load_reward_model(rm_dir, cfg.model, tok.pad_token_id).to(device))
+        # Across GPUs each rank rolls out and trains on its slice of every batch; the
+        # trained models (policy, value) are DeepSpeed engines, the scored ones replicas.
+        B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
+        check_divisible({"ppo.rollout_batch_size": B, "ppo.minibatch_size": mb}, dist.world)
+        # AdamW's default weight decay (0.01), as this stage has always trained with
+        policy = Trainable(apply_lora(load_causal_lm(sft_dir, cfg.model), cfg.model), dist, dcfg, lr=pcfg.lr, eps=1e-5,
+                           weight_decay=0.01, grad_clip=pcfg.grad_clip, batch_size=mb).train()
+        ref = frozen(load_causal_lm(sft_dir, cfg.model), dist, dcfg)
+        reward_model = frozen(load_reward_model(rm_dir, cfg.model, tok.pad_token_id), dist, dcfg)
         value_src = rm_dir if pcfg.value_init == "reward" else sft_dir
-        value = load_reward_model(value_src, cfg.model, tok.pad_token_id).to(device)
-        policy.train()
-        value.train()
+        value = Trainable(load_reward_model(value_src, cfg.model, tok.pad_token_id), dist, dcfg, lr=pcfg.value_lr,
+                          eps=1e-5, weight_decay=0.01, grad_clip=pcfg.grad_clip, batch_size=mb).train()
+        synced = policy.zero3 and dcfg.zero3_generation == "synced"
+
+        def rollout(prompts):  # under ZeRO-3 "gather", the whole policy is on each GPU while it samples
+            with (contextlib.nullcontext() if synced else policy.gathered()):
+                return generate(policy.module, tok, prompts, pcfg.max_new_tokens, pcfg.temperature, device, synced)
+
         rows = prep.rows("prompt_train")
         prompt_ids = [tok(r.prompt)["input_ids"] for r in rows]
         sampler = PromptSampler(len(rows), cfg.seed + 2)
-        pol_params = [p for p in policy.parameters() if p.requires_grad]
-        opt_pol = torch.optim.AdamW(pol_params, lr=pcfg.lr, eps=1e-5)
-        opt_val = torch.optim.AdamW(value.parameters(), lr=pcfg.value_lr, eps=1e-5)
         kl_ctl = (AdaptiveKLController(pcfg.kl.init_coef, pcfg.kl.target, pcfg.kl.horizon) if pcfg.kl.adaptive
                   else FixedKLController(pcfg.kl.init_coef))
-        B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
 
-        state = resume_checkpoint(store, "ppo", {"policy": policy, "value": value}, {"opt_pol": opt_pol, "opt_val": opt_val}, cfg)
+        state = resume_checkpoint(store, "ppo", {"policy": policy, "value": value}, cfg, dist)
         if state:
             kl_ctl.load_state_dict(state["kl_ctl"])
         else:
             state = {"step": 0, "reward_mean": 0.0, "reward_std": 1.0}
             if pcfg.normalize_reward:  # statistics of the RM score on SFT samples (policy == SFT now)
-                ro = generate(policy, tok, [prompt_ids[i] for i in sampler.indices(0, min(4 * B, len(rows)))],
-                              pcfg.max_new_tokens, pcfg.temperature, device)
+                ro = rollout([prompt_ids[i] for i in dist.shard(sampler.indices(0, min(4 * B, len(rows))))])
                 with torch.no_grad():
-                    s = rewards(reward_model, ro)
-                state["reward_mean"], state["reward_std"] = float(s.mean()), float(s.std().clamp(min=1e-6))
+                    s = rewards(reward_model, ro).float()
+                if dist.world == 1:
+                    state["reward_mean"], state["reward_std"] = float(s.mean()), float(s.std().clamp(min=1e-6))
+                else:
+                    m = dist.mean_dict({"m": s.mean(), "sq": (s * s).mean()})
+                    state["reward_mean"], state["reward_std"] = m["m"], max(m["sq"] - m["m"] ** 2, 1e-12) ** 0.5
 
-        bar = progress(pcfg.updates, "ppo", quiet)
+        bar = progress(pcfg.updates, "ppo", quiet or not dist.main)
         bar.update(state["step"])
         metrics: dict[str, float] = {}
         while state["step"] < pcfg.updates:
             update = state["step"]
             t0 = Timer()
             # 1. rollout
-            idx = sampler.indices(update * B, B)
-            ro = generate(policy, tok, [prompt_ids[i] for i in idx], pcfg.max_new_tokens, pcfg.temperature, device)
+            idx = dist.shard(sampler.indices(update * B, B))  # this rank's prompts
+            ro = rollout([prompt_ids[i] for i in idx])
             t_gen = t0()
             mask = ro.response_mask.float()  # (B, R)
 
@@ -119,7 +124,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
             with torch.no_grad():
                 old_lp = response_logprobs(policy, ro, pcfg.temperature)  # (B, R)
                 ref_lp = response_logprobs(ref, ro, pcfg.temperature)  # (B, R)
-                old_v = response_values(value, ro)  # (B, R)
+                old_v = response_values(value.module, ro)  # (B, R)
                 raw = rewards(reward_model, ro)  # (B,)
             score = (raw - state["reward_mean"]) / state["reward_std"]
             if pcfg.reward_clip:
@@ -135,23 +140,18 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
 
             # 4. optimise
             stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac")}
+            b, b_mb = B // dist.world, mb // dist.world  # this rank's share of the batch and minibatch
             for _ in range(pcfg.ppo_epochs):
-                perm = torch.randperm(B)
-                for s in range(0, B, mb):
-                    j = perm[s:s + mb]
+                perm = torch.randperm(b)
+                for s in range(0, b, b_mb):
+                    j = perm[s:s + b_mb]
                     sub, m = ro.select(j), mask[j]
                     lp, ent = response_logprobs(policy, sub, pcfg.temperature, with_entropy=True)
                     pg_loss, pst = ppo_policy_loss(lp, old_lp[j], adv[j], m, pcfg.clip_eps)
-                    opt_pol.zero_grad(set_to_none=True)
-                    pg_loss.backward()
-                    torch.nn.utils.clip_grad_norm_(pol_params, pcfg.grad_clip)
-                    opt_pol.step()
-                    v = response_values(value, sub)
+                    policy.step(pg_loss)
+                    v = response_values(value.module, sub)
                     vf_loss, vst = ppo_value_loss(v, old_v[j], ret[j], m, pcfg.value_clip_eps)
-                    opt_val.zero_grad(set_to_none=True)
-                    vf_loss.backward()
-                    torch.nn.utils.clip_grad_norm_(value.parameters(), pcfg.grad_clip)
-                    opt_val.step()
+                    value.step(vf_loss)
                     for k, val in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pst["clipfrac"]),
                                    ("approx_kl", pst["approx_kl"]), ("entropy", masked_mean(ent.detach(), m)),
                                    ("vf_clipfrac", vst["vf_clipfrac"])):
@@ -159,19 +159,19 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
             t_train = t0() - t_gen - t_score
 
             # 5. log / checkpoint
-            seq_kl = float((kl * mask).sum(1).mean())
+            seq_kl = dist.mean(float((kl * mask).sum(1).mean()))  # the same beta on every rank
             beta = kl_ctl.value
             kl_ctl.update(seq_kl, B)
             state["step"] += 1
             n_tok = float(mask.sum())
-            metrics = {
+            metrics = dist.mean_dict({
                 "ppo/reward": float(raw.mean()), "ppo/score": float(score.mean()), "ppo/kl": seq_kl, "ppo/beta": beta,
                 "ppo/response_length": float(mask.sum(1).mean()), "ppo/no_eos_rate": float((~ro.has_eos).float().mean()),
                 "ppo/return": float(masked_mean(ret, mask)), **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
-                "perf/episodes_per_s": B / t0(), "perf/gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
+                "perf/episodes_per_s": B / t0(), "perf/gen_tokens_per_s": n_tok * dist.world / max(t_gen, 1e-9),
                 "perf/gen_s": t_gen, "perf/score_s": t_score, "perf/train_s": t_train,
-            }
-            if update % pcfg.gold_log_every == 0 or state["step"] == pcfg.updates:
+            })
+            if dist.main and (update % pcfg.gold_log_every == 0 or state["step"] == pcfg.updates):  # rank 0's rollouts
                 golds = [gold_score(rows[i].prompt, t) for i, t in zip(idx, decode_responses(tok, ro))]
                 if all(g is not None for g in golds):
                     metrics["ppo/gold_score"] = sum(golds) / len(golds)
@@ -181,18 +181,22 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
                             gold=f"{metrics.get('ppo/gold_score', float('nan')):.2f}")
             if state["step"] % pcfg.checkpoint_every == 0:
                 state["kl_ctl"] = kl_ctl.state_dict()
-                save_checkpoint(store, "ppo", state["step"], {"policy": policy, "value": value},
-                                {"opt_pol": opt_pol, "opt_val": opt_val}, state, cfg)
+                save_checkpoint(store, "ppo", state["step"], {"policy": policy, "value": value}, state, cfg, dist)
                 tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
             maybe_inject_fault(state["step"], "ppo")
         bar.close()
 
-        with tempfile.TemporaryDirectory() as tmp:
-            out = save_model(policy, tok, Path(tmp) / "model")
-            store.put_dir(out, "ppo/model")
-        model_uri = tracker.log_model(store.get_dir("ppo/model"), "policy")
-        result = {"wall_s": timer(), "updates": state["step"], "resumed_from": state.get("resumed_from"), "final_beta": kl_ctl.value,
+        model_uri = None
+        with policy.gathered():  # under ZeRO-3 every rank helps gather the weights rank 0 saves
+            if dist.main:
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = save_model(policy.module, tok, Path(tmp) / "model")
+                    store.put_dir(out, "ppo/model")
+        if dist.main:
+            model_uri = tracker.log_model(store.get_dir("ppo/model"), "policy")
+        result = {"wall_s": timer(), "updates": state["step"], "resumed_from": state.get("resumed_from"), "final_beta": kl_ctl.value, "processes": dist.world,
                   "last_metrics": metrics, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}
-    write_result(store, "ppo", result)
+    if dist.main:
+        write_result(store, "ppo", result)
     return result

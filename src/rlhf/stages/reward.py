@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config import PipelineConfig
+from rlhf.distributed import Trainable, check_divisible, setup
 from rlhf.settings import maybe_inject_fault
 from rlhf.data.tasks import gold_score
 from rlhf.math import pairwise_reward_loss
@@ -37,7 +38,7 @@ from rlhf.models import load_reward_model, load_tokenizer, save_model, sequence_
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
     PrepData, Timer, epoch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
-    seed_everything, setup_torch, tokenize_pair, write_result,
+    seed_everything, tokenize_pair, write_result,
 )
 
 
@@ -122,7 +123,8 @@ def heldout_accuracy(model, rows, pairs, pad_id: int, device) -> dict[str, float
 
 def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
     timer = Timer()
-    device = setup_torch(cfg)
+    dist = setup(cfg)
+    device = dist.device
     rcfg = cfg.reward
     prep = PrepData(prep_store or store)
     with tracker.stage_run("reward", cfg.model_dump(), store=store):
@@ -130,11 +132,13 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         seed_everything(cfg.seed + 1)
         sft_dir = str(store.get_dir("sft/model"))
         tok = load_tokenizer(sft_dir, cfg.model)
-        model = apply_lora(load_reward_model(sft_dir, cfg.model, tok.pad_token_id), cfg.model, "SEQ_CLS").to(device)
-        model.train()
+        model = apply_lora(load_reward_model(sft_dir, cfg.model, tok.pad_token_id), cfg.model, "SEQ_CLS")
         train_rows, eval_rows = prep.rows("preference_train"), prep.rows("preference_eval")
         policy_eval_rows = []
         if cfg.uses_builtin_task and rcfg.policy_comparisons:
+            if dist.main:  # sampled and committed once; the other ranks read them back
+                collect_policy_comparisons(cfg, tok, sft_dir, prep, store, device)
+            dist.barrier()
             comp = collect_policy_comparisons(cfg, tok, sft_dir, prep, store, device)
             train_rows = train_rows + comp["train"]
             policy_eval_rows = comp["eval"]
@@ -148,61 +152,65 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         if rcfg.max_steps:
             total = min(total, rcfg.max_steps)
 
-        # 2. optimiser, schedule, resume
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=rcfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(rcfg.warmup_steps, total))
-        state = resume_checkpoint(store, "reward", {"model": model}, {"opt": opt, "sched": sched}, cfg) or {"step": 0}
+        # 2. optimiser, schedule (DeepSpeed across GPUs), resume
+        check_divisible({"reward.batch_size": bs}, dist.world)
+        model = Trainable(model, dist, cfg.distributed, lr=rcfg.lr, weight_decay=rcfg.weight_decay,
+                          grad_clip=rcfg.grad_clip, batch_size=bs, schedule=lr_lambda(rcfg.warmup_steps, total)).train()
+        state = resume_checkpoint(store, "reward", {"model": model}, cfg, dist) or {"step": 0}
 
         # 3. train
-        bar = progress(total, "reward", quiet)
+        bar = progress(total, "reward", quiet or not dist.main)
         bar.update(state["step"])
         pairs_done, t_last = 0, Timer()
+        all_pairs, t_train = 0, Timer()  # for the result's throughput (evaluations included)
         while state["step"] < total:
             epoch, i = divmod(state["step"], steps_per_epoch)
             order = epoch_order(len(train), cfg.seed + 1, epoch)
-            batch = [train[j] for j in order[i * bs:(i + 1) * bs]]
+            batch = dist.shard([train[j] for j in order[i * bs:(i + 1) * bs]])  # this rank's slice
             seqs = [b[0] for b in batch] + [b[1] for b in batch]  # chosen then rejected: one forward
             ids, attn = pad_right(seqs, tok.pad_token_id)  # (2B, T)
             ids, attn = ids.to(device), attn.to(device)
-            r = sequence_scores(model, ids, attn)  # (2B,)
+            r = sequence_scores(model.module, ids, attn)  # (2B,)
             loss, stats = pairwise_reward_loss(r[: len(batch)], r[len(batch):], rcfg.margin)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, rcfg.grad_clip)
-            opt.step()
-            sched.step()
+            gnorm = model.step(loss)
             state["step"] += 1
-            pairs_done += len(batch)
+            pairs_done += len(batch) * dist.world
+            all_pairs += len(batch) * dist.world
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['accuracy'].item():.2f}")
-            metrics = {"rm/loss": loss.item(), "rm/train_accuracy": stats["accuracy"].item(),
-                       "rm/margin": stats["margin_mean"].item(), "rm/grad_norm": float(gnorm),
-                       "rm/lr": sched.get_last_lr()[0]}
+            metrics = {"rm/loss": dist.mean(loss.item()), "rm/train_accuracy": dist.mean(stats["accuracy"].item()),
+                       "rm/margin": dist.mean(stats["margin_mean"].item()), "rm/grad_norm": gnorm, "rm/lr": model.lr()}
             if state["step"] % steps_per_epoch == 0 or state["step"] == total:
-                metrics.update(heldout_accuracy(model, *eval_sets[""], tok.pad_token_id, device))
+                metrics.update(heldout_accuracy(model.module, *eval_sets[""], tok.pad_token_id, device))
                 metrics["perf/pairs_per_s"] = pairs_done / max(t_last(), 1e-9)
                 pairs_done, t_last = 0, Timer()
             tracker.log_metrics(metrics, step=state["step"])
             if state["step"] % rcfg.checkpoint_every == 0:
-                save_checkpoint(store, "reward", state["step"], {"model": model}, {"opt": opt, "sched": sched}, state, cfg)
+                save_checkpoint(store, "reward", state["step"], {"model": model}, state, cfg, dist)
                 tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
             maybe_inject_fault(state["step"], "reward")
         bar.close()
+        pairs_per_s = all_pairs / max(t_train(), 1e-9)
 
         # 4. held-out accuracy
         final = {}
         for suffix, (rows, pairs) in eval_sets.items():
-            final.update({f"{k}{suffix}": v for k, v in heldout_accuracy(model, rows, pairs, tok.pad_token_id, device).items()})
+            final.update({f"{k}{suffix}": v for k, v in heldout_accuracy(model.module, rows, pairs, tok.pad_token_id, device).items()})
         tracker.log_metrics(final, step=state["step"])
 
         # 5. save (problem_type "regression": pipelines return the raw score, no sigmoid)
-        model.config.problem_type = "regression"
-        with tempfile.TemporaryDirectory() as tmp:
-            out = save_model(model, tok, Path(tmp) / "model")
-            store.put_dir(out, "reward/model")
-        model_uri = tracker.log_model(store.get_dir("reward/model"), "reward")
-        result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), **final, "model_uri": model_uri,
+        model.module.config.problem_type = "regression"
+        model_uri = None
+        with model.gathered():  # under ZeRO-3 every rank helps gather the weights rank 0 saves
+            if dist.main:
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = save_model(model.module, tok, Path(tmp) / "model")
+                    store.put_dir(out, "reward/model")
+        if dist.main:
+            model_uri = tracker.log_model(store.get_dir("reward/model"), "reward")
+        result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), **final,
+                  "pairs_per_s": pairs_per_s, "processes": dist.world, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}
-    write_result(store, "reward", result)
+    if dist.main:
+        write_result(store, "reward", result)
     return result

@@ -37,8 +37,11 @@ class Rollout:
 
 @torch.no_grad()
 def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-             device) -> Rollout:
-    """Sample (temperature > 0) or greedy-decode (temperature == 0) with the KV cache."""
+             device, synced_gpus: bool = False) -> Rollout:
+    """Sample (temperature > 0) or greedy-decode (temperature == 0) with the KV cache.
+
+    `synced_gpus`: ZeRO-3 with partitioned weights; every rank keeps stepping until all
+    ranks are done, since each forward gathers layers collectively."""
     q_ids, q_mask = pad_left(prompt_ids, tok.pad_token_id)
     q_ids, q_mask = q_ids.to(device), q_mask.to(device)
     was_training = model.training
@@ -48,6 +51,7 @@ def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, tempe
         input_ids=q_ids, attention_mask=q_mask, max_new_tokens=max_new_tokens, do_sample=sample,
         temperature=temperature if sample else None, top_k=0 if sample else None, top_p=1.0 if sample else None,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
+        **({"synced_gpus": True} if synced_gpus else {}),
     )
     model.train(was_training)
     P = q_ids.shape[1]

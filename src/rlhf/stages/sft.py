@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 from rlhf.config import PipelineConfig
+from rlhf.distributed import Trainable, check_divisible, setup
 from rlhf.settings import maybe_inject_fault
 from rlhf.math import sft_loss
 from rlhf.models import build_causal_lm, load_causal_lm, load_tokenizer, save_model
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
-    PrepData, Timer, clean_state_dict, epoch_order, lr_lambda, pad_right, progress, resume_checkpoint,
-    save_checkpoint, seed_everything, setup_torch, tokenize_pair, write_result,
+    PrepData, Timer, epoch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
+    seed_everything, tokenize_pair, write_result,
 )
 
 
@@ -60,7 +61,8 @@ def heldout_loss(model, data, pad_id: int, device, batch_size: int = 128) -> flo
 
 def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
     timer = Timer()
-    device = setup_torch(cfg)
+    dist = setup(cfg)
+    device = dist.device
     scfg = cfg.sft
     prep = PrepData(prep_store or store)
     with tracker.stage_run("sft", cfg.model_dump(), store=store):
@@ -72,8 +74,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         else:
             tok = load_tokenizer(str(prep.tokenizer_dir), cfg.model)
             model = build_causal_lm(cfg.model, tok, cfg.seed)
-        model = apply_lora(model, cfg.model).to(device)
-        model.train()
+        model = apply_lora(model, cfg.model)
 
         # 2. data
         train = encode(tok, prep.rows("sft_train"))
@@ -83,13 +84,14 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         if scfg.max_steps:
             total = min(total, scfg.max_steps)
 
-        # 3. optimiser, schedule, resume
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=scfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(scfg.warmup_steps, total))
-        best = clean_state_dict(model)
+        # 3. optimiser, schedule (DeepSpeed across GPUs), resume
+        check_divisible({"sft.batch_size": scfg.batch_size}, dist.world)
+        model = Trainable(model, dist, cfg.distributed, lr=scfg.lr, weight_decay=scfg.weight_decay,
+                          grad_clip=scfg.grad_clip, batch_size=scfg.batch_size,
+                          schedule=lr_lambda(scfg.warmup_steps, total)).train()
+        best = model.state_dict()
         state = {"step": 0, "best_loss": float("inf"), "best_step": 0, "bad_evals": 0, "curve": [], "stopped": False}
-        resumed = resume_checkpoint(store, "sft", {"model": model, "best": best}, {"opt": opt, "sched": sched}, cfg)
+        resumed = resume_checkpoint(store, "sft", {"model": model, "best": best}, cfg, dist)
         if resumed:
             state.update(resumed)
         if state["step"] == 0:
@@ -98,56 +100,61 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
             tracker.log_metrics({"sft/eval_loss": loss0}, step=0)
 
         # 4. train
-        bar = progress(total, "sft", quiet)
+        bar = progress(total, "sft", quiet or not dist.main)
         bar.update(state["step"])
         tokens, t_last = 0, Timer()
+        all_tokens, t_train = 0, Timer()  # for the result's throughput (evaluations included)
         while state["step"] < total and not state["stopped"]:
             epoch, i = divmod(state["step"], steps_per_epoch)
             order = epoch_order(len(train), cfg.seed, epoch)
             batch = [train[j] for j in order[i * scfg.batch_size:(i + 1) * scfg.batch_size]]
-            ids, attn, lm = collate(batch, tok.pad_token_id, device)
+            ids, attn, lm = collate(dist.shard(batch), tok.pad_token_id, device)  # this rank's slice
             loss, _ = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, lm)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, scfg.grad_clip)
-            opt.step()
-            sched.step()
+            gnorm = model.step(loss)
             state["step"] += 1
             step = state["step"]
             tokens += int(attn.sum())
+            all_tokens += int(attn.sum())
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{state['best_loss']:.3f}")
-            metrics = {"sft/loss": loss.item(), "sft/grad_norm": float(gnorm), "sft/lr": sched.get_last_lr()[0],
+            metrics = {"sft/loss": dist.mean(loss.item()), "sft/grad_norm": gnorm, "sft/lr": model.lr(),
                        "sft/epoch": step / steps_per_epoch}
             if step % scfg.eval_every == 0 or step == total:
                 ev = heldout_loss(model, held, tok.pad_token_id, device)
                 state["curve"].append([step, ev])
                 metrics["sft/eval_loss"] = ev
-                metrics["perf/tokens_per_s"] = tokens / max(t_last(), 1e-9)
+                metrics["perf/tokens_per_s"] = dist.sum(tokens) / max(t_last(), 1e-9)
                 tokens, t_last = 0, Timer()
                 if ev < state["best_loss"] - 1e-4:
                     state.update(best_loss=ev, best_step=step, bad_evals=0)
-                    best = clean_state_dict(model)
+                    best = model.state_dict()
                 else:
                     state["bad_evals"] += 1
                     state["stopped"] = state["bad_evals"] >= scfg.patience
             tracker.log_metrics(metrics, step=step)
             if step % scfg.checkpoint_every == 0 or state["stopped"]:
-                save_checkpoint(store, "sft", step, {"model": model, "best": best}, {"opt": opt, "sched": sched}, state, cfg)
+                save_checkpoint(store, "sft", step, {"model": model, "best": best}, state, cfg, dist)
                 tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
             maybe_inject_fault(state["step"], "sft")
         bar.close()
+        tokens_per_s = dist.sum(all_tokens) / max(t_train(), 1e-9)
 
-        # 5. save the best weights
+        # 5. save the best weights (rank 0; under ZeRO-3 every rank helps gather them)
         if state["best_step"] > 0:
             model.load_state_dict(best)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = save_model(model, tok, Path(tmp) / "model")
-            store.put_dir(out, "sft/model")
-        model_uri = tracker.log_model(store.get_dir("sft/model"), "policy")
+        model_uri = None
+        with model.gathered():
+            if dist.main:
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = save_model(model.module, tok, Path(tmp) / "model")
+                    store.put_dir(out, "sft/model")
+        if dist.main:
+            model_uri = tracker.log_model(store.get_dir("sft/model"), "policy")
         result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), "best_step": state["best_step"],
                   "best_eval_loss": state["best_loss"], "early_stopped": state["stopped"],
+                  "tokens_per_s": tokens_per_s, "processes": dist.world,
                   "eval_curve": state["curve"], "model_uri": model_uri, "mlflow_run_id": tracker.run_id}
         tracker.log_metrics({"sft/best_eval_loss": state["best_loss"]}, step=state["step"])
-    write_result(store, "sft", result)
+    if dist.main:
+        write_result(store, "sft", result)
     return result

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (the device machine): SFT, reward and a few PPO updates on
+# one GPU with DeepSpeed, then a short table. Target: well under 8 minutes on an H100/H200.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        # PYTHON=/path/to/python to pick the interpreter
+#
+# The model is built from a config (no downloads): a Llama of ~110M parameters
+# (hidden 768, 12 layers, 12 heads, MLP 3072) on the built-in task's data, so the GPU
+# does real work while the whole check stays short. Rows:
+#   sft     ZeRO-2, bf16                                 tokens/s
+#   reward  ZeRO-2, bf16                                 pairs/s
+#   ppo     ZeRO-2, bf16                                 episodes/s, generation/scoring/training split
+#   ppo     ZeRO-3, bf16, gradient checkpointing, generation with the policy gathered
+#   ppo     ZeRO-3, bf16, generation with synced_gpus (layer-by-layer gathering)
+#   sft     ZeRO-2, bf16, ZeRO-Offload (optimizer on the CPU, DeepSpeed's CPU Adam)
+# Each row is a real `rlhf stage` run (torchrun -> rlhf.worker -> DeepSpeed engine); a
+# row that fails prints FAILED and the check goes on. Exit status: number of failed rows.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+OUT="${1:-$(mktemp -d /tmp/rlhf-gpu-check.XXXXXX)}"
+mkdir -p "$OUT"
+
+SMOKE="${GPU_CHECK_SMOKE:-0}"  # 1: the same rows on the CPU with the tiny model (checks this script, not the GPU)
+if [ "$SMOKE" != 1 ] && ! "$PY" - <<'EOF'
+import sys
+try:
+    import torch, deepspeed, rlhf  # noqa: F401
+except ImportError as e:
+    sys.exit(f"gpu_check: {e}: install the project with the gpu extra (pip install -e '.[gpu]') and a CUDA torch build")
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: torch sees no GPU (torch.cuda.is_available() is False)")
+print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, deepspeed {deepspeed.__version__}")
+EOF
+then
+    exit 100
+fi
+
+export RLHF_HOME="$OUT/home" RLHF_QUIET=1 PYTHONUNBUFFERED=1
+BASE=(--preset tiny --set device=cuda --set tracking.log_models=false --set distributed.engine=deepspeed
+      --set distributed.num_processes=1 --set distributed.bf16=true
+      --set model.vocab_size=4096 --set model.hidden_size=768 --set model.num_layers=12 --set model.num_heads=12
+      --set model.intermediate_size=3072
+      --set task.num_demonstrations=6000 --set task.num_comparisons=4000 --set task.num_prompts=2000
+      --set sft.batch_size=64 --set sft.max_steps=150 --set sft.eval_every=50 --set sft.checkpoint_every=100
+      --set sft.patience=100 --set sft.lr=3e-4
+      --set reward.batch_size=64 --set reward.max_steps=60 --set reward.checkpoint_every=50
+      --set reward.policy_comparisons=512
+      --set ppo.updates=4 --set ppo.rollout_batch_size=128 --set ppo.minibatch_size=32 --set ppo.ppo_epochs=2
+      --set ppo.max_new_tokens=24 --set ppo.checkpoint_every=2 --set ppo.gold_log_every=2)
+if [ "$SMOKE" = 1 ]; then
+    BASE=(--preset tiny --set device=cpu --set num_threads=1 --set tracking.log_models=false
+          --set distributed.engine=deepspeed --set distributed.num_processes=1 --set distributed.bf16=false
+          --set ppo.checkpoint_every=2)
+fi
+FAILED=0
+
+row() {  # row NAME DIR STAGE [--set ...]
+    local name="$1" dir="$2" stage="$3"; shift 3
+    local t0=$SECONDS
+    if "$PY" -m rlhf.cli stage "$stage" "${BASE[@]}" "$@" --output "$dir" >"$OUT/$name.log" 2>&1; then
+        echo "$name ok $((SECONDS - t0))s" >>"$OUT/rows.txt"
+    else
+        echo "$name FAILED $((SECONDS - t0))s (log: $OUT/$name.log)" >>"$OUT/rows.txt"
+        tail -n 25 "$OUT/$name.log"
+        FAILED=$((FAILED + 1))
+    fi
+}
+copy_inputs() {  # copy_inputs SRC DEST STAGE...
+    local src="$1" dest="$2"; shift 2
+    mkdir -p "$dest"
+    for s in "$@"; do [ -d "$src/$s" ] && cp -r "$src/$s" "$dest/$s"; done
+    rm -rf "$dest"/*/checkpoints
+}
+
+: >"$OUT/rows.txt"
+T0=$SECONDS
+"$PY" -m rlhf.cli stage prep "${BASE[@]}" --output "$OUT/main" >"$OUT/prep.log" 2>&1 || { tail -n 25 "$OUT/prep.log"; exit 101; }
+row sft-zero2 "$OUT/main" sft --set distributed.zero_stage=2
+row reward-zero2 "$OUT/main" reward --set distributed.zero_stage=2
+row ppo-zero2 "$OUT/main" ppo --set distributed.zero_stage=2
+copy_inputs "$OUT/main" "$OUT/z3" prep sft reward
+row ppo-zero3-gather "$OUT/z3" ppo --set distributed.zero_stage=3 --set distributed.gradient_checkpointing=true
+copy_inputs "$OUT/main" "$OUT/z3s" prep sft reward
+row ppo-zero3-synced "$OUT/z3s" ppo --set distributed.zero_stage=3 --set distributed.zero3_generation=synced
+copy_inputs "$OUT/main" "$OUT/off" prep
+row sft-zero2-offload "$OUT/off" sft --set distributed.zero_stage=2 --set distributed.offload_optimizer=true \
+    --set sft.max_steps=$([ "$SMOKE" = 1 ] && echo 6 || echo 30)
+
+"$PY" - "$OUT" "$((SECONDS - T0))" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out, total = Path(sys.argv[1]), sys.argv[2]
+rows = {l.split()[0]: l.split()[1:] for l in (out / "rows.txt").read_text().splitlines()}
+where = {"sft-zero2": "main/sft", "reward-zero2": "main/reward", "ppo-zero2": "main/ppo",
+         "ppo-zero3-gather": "z3/ppo", "ppo-zero3-synced": "z3s/ppo", "sft-zero2-offload": "off/sft"}
+print(f"\n{'row':<20} {'status':<7} {'wall':>6} {'steps':>6} {'throughput':>22}  detail")
+for name, rel in where.items():
+    status, wall = rows.get(name, ["-", "-"])[:2]
+    f = out / rel / "result.json"
+    r = json.loads(f.read_text()) if f.is_file() and status == "ok" else {}
+    steps, thr, detail = "-", "-", ""
+    if name.startswith("sft") and r:
+        steps, thr = r["steps"], f"{r['tokens_per_s']:,.0f} tokens/s"
+        detail = f"best eval loss {r['best_eval_loss']:.3f}"
+    elif name.startswith("reward") and r:
+        steps, thr = r["steps"], f"{r['pairs_per_s']:,.1f} pairs/s"
+        detail = f"rm/accuracy {r.get('rm/accuracy', float('nan')):.3f}"
+    elif name.startswith("ppo") and r:
+        m = r["last_metrics"]
+        steps, thr = r["updates"], f"{m['perf/episodes_per_s']:,.1f} episodes/s"
+        split = m["perf/gen_s"] + m["perf/score_s"] + m["perf/train_s"]
+        detail = (f"last update: gen {m['perf/gen_s'] / split:.0%} / score {m['perf/score_s'] / split:.0%} / "
+                  f"train {m['perf/train_s'] / split:.0%}, kl {m['ppo/kl']:.3f}")
+    print(f"{name:<20} {status:<7} {wall:>6} {steps!s:>6} {thr:>22}  {detail}")
+print(f"total {total}s; logs and outputs in {out}")
+EOF
+exit "$FAILED"
