@@ -208,3 +208,21 @@ def test_ctrl_c_closes_the_parent_run(home, first):
     parent = c.search_runs([c.get_experiment_by_name("pipeline-test").experiment_id],
                            "attributes.run_name = 'run5'")[0]
     assert parent.info.status == "FAILED" and "interrupted" in parent.data.tags["rlhf.error"]
+
+
+def test_training_steps_in_two_processes(home, first):
+    """The pipeline's sft, reward and ppo steps each start 2 DeepSpeed processes
+    (torchrun); rank 0 alone logs, saves and registers."""
+    args = [*TINY, "--set", "tracking.registered_model=pipe-dist", "--set", "distributed.num_processes=2"]
+    r = rlhf(home, "run", *args, "--output", str(home / "run6"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("sft", "reward", "ppo"):
+        assert json.loads((home / "run6" / stage / "result.json").read_text())["processes"] == 2
+    c = client(home)
+    parent = c.search_runs([c.get_experiment_by_name("pipeline-test").experiment_id],
+                           "attributes.run_name = 'run6'")[0]
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(ch.info.run_name for ch in children) == ["eval", "ppo", "promote", "reward", "sft"]
+    ppo = next(ch for ch in children if ch.info.run_name == "ppo")
+    assert [m.step for m in c.get_metric_history(ppo.info.run_id, "ppo/kl")] == [1, 2, 3]  # once per update
+    assert [str(v.version) for v in c.search_model_versions("name = 'pipe-dist-policy'")] == ["1"]
