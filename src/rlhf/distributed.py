@@ -310,6 +310,19 @@ class Trainable:
             self.sched.load_state_dict(objects["sched"])
 
 
+def save_trained(model: Trainable, tok, store, key: str, tracker, kind: str) -> str | None:
+    """Rank 0 writes the trained model (safetensors + tokenizer) to `key` in the store
+    and logs it to MLflow as `kind`; returns its MLflow URI (None on other ranks).
+    Every rank calls it: under ZeRO-3 all of them take part in gathering the weights."""
+    from rlhf.models import save_model
+
+    with model.gathered():
+        if model.dist.main:
+            with tempfile.TemporaryDirectory() as tmp:
+                store.put_dir(save_model(model.module, tok, Path(tmp) / "model"), key)
+    return tracker.log_model(store.get_dir(key), kind) if model.dist.main else None
+
+
 def frozen(model: torch.nn.Module, dist: Dist, dcfg: DistributedConfig) -> torch.nn.Module:
     """A model that is only scored with (reference policy, reward model): eval mode, no
     gradients, replicated on every GPU, in bf16 when the trained models are."""

@@ -16,25 +16,27 @@ Each update:
   3. advantages: shaped rewards, GAE, whitening
   4. optimise: `ppo_epochs` passes over shuffled minibatches
   5. log / checkpoint
+
+On several GPUs (distributed.py) each process rolls out and trains on its slice of
+every batch; policy and value are DeepSpeed engines, reference and reward model are
+replicas; under ZeRO-3 rollouts gather the policy (or generate with synced_gpus).
 """
 
 from __future__ import annotations
 
 import contextlib
-import tempfile
-from pathlib import Path
 
 import torch
 
 from rlhf.config import PipelineConfig
-from rlhf.distributed import Trainable, check_divisible, frozen, setup
+from rlhf.distributed import Trainable, check_divisible, frozen, save_trained, setup
 from rlhf.settings import maybe_inject_fault
 from rlhf.data.tasks import gold_score
 from rlhf.math import (
     AdaptiveKLController, FixedKLController, gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
     shaped_rewards,
 )
-from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, save_model
+from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
     PrepData, Timer, epoch_order, progress, resume_checkpoint, save_checkpoint, seed_everything, write_result,
@@ -186,14 +188,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
             maybe_inject_fault(state["step"], "ppo")
         bar.close()
 
-        model_uri = None
-        with policy.gathered():  # under ZeRO-3 every rank helps gather the weights rank 0 saves
-            if dist.main:
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = save_model(policy.module, tok, Path(tmp) / "model")
-                    store.put_dir(out, "ppo/model")
-        if dist.main:
-            model_uri = tracker.log_model(store.get_dir("ppo/model"), "policy")
+        model_uri = save_trained(policy, tok, store, "ppo/model", tracker, "policy")
         result = {"wall_s": timer(), "updates": state["step"], "resumed_from": state.get("resumed_from"), "final_beta": kl_ctl.value, "processes": dist.world,
                   "last_metrics": metrics, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from rlhf.config import PipelineConfig
-from rlhf.distributed import Trainable, check_divisible, setup
+from rlhf.distributed import Trainable, check_divisible, save_trained, setup
 from rlhf.settings import maybe_inject_fault
 from rlhf.data.tasks import gold_score
 from rlhf.math import pairwise_reward_loss
-from rlhf.models import load_reward_model, load_tokenizer, save_model, sequence_scores
+from rlhf.models import load_reward_model, load_tokenizer, sequence_scores
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
     PrepData, Timer, epoch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
@@ -200,14 +200,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
 
         # 5. save (problem_type "regression": pipelines return the raw score, no sigmoid)
         model.module.config.problem_type = "regression"
-        model_uri = None
-        with model.gathered():  # under ZeRO-3 every rank helps gather the weights rank 0 saves
-            if dist.main:
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = save_model(model.module, tok, Path(tmp) / "model")
-                    store.put_dir(out, "reward/model")
-        if dist.main:
-            model_uri = tracker.log_model(store.get_dir("reward/model"), "reward")
+        model_uri = save_trained(model, tok, store, "reward/model", tracker, "reward")
         result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), **final,
                   "pairs_per_s": pairs_per_s, "processes": dist.world, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}

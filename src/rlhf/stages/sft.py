@@ -11,21 +11,22 @@ Steps:
   3. optimiser + schedule; resume from the newest complete checkpoint
   4. train: step, evaluate every `eval_every`, early-stop, checkpoint every `checkpoint_every`
   5. save the best weights, log the model
+
+On several GPUs (distributed.py) each process trains on its slice of every batch
+through a DeepSpeed engine, evaluates the whole held-out set, and rank 0 logs and saves.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 
 import torch
 
 from rlhf.config import PipelineConfig
-from rlhf.distributed import Trainable, check_divisible, setup
+from rlhf.distributed import Trainable, check_divisible, save_trained, setup
 from rlhf.settings import maybe_inject_fault
 from rlhf.math import sft_loss
-from rlhf.models import build_causal_lm, load_causal_lm, load_tokenizer, save_model
+from rlhf.models import build_causal_lm, load_causal_lm, load_tokenizer
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
     PrepData, Timer, epoch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
@@ -142,14 +143,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         # 5. save the best weights (rank 0; under ZeRO-3 every rank helps gather them)
         if state["best_step"] > 0:
             model.load_state_dict(best)
-        model_uri = None
-        with model.gathered():
-            if dist.main:
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = save_model(model.module, tok, Path(tmp) / "model")
-                    store.put_dir(out, "sft/model")
-        if dist.main:
-            model_uri = tracker.log_model(store.get_dir("sft/model"), "policy")
+        model_uri = save_trained(model, tok, store, "sft/model", tracker, "policy")
         result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), "best_step": state["best_step"],
                   "best_eval_loss": state["best_loss"], "early_stopped": state["stopped"],
                   "tokens_per_s": tokens_per_s, "processes": dist.world,
