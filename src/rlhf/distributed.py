@@ -89,13 +89,17 @@ class Dist:
         torch.distributed.all_reduce(t)
         return float(t.item())
 
-    def mean_dict(self, values: dict[str, float]) -> dict[str, float]:
-        """Each number averaged over ranks, in one reduction."""
+    def sum_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """Each number summed over ranks, in one reduction."""
         if self.world == 1:
             return {k: float(v) for k, v in values.items()}
         t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self._comm_device)
         torch.distributed.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(values, t.tolist())}
+        return dict(zip(values, t.tolist()))
+
+    def mean_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """Each number averaged over ranks, in one reduction."""
+        return {k: v / self.world for k, v in self.sum_dict(values).items()}
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's value of a picklable object, on every rank."""

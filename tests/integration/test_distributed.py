@@ -213,3 +213,25 @@ def test_a_failing_rank_says_why(base, tmp_path):
     assert "stage 'sft' failed in 2 processes" in last
     assert "sft.batch_size=15 must divide by the 2 training processes" in last
     assert not (out / "sft" / "model").exists()
+
+
+def test_advantages_are_whitened_over_the_global_batch():
+    """Two ranks' slices whitened with the shared statistics equal one process whitening it all."""
+    from rlhf.math import masked_whiten
+    from rlhf.stages.ppo import whiten_global
+
+    g = torch.Generator().manual_seed(0)
+    adv = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    mask = (torch.rand(8, 5, generator=g) > 0.3).double()
+    halves = [(adv[:4], mask[:4]), (adv[4:], mask[4:])]
+
+    class TwoRanks:  # all_reduce of the two slices' sums, without processes
+        world = 2
+
+        def sum_dict(self, _values):
+            return {k: sum(float(v) for v in vs) for k, vs in zip(
+                ("sum", "sq", "n"), zip(*[((a * m).sum(), (a * a * m).sum(), m.sum()) for a, m in halves]))}
+
+    both = torch.cat([whiten_global(a, m, TwoRanks()) for a, m in halves])
+    assert torch.allclose(both, masked_whiten(adv, mask), atol=1e-7)
+    assert torch.equal(whiten_global(adv, mask, Dist()), masked_whiten(adv, mask))

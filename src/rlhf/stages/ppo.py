@@ -60,6 +60,17 @@ class PromptSampler:
         return out
 
 
+def whiten_global(adv: torch.Tensor, mask: torch.Tensor, dist) -> torch.Tensor:
+    """`masked_whiten` over the whole rollout batch: with several processes, the mean and
+    (unbiased) variance come from every rank's slice, as if one process held them all."""
+    if dist.world == 1:
+        return masked_whiten(adv, mask)
+    t = dist.sum_dict({"sum": (adv * mask).sum(), "sq": (adv * adv * mask).sum(), "n": mask.sum()})
+    mean = t["sum"] / max(t["n"], 1.0)
+    var = (t["sq"] - t["n"] * mean * mean) / max(t["n"] - 1, 1.0)
+    return (adv - mean) / (max(var, 0.0) + 1e-8) ** 0.5 * mask
+
+
 def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
     timer = Timer()
     dist = setup(cfg)
@@ -138,7 +149,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
             rew, kl = shaped_rewards(score, old_lp, ref_lp, mask, kl_ctl.value, pcfg.kl.estimator)  # (B, R)
             adv, ret = gae(rew, old_v, mask, pcfg.gamma, pcfg.lam)
             if pcfg.whiten_advantages:
-                adv = masked_whiten(adv, mask)
+                adv = whiten_global(adv, mask, dist)
 
             # 4. optimise
             stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac")}
