@@ -90,6 +90,9 @@ def test_other_example_profiles_compile(name, tmp_path):
     ("stages: {trainer: {}}", "stages.trainer"),
     ("env: {AWS_SECRET_ACCESS_KEY: abc}", "put them in a Kubernetes Secret"),
     ("env: {MLFLOW_TRACKING_URI: 'http://u:p@mlflow:5000'}", "put them in a Kubernetes Secret"),
+    ("stages: {eval: {nodes: 2}}", "stages.eval.nodes: 2: only sft, reward, ppo can run on several nodes"),
+    ("defaults: {nodes: 4}", "defaults: Value error, nodes: 4 would apply to every step"),
+    ("stages: {ppo: {nodes: 2, trainer_runtime: mpi}}", "stages.ppo.trainer_runtime"),
 ])
 def test_bad_profiles_fail_with_the_field(body, words, tmp_path):
     f = tmp_path / "p.yaml"

@@ -23,7 +23,6 @@ import pytest
 import yaml
 
 from rlhf.cli import main
-from rlhf.config import ConfigError
 from rlhf.profiles import Profile, load_profile
 from rlhf.settings import Settings
 from rlhf.trainjob import TrainJobError, TrainJobSpec, node_command, run_trainjob, secret_env, trainjob_spec
@@ -97,19 +96,6 @@ def test_spec_from_profile(spec):
 def test_spec_needs_a_training_stage(profile):
     with pytest.raises(ValueError, match="only sft, reward, ppo"):
         trainjob_spec(profile, "eval")
-
-
-@pytest.mark.parametrize("body,words", [
-    ("stages: {eval: {nodes: 2}}", "stages.eval.nodes: 2: only sft, reward, ppo can run on several nodes"),
-    ("defaults: {nodes: 4}", "defaults: Value error, nodes: 4 would apply to every step"),
-    ("stages: {ppo: {nodes: 2, trainer_runtime: mpi}}", "stages.ppo.trainer_runtime"),
-])
-def test_multi_node_profiles_are_checked(body, words, tmp_path):
-    f = tmp_path / "p.yaml"
-    f.write_text(body)
-    with pytest.raises(ConfigError) as e:
-        load_profile(f)
-    assert str(f) in str(e.value) and words in str(e.value)
 
 
 def test_node_command_torchrun(spec):
