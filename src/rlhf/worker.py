@@ -37,6 +37,19 @@ def run_request(request: dict) -> dict:
     raise ValueError(f"RLHF_STAGE_REQUEST: unknown kind {request.get('kind')!r} (expected pipeline or cli)")
 
 
+def finish_process_group() -> None:
+    """Wait for every rank, then tear the process group down before the interpreter
+    exits. Without it a rank that finishes first (rank 0 may still be writing the
+    model) exits with gloo/NCCL threads alive and C++ aborts it ("terminate called
+    without an active exception", SIGABRT), failing the whole job. Only on success:
+    after a failure the other ranks may never reach the barrier."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()
+
+
 def main() -> int:
     settings = Settings.from_env()
     if not settings.stage_request:
@@ -45,6 +58,7 @@ def main() -> int:
         return 2
     try:
         run_request(json.loads(settings.stage_request))
+        finish_process_group()
     except BaseException as e:
         if settings.worker_error_dir:
             msg = f"rank {settings.rank}: {type(e).__name__}: {e}"
