@@ -178,7 +178,7 @@ def bf16_enabled(dcfg: DistributedConfig, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def deepspeed_config(dcfg: DistributedConfig, *, batch_size: int, world: int, grad_clip: float, lr: float,
+def deepspeed_config(dcfg: DistributedConfig, *, batch_size: int, world: int, grad_clip: float | None, lr: float,
                      weight_decay: float = 0.0, eps: float = 1e-8, bf16: bool = False) -> dict:
     """The DeepSpeed config of one trained model, from the stage's settings.
 
@@ -203,7 +203,7 @@ def deepspeed_config(dcfg: DistributedConfig, *, batch_size: int, world: int, gr
         "train_batch_size": batch_size,
         "train_micro_batch_size_per_gpu": batch_size // world,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": grad_clip,
+        "gradient_clipping": grad_clip or 0.0,  # 0: no clipping
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
@@ -220,12 +220,19 @@ def deepspeed_config(dcfg: DistributedConfig, *, batch_size: int, world: int, gr
 # ----------------------------------------------------------------------------- trained models
 
 
+def fused_adamw(device: torch.device) -> dict:
+    """AdamW's fused kernel where torch has one: one kernel for all parameters instead
+    of a loop of small ops (CPU: 0.8 ms instead of 3.7 ms a step for a 1M-parameter
+    model, benchmarks/features.py). The update is the same to float rounding."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
 class Trainable:
     """A model with its AdamW optimiser and LR schedule, stepped the same way with or
     without DeepSpeed. Call it like the model (the forward goes through the engine);
     `.module` is the plain transformers model (generation, heads, saving)."""
 
-    def __init__(self, model: torch.nn.Module, dist: Dist, dcfg: DistributedConfig, *, lr: float, grad_clip: float,
+    def __init__(self, model: torch.nn.Module, dist: Dist, dcfg: DistributedConfig, *, lr: float, grad_clip: float | None,
                  batch_size: int, weight_decay: float = 0.0, eps: float = 1e-8,
                  schedule: Callable[[int], float] | None = None):
         self.dist, self.grad_clip, self.zero3 = dist, grad_clip, dist.deepspeed and dcfg.zero_stage == 3
@@ -237,7 +244,7 @@ class Trainable:
         if not dist.deepspeed:
             self.engine = None
             self.model = model
-            self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps)
+            self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps, **fused_adamw(dist.device))
             self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule) if schedule else None
             return
         import deepspeed
@@ -245,7 +252,8 @@ class Trainable:
         self.bf16 = bf16_enabled(dcfg, dist.device)
         ds_cfg = deepspeed_config(dcfg, batch_size=batch_size, world=dist.world, grad_clip=grad_clip, lr=lr,
                                   weight_decay=weight_decay, eps=eps, bf16=self.bf16)
-        client_opt = None if dcfg.offload_optimizer else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps)
+        client_opt = None if dcfg.offload_optimizer else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                                                                           eps=eps, **fused_adamw(dist.device))
         make_sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)) if schedule else None
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=client_opt, lr_scheduler=make_sched, config=ds_cfg)
@@ -270,7 +278,7 @@ class Trainable:
         if self.engine is None:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip else float("nan")
             self.opt.step()
             if self.sched:
                 self.sched.step()

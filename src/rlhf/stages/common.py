@@ -73,17 +73,86 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def lr_lambda(warmup: int, total: int, floor: float = 0.1):
-    """Linear warm-up then cosine decay to `floor` x peak."""
+def lr_lambda(warmup: int, total: int, kind: str = "cosine", floor: float = 0.1):
+    """LR factor after `step` scheduler steps: linear warm-up over `warmup` steps, then
+    cosine decay to `floor` x peak, linear decay to 0 (as the Hugging Face Trainer's
+    "linear"), or constant."""
     import math
+
+    if kind not in ("cosine", "linear", "constant"):
+        raise ValueError(f"unknown lr schedule {kind!r} (expected cosine, linear or constant)")
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
         progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress_
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress_))
 
     return f
+
+
+def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[int]:
+    """The order of one epoch, read in consecutive batches of `batch_size`.
+
+    Plain: a permutation fixed by (seed, epoch). Grouped by length: that permutation is
+    cut into chunks of 64 batches, each chunk sorted by length (longest first) and cut
+    into batches, and the batches are shuffled, so each batch holds sequences of about
+    one length (padding is waste: every pad token costs a full forward and backward)
+    while the epoch still visits every row once in a random batch order."""
+    order = epoch_order(len(lengths), seed, epoch)
+    if not group_by_length or batch_size <= 1:
+        return order
+    chunk = 64 * batch_size
+    batches: list[list[int]] = []
+    for c in range(0, len(order), chunk):
+        part = sorted(order[c:c + chunk], key=lambda i: -lengths[i])
+        batches += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
+    last = batches.pop() if len(order) % batch_size else None  # a short batch stays last (same step count)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_777)
+    out = [i for k in torch.randperm(len(batches), generator=g).tolist() for i in batches[k]]
+    return out + (last or [])
+
+
+class StepClock:
+    """Steady-state throughput of a training loop: `tick(units)` at the end of every
+    step; the first `untimed` steps of this process (warm-up: allocator, thread pools,
+    first-call kernels) are not counted, so rates are comparable between runs of any
+    length. Evaluations and checkpoints between two timed step ends count."""
+
+    def __init__(self, untimed: int = 2):
+        self.untimed, self.ticks, self.units, self.t0, self.t_last = untimed, 0, 0.0, None, None
+        self.parts: dict[str, float] = {}
+
+    def tick(self, units: float = 1.0, **parts: float) -> None:
+        now = time.perf_counter()
+        self.ticks += 1
+        if self.ticks == max(self.untimed, 1):  # the clock starts at the end of a step
+            self.t0 = now
+        elif self.ticks > self.untimed:
+            self.units += units
+            for k, v in parts.items():
+                self.parts[k] = self.parts.get(k, 0.0) + v
+        self.t_last = now
+
+    @property
+    def timed_steps(self) -> int:
+        return max(0, self.ticks - max(self.untimed, 1))
+
+    @property
+    def seconds(self) -> float:
+        return (self.t_last - self.t0) if self.t0 is not None else 0.0
+
+    def rate(self) -> float | None:
+        """Units per second over the timed steps (None when too few steps ran)."""
+        return self.units / self.seconds if self.timed_steps and self.seconds > 0 else None
+
+    def summary(self, unit: str) -> dict:
+        return {"untimed_steps": self.untimed, "timed_steps": self.timed_steps, "timed_s": self.seconds,
+                f"{unit}_per_s": self.rate(), **{f"{k}_s": v for k, v in self.parts.items()}}
 
 
 class PrepData:

@@ -22,7 +22,6 @@ Steps: 1. load  2. generate  3. score  4. compare  5. champion  6. summary + log
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import torch

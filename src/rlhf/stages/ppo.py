@@ -39,7 +39,7 @@ from rlhf.math import (
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
-    PrepData, Timer, epoch_order, progress, resume_checkpoint, save_checkpoint, seed_everything, write_result,
+    PrepData, StepClock, Timer, epoch_order, lr_lambda, progress, resume_checkpoint, save_checkpoint, seed_everything, write_result,
 )
 from rlhf.stages.rollout import decode_responses, generate, response_logprobs, response_values, rewards
 
@@ -86,19 +86,22 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         # trained models (policy, value) are DeepSpeed engines, the scored ones replicas.
         B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
         check_divisible({"ppo.rollout_batch_size": B, "ppo.minibatch_size": mb}, dist.world)
-        # AdamW's default weight decay (0.01), as this stage has always trained with
+        opt_steps = pcfg.updates * pcfg.ppo_epochs * (B // mb)  # the schedule runs over every optimizer step
         policy = Trainable(apply_lora(load_causal_lm(sft_dir, cfg.model), cfg.model), dist, dcfg, lr=pcfg.lr, eps=1e-5,
-                           weight_decay=0.01, grad_clip=pcfg.grad_clip, batch_size=mb).train()
+                           weight_decay=pcfg.weight_decay, grad_clip=pcfg.grad_clip, batch_size=mb,
+                           schedule=lr_lambda(0, opt_steps, pcfg.lr_schedule)).train()
         ref = frozen(load_causal_lm(sft_dir, cfg.model), dist, dcfg)
         reward_model = frozen(load_reward_model(rm_dir, cfg.model, tok.pad_token_id), dist, dcfg)
         value_src = rm_dir if pcfg.value_init == "reward" else sft_dir
         value = Trainable(load_reward_model(value_src, cfg.model, tok.pad_token_id), dist, dcfg, lr=pcfg.value_lr,
-                          eps=1e-5, weight_decay=0.01, grad_clip=pcfg.grad_clip, batch_size=mb).train()
+                          eps=1e-5, weight_decay=pcfg.weight_decay, grad_clip=pcfg.grad_clip, batch_size=mb,
+                          schedule=lr_lambda(0, opt_steps, pcfg.lr_schedule)).train()
         synced = policy.zero3 and dcfg.zero3_generation == "synced"
 
-        def rollout(prompts):  # under ZeRO-3 "gather", the whole policy is on each GPU while it samples
+        def rollout(prompts, logprobs=False):  # under ZeRO-3 "gather", the whole policy is on each GPU while it samples
             with (contextlib.nullcontext() if synced else policy.gathered()):
-                return generate(policy.module, tok, prompts, pcfg.max_new_tokens, pcfg.temperature, device, synced)
+                return generate(policy.module, tok, prompts, pcfg.max_new_tokens, pcfg.temperature, device, synced,
+                                logprobs=logprobs)
 
         rows = prep.rows("prompt_train")
         prompt_ids = [tok(r.prompt)["input_ids"] for r in rows]
@@ -124,18 +127,19 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         bar = progress(pcfg.updates, "ppo", quiet or not dist.main)
         bar.update(state["step"])
         metrics: dict[str, float] = {}
+        clock = StepClock()  # steady-state episodes/s and its split, for the result (first 2 updates: warm-up)
         while state["step"] < pcfg.updates:
             update = state["step"]
             t0 = Timer()
             # 1. rollout
             idx = dist.shard(sampler.indices(update * B, B))  # this rank's prompts
-            ro = rollout([prompt_ids[i] for i in idx])
+            ro = rollout([prompt_ids[i] for i in idx], logprobs=pcfg.logprobs_from_generation)
             t_gen = t0()
             mask = ro.response_mask.float()  # (B, R)
 
             # 2. score (no grad): old log pi, log pi_ref, V, RM score
             with torch.no_grad():
-                old_lp = response_logprobs(policy, ro, pcfg.temperature)  # (B, R)
+                old_lp = ro.logprobs if ro.logprobs is not None else response_logprobs(policy, ro, pcfg.temperature)  # (B, R)
                 ref_lp = response_logprobs(ref, ro, pcfg.temperature)  # (B, R)
                 old_v = response_values(value.module, ro)  # (B, R)
                 raw = rewards(reward_model, ro)  # (B,)
@@ -196,11 +200,13 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
                 state["kl_ctl"] = kl_ctl.state_dict()
                 save_checkpoint(store, "ppo", state["step"], {"policy": policy, "value": value}, state, cfg, dist)
                 tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
+            clock.tick(B, gen=t_gen, score=t_score, train=t_train)
             maybe_inject_fault(state["step"], "ppo")
         bar.close()
 
         model_uri = save_trained(policy, tok, store, "ppo/model", tracker, "policy")
         result = {"wall_s": timer(), "updates": state["step"], "resumed_from": state.get("resumed_from"), "final_beta": kl_ctl.value, "processes": dist.world,
+                  "episodes_per_s": clock.rate(), "throughput": clock.summary("episodes"),
                   "last_metrics": metrics, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}
     if dist.main:

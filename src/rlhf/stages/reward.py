@@ -37,7 +37,7 @@ from rlhf.math import pairwise_reward_loss
 from rlhf.models import load_reward_model, load_tokenizer, sequence_scores
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
-    PrepData, Timer, epoch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
+    PrepData, StepClock, Timer, batch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
     seed_everything, tokenize_pair, write_result,
 )
 
@@ -155,17 +155,20 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         # 2. optimiser, schedule (DeepSpeed across GPUs), resume
         check_divisible({"reward.batch_size": bs}, dist.world)
         model = Trainable(model, dist, cfg.distributed, lr=rcfg.lr, weight_decay=rcfg.weight_decay,
-                          grad_clip=rcfg.grad_clip, batch_size=bs, schedule=lr_lambda(rcfg.warmup_steps, total)).train()
+                          grad_clip=rcfg.grad_clip, batch_size=bs, schedule=lr_lambda(rcfg.warmup_steps, total, rcfg.lr_schedule)).train()
         state = resume_checkpoint(store, "reward", {"model": model}, cfg, dist) or {"step": 0}
 
         # 3. train
         bar = progress(total, "reward", quiet or not dist.main)
         bar.update(state["step"])
         pairs_done, t_last = 0, Timer()
-        all_pairs, t_train = 0, Timer()  # for the result's throughput (evaluations included)
+        clock = StepClock()  # steady-state throughput for the result (first 2 steps are warm-up)
+        lengths, orders = [len(c) + len(r) for c, r in train], {}
         while state["step"] < total:
             epoch, i = divmod(state["step"], steps_per_epoch)
-            order = epoch_order(len(train), cfg.seed + 1, epoch)
+            if epoch not in orders:
+                orders = {epoch: batch_order(lengths, bs, cfg.seed + 1, epoch, rcfg.group_by_length)}
+            order = orders[epoch]
             batch = dist.shard([train[j] for j in order[i * bs:(i + 1) * bs]])  # this rank's slice
             seqs = [b[0] for b in batch] + [b[1] for b in batch]  # chosen then rejected: one forward
             ids, attn = pad_right(seqs, tok.pad_token_id)  # (2B, T)
@@ -175,7 +178,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
             gnorm = model.step(loss)
             state["step"] += 1
             pairs_done += len(batch) * dist.world
-            all_pairs += len(batch) * dist.world
+            clock.tick(len(batch) * dist.world)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['accuracy'].item():.2f}")
             metrics = {"rm/loss": dist.mean(loss.item()), "rm/train_accuracy": dist.mean(stats["accuracy"].item()),
@@ -190,7 +193,6 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
                 tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
             maybe_inject_fault(state["step"], "reward")
         bar.close()
-        pairs_per_s = all_pairs / max(t_train(), 1e-9)
 
         # 4. held-out accuracy
         final = {}
@@ -202,7 +204,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         model.module.config.problem_type = "regression"
         model_uri = save_trained(model, tok, store, "reward/model", tracker, "reward")
         result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), **final,
-                  "pairs_per_s": pairs_per_s, "processes": dist.world, "model_uri": model_uri,
+                  "pairs_per_s": clock.rate(), "throughput": clock.summary("pairs"), "processes": dist.world, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}
     if dist.main:
         write_result(store, "reward", result)

@@ -29,7 +29,7 @@ from rlhf.math import sft_loss
 from rlhf.models import build_causal_lm, load_causal_lm, load_tokenizer
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
-    PrepData, Timer, epoch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
+    PrepData, StepClock, Timer, batch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
     seed_everything, tokenize_pair, write_result,
 )
 
@@ -89,7 +89,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         check_divisible({"sft.batch_size": scfg.batch_size}, dist.world)
         model = Trainable(model, dist, cfg.distributed, lr=scfg.lr, weight_decay=scfg.weight_decay,
                           grad_clip=scfg.grad_clip, batch_size=scfg.batch_size,
-                          schedule=lr_lambda(scfg.warmup_steps, total)).train()
+                          schedule=lr_lambda(scfg.warmup_steps, total, scfg.lr_schedule)).train()
         best = model.state_dict()
         state = {"step": 0, "best_loss": float("inf"), "best_step": 0, "bad_evals": 0, "curve": [], "stopped": False}
         resumed = resume_checkpoint(store, "sft", {"model": model, "best": best}, cfg, dist)
@@ -104,18 +104,22 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         bar = progress(total, "sft", quiet or not dist.main)
         bar.update(state["step"])
         tokens, t_last = 0, Timer()
-        all_tokens, t_train = 0, Timer()  # for the result's throughput (evaluations included)
+        clock = StepClock()  # steady-state throughput for the result (first 2 steps are warm-up)
+        lengths, orders = [len(t[0]) for t in train], {}
         while state["step"] < total and not state["stopped"]:
             epoch, i = divmod(state["step"], steps_per_epoch)
-            order = epoch_order(len(train), cfg.seed, epoch)
+            if epoch not in orders:
+                orders = {epoch: batch_order(lengths, scfg.batch_size, cfg.seed, epoch, scfg.group_by_length)}
+            order = orders[epoch]
             batch = [train[j] for j in order[i * scfg.batch_size:(i + 1) * scfg.batch_size]]
             ids, attn, lm = collate(dist.shard(batch), tok.pad_token_id, device)  # this rank's slice
             loss, _ = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, lm)
             gnorm = model.step(loss)
             state["step"] += 1
             step = state["step"]
-            tokens += int(attn.sum())
-            all_tokens += int(attn.sum())
+            n_tok = int(attn.sum())
+            tokens += n_tok
+            clock.tick(dist.sum(n_tok) if dist.world > 1 else n_tok)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{state['best_loss']:.3f}")
             metrics = {"sft/loss": dist.mean(loss.item()), "sft/grad_norm": gnorm, "sft/lr": model.lr(),
@@ -138,7 +142,6 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
                 tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
             maybe_inject_fault(state["step"], "sft")
         bar.close()
-        tokens_per_s = dist.sum(all_tokens) / max(t_train(), 1e-9)
 
         # 5. save the best weights (rank 0; under ZeRO-3 every rank helps gather them)
         if state["best_step"] > 0:
@@ -146,7 +149,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         model_uri = save_trained(model, tok, store, "sft/model", tracker, "policy")
         result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), "best_step": state["best_step"],
                   "best_eval_loss": state["best_loss"], "early_stopped": state["stopped"],
-                  "tokens_per_s": tokens_per_s, "processes": dist.world,
+                  "tokens_per_s": clock.rate(), "throughput": clock.summary("tokens"), "processes": dist.world,
                   "eval_curve": state["curve"], "model_uri": model_uri, "mlflow_run_id": tracker.run_id}
         tracker.log_metrics({"sft/best_eval_loss": state["best_loss"]}, step=state["step"])
     if dist.main:

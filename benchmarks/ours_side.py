@@ -1,0 +1,201 @@
+"""Our side of the CPU throughput benchmark: one of our training stages per process, on the fixed workload.
+
+    .venv/bin/python benchmarks/ours_side.py {sft|rm|ppo} [--steps N] [--set KEY=VALUE ...] [--json FILE]
+
+It runs the workload of ../shared/benchmarks/WORKLOAD.md (`benchmarks/workload`) through our real
+stages (`rlhf.stages.sft/reward/ppo.run`, the code a pipeline step runs) and prints one JSON line
+with the same keys as `trl_side.py`, so `run.py` can set the two side by side.
+
+How the workload reaches the stages:
+- A local store in a temp folder holds what the earlier steps would have committed: `prep/` (the
+  workload's rows as our JSONL, its exact tokenizer) and, for rm/ppo, the input models: for rm a
+  `LlamaForSequenceClassification` seeded 42 as `sft/model` (the stage keeps its score head, so it
+  starts from TRL's very weights); for ppo a causal LM seeded 42 as `sft/model` and a classifier
+  seeded 43 as `reward/model` (the value model starts as its copy, as the page says).
+- The config is the page's: seed 42 (SFT's model is built seeded 42, as TRL's), 2 threads, fp32,
+  batch 16, the page's learning rates, linear decay to 0 with no warm-up, clipping 1.0 (PPO: none,
+  weight decay 0, one AdamW step per mini-batch for policy and value at 1e-5), no checkpoints or
+  evaluations inside the timed steps (the stage's own evaluation before step 1 and after the last
+  step falls outside the window).
+- Our defaults for speed stay on (length-grouped batches, log-probs from generation); `--set
+  sft.group_by_length=false` and the like turn one off, which is how `run.py --features` measures
+  each one before/after.
+- Timing is the stage's own `StepClock` (the page's rule: the end of step 2 to the end of the last
+  step). Losses per step come from the metrics the stage logs (`sft/loss`, `rm/loss`).
+- The tracker is the in-memory one (`--no-tracking`); MLflow's cost is measured separately, as
+  pipeline overhead, in `benchmarks/overhead.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["OMP_NUM_THREADS"] = "2"  # before torch starts its OpenMP pool: the page's 2 threads, CPU only
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import torch  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+STAGES = ("sft", "rm", "ppo")
+
+
+def load_workload():
+    spec = importlib.util.spec_from_file_location("workload", BENCH_DIR / "workload" / "__init__.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["workload"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_prep(w, store, tok) -> None:
+    """`prep/` as data prep commits it: the workload rows (train) plus a small held-out split."""
+    from rlhf.data.processing import write_jsonl
+    from rlhf.data.schema import PreferenceRow, PromptRow, SFTRow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        sft, rm, prompts = w.sft_rows(), w.rm_rows(), w.ppo_prompts()
+        splits = {
+            "sft_train": [SFTRow(**r) for r in sft], "sft_eval": [SFTRow(**r) for r in sft[:32]],
+            "preference_train": [PreferenceRow(**r) for r in rm], "preference_eval": [PreferenceRow(**r) for r in rm[:32]],
+            "prompt_train": [PromptRow(prompt=p) for p in prompts], "prompt_eval": [PromptRow(prompt=p) for p in prompts[:16]],
+        }
+        for name, rows in splits.items():
+            write_jsonl(rows, out / f"{name}.jsonl")
+        tok.save_pretrained(out / "tokenizer")
+        report = {"sources": {"benchmark": "WORKLOAD.md"}, "builtin_task": False,
+                  "sizes": {k: len(v) for k, v in splits.items()}, "tokenizer": {"trained": False, "vocab_size": len(tok)}}
+        (out / "report.json").write_text(json.dumps(report))
+        store.put_dir(out, "prep")
+
+
+def put_model(store, key: str, model, tok) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        store.put_dir(Path(tmp), key)
+
+
+def workload_config(w, stage: str, steps: int, overrides: list[str]):
+    """The page's settings as our PipelineConfig (+ `--set` overrides)."""
+    from rlhf.config import PipelineConfig, apply_override
+
+    s, r, p = w.SFT, w.RM, w.PPO
+    data = {
+        "seed": w.SEED, "device": "cpu", "num_threads": w.THREADS,
+        # user data (not the built-in task): no policy comparisons, no gold judge
+        "data": {"sft_path": "workload:sft", "preference_path": "workload:rm"},
+        "model": {"vocab_size": 512, "hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 384,
+                  "max_position_embeddings": 256},
+        "sft": {"max_epochs": 1, "batch_size": s["batch_size"], "lr": s["lr"], "weight_decay": 0.0, "warmup_steps": 0,
+                "lr_schedule": "linear", "grad_clip": s["grad_clip"], "eval_every": 10_000, "checkpoint_every": 10_000,
+                "max_steps": steps},
+        "reward": {"epochs": 1, "batch_size": r["batch_size"], "lr": r["lr"], "weight_decay": 0.0, "warmup_steps": 0,
+                   "lr_schedule": "linear", "grad_clip": r["grad_clip"], "margin": None, "policy_comparisons": 0,
+                   "checkpoint_every": 10_000, "max_steps": steps},
+        "ppo": {"updates": steps, "rollout_batch_size": p["episodes_per_update"],
+                "minibatch_size": p["episodes_per_update"] // p["minibatches"], "ppo_epochs": p["ppo_epochs"],
+                "lr": p["lr"], "value_lr": p["lr"], "weight_decay": 0.0, "grad_clip": None, "lr_schedule": "linear",
+                "clip_eps": p["clip"], "value_clip_eps": p["value_clip"], "gamma": p["gamma"], "lam": p["lam"],
+                "whiten_advantages": True, "normalize_reward": False, "missing_eos_penalty": 0.0,
+                "kl": {"init_coef": p["kl_coef"], "adaptive": False, "estimator": "k1"},
+                "max_new_tokens": p["new_tokens"], "temperature": p["temperature"], "value_init": "reward",
+                "gold_log_every": 10_000, "checkpoint_every": 10_000},
+        "tracking": {"log_models": False},
+    }
+    for item in overrides:
+        data = apply_override(data, item)
+    return PipelineConfig.model_validate(data)
+
+
+def run_stage(w, stage: str, steps: int, overrides: list[str], root: Path) -> dict:
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    from rlhf.stages import ppo, reward, sft
+    from rlhf.store import LocalStore
+    from rlhf.tracking import NullTracker
+
+    cfg = workload_config(w, stage, steps, overrides)
+    store, tok, tracker = LocalStore(root), w.tokenizer(), NullTracker()
+    write_prep(w, store, tok)
+    if stage == "rm":
+        torch.manual_seed(w.SEED)
+        rm_cfg = w.model_config()
+        rm_cfg.num_labels = 1
+        put_model(store, "sft/model", LlamaForSequenceClassification(rm_cfg), tok)
+    if stage == "ppo":
+        torch.manual_seed(w.PPO["policy_seed"])
+        put_model(store, "sft/model", LlamaForCausalLM(w.model_config()), tok)
+        torch.manual_seed(w.PPO["reward_seed"])
+        rm_cfg = w.model_config()
+        rm_cfg.num_labels = 1
+        put_model(store, "reward/model", LlamaForSequenceClassification(rm_cfg), tok)
+    module = {"sft": sft, "rm": reward, "ppo": ppo}[stage]
+    result = module.run(cfg, store, tracker, quiet=True)
+    thr = result["throughput"]
+    out = {"timed_steps": thr["timed_steps"], "wall_s": thr["timed_s"]}
+    if stage in ("sft", "rm"):
+        key = {"sft": "sft/loss", "rm": "rm/loss"}[stage]
+        out["steps"] = result["steps"]
+        out["losses"] = [m[key] for _, m in tracker.metrics if key in m]
+    if stage == "sft":
+        out.update(tokens_per_s=thr["tokens_per_s"], steps_per_s=thr["timed_steps"] / thr["timed_s"])
+    elif stage == "rm":
+        out.update(pairs_per_s=thr["pairs_per_s"], steps_per_s=thr["timed_steps"] / thr["timed_s"])
+    else:
+        gen, score, train = thr["gen_s"], thr["score_s"], thr["train_s"]
+        out.update(updates=result["updates"], timed_updates=thr["timed_steps"], episodes_per_s=thr["episodes_per_s"],
+                   gen_s=gen, rollout_score_s=score, train_s=train, other_s=thr["timed_s"] - gen - score - train,
+                   gen_tokens_per_s=None)
+        out.pop("timed_steps")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--steps", type=int, help="optimizer steps (sft/rm) or PPO updates (ppo), the 2 untimed "
+                                                  "included; default: the page's 60 / 12")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as `rlhf run --set` (e.g. sft.group_by_length=false)")
+    parser.add_argument("--json", type=Path, help="also write the result to this file")
+    args = parser.parse_args(argv)
+    began = time.perf_counter()
+    torch.set_num_threads(2)
+    w = load_workload()
+    steps = args.steps or {"sft": w.SFT["steps"], "rm": w.RM["steps"], "ppo": w.PPO["updates"]}[args.stage]
+    if steps <= 2:
+        parser.error(f"--steps {steps}: the first 2 are untimed warm-up, so at least 3 are needed")
+    import transformers
+
+    import rlhf
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory(prefix=f"ours_side_{args.stage}_") as root:
+        result = run_stage(w, args.stage, steps, args.overrides, Path(root))
+    result = {
+        "stage": args.stage, **result, "overrides": args.overrides,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "run_s": time.perf_counter() - began,
+        "versions": {"rlhf": getattr(rlhf, "__version__", "?"), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "threads": torch.get_num_threads(),
+    }
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.json:
+        args.json.write_text(line + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
