@@ -134,6 +134,7 @@ class RewardConfig(_Model):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine: linear warm-up, then cosine decay to 0.1x peak; linear: warm-up, then linear decay to 0 (the Hugging Face Trainer default); constant: warm-up, then flat.")
     group_by_length: bool = Field(True, description="Batch pairs of similar length together: little padding, the same loss.")
+    share_prefix: bool = Field(True, description="Score chosen and rejected in one packed row that holds their common prefix (the prompt and more) once, with a block attention mask: the same scores to float rounding, less compute. Checked against separate forwards on the first step; models that ignore custom masks fall back.")
     margin: float | None = Field(None, description="Optional fixed margin in the pairwise loss.")
     policy_comparisons: int = Field(12000, ge=0, description="Built-in task only: comparisons of two SFT samples per prompt, labelled by the simulated labelers (as InstructGPT's labelers ranked SFT outputs), added to the preference data.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")

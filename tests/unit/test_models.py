@@ -14,10 +14,12 @@ from rlhf.models import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    pair_scores,
     position_ids_from_mask,
     resolve_source,
     save_model,
     sequence_scores,
+    shared_prefix_batch,
     token_values,
     train_tokenizer,
 )
@@ -294,3 +296,48 @@ def test_s3_source_needs_store():
     with pytest.raises(ModelLoadError, match="store"):
         resolve_source("s3://bucket/model")
     assert resolve_source("some/local/path") == "some/local/path"
+
+
+PAIRS = [
+    ([5, 6, 7, 8, 9, 1], [5, 6, 7, 9, 8, 1]),  # swapped items: 3 tokens shared
+    ([10, 11, 12, 1], [10, 11, 13, 14, 15, 1]),  # different lengths
+    ([20, 21, 1], [20, 21, 1]),  # identical: each side still keeps its last token
+    ([30, 1], [31, 32, 33, 1]),  # nothing shared
+]
+
+
+def test_shared_prefix_batch_layout():
+    b = shared_prefix_batch(PAIRS, pad_id=0)
+    assert b["input_ids"][0].tolist()[:9] == [5, 6, 7, 8, 9, 1, 9, 8, 1]  # chosen, then rejected after "5 6 7"
+    assert b["position_ids"][0].tolist()[:9] == [0, 1, 2, 3, 4, 5, 3, 4, 5]
+    assert b["input_ids"][2].tolist()[:4] == [20, 21, 1, 1] and b["position_ids"][2].tolist()[:4] == [0, 1, 2, 2]
+    assert b["chosen_index"].tolist() == [5, 3, 2, 1] and b["rejected_index"].tolist() == [8, 7, 3, 5]
+    m = b["attention_mask"][0, 0]
+    assert m[6, :3].all() and not m[6, 3:6].any() and m[6, 6]  # rejected sees the prefix and itself only
+    pad_row = b["attention_mask"][3, 0, 8]  # row 3 is 6 tokens long
+    assert m.shape == (9, 9) and pad_row.tolist() == [False] * 8 + [True]  # a pad sees only itself
+
+
+def test_pair_scores_equal_separate_forwards_with_gradients(rm):
+    """One packed forward gives each side's score (and gradient) of its own forward."""
+    model = rm.train()
+    try:
+        c, r = pair_scores(model, PAIRS, pad_id=0, device="cpu")
+        (c.sum() - 2 * r.sum()).backward()
+        packed_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        ref_c = torch.stack([_reference_grad(model, a) for a, _ in PAIRS])
+        ref_r = torch.stack([_reference_grad(model, b) for _, b in PAIRS])
+        (ref_c.sum() - 2 * ref_r.sum()).backward()
+        torch.testing.assert_close(c, ref_c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r, ref_r, atol=1e-5, rtol=1e-5)
+        for g, p in zip(packed_grads, model.parameters()):
+            torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    finally:
+        model.zero_grad()
+        model.eval()
+
+
+def _reference_grad(model, seq):
+    hidden = model.model(input_ids=torch.tensor([seq])).last_hidden_state
+    return model.score(hidden[0, -1]).squeeze(-1)

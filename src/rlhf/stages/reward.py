@@ -2,7 +2,9 @@
 
 The SFT backbone with a scalar head (AutoModelForSequenceClassification, one label),
 trained with the pairwise loss -log sigmoid(r(x, y_w) - r(x, y_l) - margin)
-(InstructGPT eq. 1). Chosen and rejected go through one forward per step.
+(InstructGPT eq. 1). Chosen and rejected go through one forward per step, packed
+into one row over their shared prefix (`models.heads.pair_scores`) when the model
+honours the block mask, as separate rows otherwise.
 
 Held-out accuracy is reported twice: against the labels in the data (`rm/label_accuracy`)
 and, when the task has a gold judge, against the judge on the pairs it does not tie
@@ -34,7 +36,7 @@ from rlhf.distributed import Trainable, check_divisible, save_trained, setup
 from rlhf.settings import maybe_inject_fault
 from rlhf.data.tasks import gold_score
 from rlhf.math import pairwise_reward_loss
-from rlhf.models import load_reward_model, load_tokenizer, sequence_scores
+from rlhf.models import load_reward_model, load_tokenizer, pair_scores, sequence_scores
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
     PrepData, StepClock, Timer, batch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
@@ -97,6 +99,29 @@ def collect_policy_comparisons(cfg: PipelineConfig, tok, sft_dir: str, prep, sto
         (Path(tmp) / "info.json").write_text(json.dumps({k: len(v) for k, v in out.items()}))
         store.put_dir(Path(tmp), "reward/comparisons")
     return out
+
+
+def separate_scores(model, batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected as separate rows of one forward, (B,) each."""
+    seqs = [b[0] for b in batch] + [b[1] for b in batch]
+    ids, attn = pad_right(seqs, pad_id)  # (2B, T)
+    r = sequence_scores(model, ids.to(device), attn.to(device))  # (2B,)
+    return r[: len(batch)], r[len(batch):]
+
+
+def shared_prefix_works(model, batch, pad_id: int, device, dist) -> bool:
+    """Whether this model honours the block mask of `pair_scores` (custom 4D masks are
+    a transformers feature some attention implementations ignore): both ways on one
+    batch must agree; every rank must agree to use it."""
+    with torch.no_grad():
+        try:
+            a, b = pair_scores(model, batch, pad_id, device), separate_scores(model, batch, pad_id, device)
+            ok = all(torch.allclose(x, y, rtol=1e-3, atol=1e-3) for x, y in zip(a, b))
+        except (RuntimeError, ValueError, TypeError) as e:
+            print(f"reward: shared-prefix scoring unavailable ({type(e).__name__}: {e}); scoring chosen and "
+                  "rejected as separate rows")
+            ok = False
+    return dist.sum(float(not ok)) == 0 if dist.world > 1 else ok
 
 
 def heldout_accuracy(model, rows, pairs, pad_id: int, device) -> dict[str, float]:
@@ -163,18 +188,19 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         bar.update(state["step"])
         pairs_done, t_last = 0, Timer()
         clock = StepClock()  # steady-state throughput for the result (first 2 steps are warm-up)
-        lengths, orders = [len(c) + len(r) for c, r in train], {}
+        lengths, orders, shared = [len(c) + len(r) for c, r in train], {}, None
         while state["step"] < total:
             epoch, i = divmod(state["step"], steps_per_epoch)
             if epoch not in orders:
                 orders = {epoch: batch_order(lengths, bs, cfg.seed + 1, epoch, rcfg.group_by_length)}
             order = orders[epoch]
             batch = dist.shard([train[j] for j in order[i * bs:(i + 1) * bs]])  # this rank's slice
-            seqs = [b[0] for b in batch] + [b[1] for b in batch]  # chosen then rejected: one forward
-            ids, attn = pad_right(seqs, tok.pad_token_id)  # (2B, T)
-            ids, attn = ids.to(device), attn.to(device)
-            r = sequence_scores(model.module, ids, attn)  # (2B,)
-            loss, stats = pairwise_reward_loss(r[: len(batch)], r[len(batch):], rcfg.margin)
+            if shared is None:  # first step of this process: does the model take the packed rows?
+                shared = rcfg.share_prefix and shared_prefix_works(model.module, batch, tok.pad_token_id, device, dist)
+            # chosen and rejected in one forward: packed over their shared prefix, or as separate rows
+            scores = pair_scores if shared else separate_scores
+            r_c, r_r = scores(model.module, batch, tok.pad_token_id, device)  # (B,) each
+            loss, stats = pairwise_reward_loss(r_c, r_r, rcfg.margin)
             gnorm = model.step(loss)
             state["step"] += 1
             pairs_done += len(batch) * dist.world
