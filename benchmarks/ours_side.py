@@ -153,10 +153,27 @@ def run_stage(w, stage: str, steps: int, overrides: list[str], root: Path) -> di
     else:
         gen, score, train = thr["gen_s"], thr["score_s"], thr["train_s"]
         out.update(updates=result["updates"], timed_updates=thr["timed_steps"], episodes_per_s=thr["episodes_per_s"],
-                   gen_s=gen, rollout_score_s=score, train_s=train, other_s=thr["timed_s"] - gen - score - train,
-                   gen_tokens_per_s=None)
+                   gen_s=gen, rollout_score_s=score, train_s=train, other_s=thr["timed_s"] - gen - score - train)
         out.pop("timed_steps")
     return out
+
+
+def force_gc() -> None:
+    """TRL's PPO loop calls gc.collect() twice per update; do the same around our rollout
+    (stage code untouched: the stage looks `generate` up in its module at call time)."""
+    import gc
+
+    from rlhf.stages import ppo
+
+    inner = ppo.generate
+
+    def generate(*args, **kwargs):
+        gc.collect()
+        out = inner(*args, **kwargs)
+        gc.collect()
+        return out
+
+    ppo.generate = generate
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -167,8 +184,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                   "included; default: the page's 60 / 12")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as `rlhf run --set` (e.g. sft.group_by_length=false)")
+    parser.add_argument("--force-gc", action="store_true",
+                        help="ppo: call gc.collect() twice per update, as TRL does (the \"before\" of no forced gc)")
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     args = parser.parse_args(argv)
+    if args.force_gc:
+        force_gc()
     began = time.perf_counter()
     torch.set_num_threads(2)
     w = load_workload()
@@ -183,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"ours_side_{args.stage}_") as root:
         result = run_stage(w, args.stage, steps, args.overrides, Path(root))
     result = {
-        "stage": args.stage, **result, "overrides": args.overrides,
+        "stage": args.stage, **result, "overrides": args.overrides, "force_gc": args.force_gc,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "run_s": time.perf_counter() - began,
         "versions": {"rlhf": getattr(rlhf, "__version__", "?"), "torch": torch.__version__,

@@ -142,7 +142,7 @@ def report(stage: str, s: dict) -> list[str]:
         lines.append(f"     TRL without gc:  {pct(s['trl_split_without_gc'])}")
     else:
         lc = s["loss_check"]
-        lines.append(f"     losses at equal steps (10-step means, ours / TRL): " + ", ".join(
+        lines.append("     losses at equal steps (10-step means, ours / TRL): " + ", ".join(
             f"{w['steps']}: {w['ours']:.4f}/{w['trl']:.4f}" for w in lc["windows"]))
         lines.append(f"     loss check: {'same within noise' if lc['ok'] else 'DIFFERENT'} (step 1: "
                      f"{lc['first'][0]:.4f} / {lc['first'][1]:.4f}; largest |diff| "

@@ -7,6 +7,7 @@ Stages receive a tracker and only call `stage_run`, `log_metrics`, `log_table`,
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +36,7 @@ class NullTracker:
         self.tables: dict[str, list[dict]] = {}
         self.models: dict[str, str] = {}
         self.run_id = None
+        self.seconds = 0.0
 
     @contextlib.contextmanager
     def stage_run(self, name: str, params: dict[str, Any], store=None) -> Iterator[None]:
@@ -70,6 +72,20 @@ def embedded_tracking_uri(home: Path) -> str:
     return f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
 
 
+def _timed(method):
+    """Adds the call's duration to `self.seconds` (time spent talking to MLflow)."""
+
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    return timed
+
+
 class MLflowTracker:
     """One MLflow run per stage, in one experiment, optionally nested under a pipeline run.
 
@@ -92,6 +108,7 @@ class MLflowTracker:
         self.run_id: str | None = None
         self._buffer: list = []
         self._last_flush = time.monotonic()
+        self.seconds = 0.0  # spent in MLflow calls (stage results report it: pipeline overhead)
 
     @contextlib.contextmanager
     def stage_run(self, name: str, params: dict[str, Any], store=None) -> Iterator[None]:
@@ -102,6 +119,7 @@ class MLflowTracker:
         if store is not None and store.exists(key):
             resume_id = store.read_bytes(key).decode().strip() or None
         parent = self.parent_run_id
+        t_start = time.perf_counter()
         with self.mlflow.start_run(run_id=resume_id, run_name=None if resume_id else name,
                                    experiment_id=None if resume_id else self.experiment_id,
                                    nested=bool(parent), parent_run_id=parent if not resume_id else None,
@@ -117,6 +135,7 @@ class MLflowTracker:
                 for i in range(0, len(items), 90):
                     self.mlflow.log_params(dict(items[i:i + 90]))
                 self.mlflow.set_tags({"rlhf.stage": name, **self.tags})
+            self.seconds += time.perf_counter() - t_start
             try:
                 yield
             finally:
@@ -131,6 +150,7 @@ class MLflowTracker:
         if len(self._buffer) >= 900 or time.monotonic() - self._last_flush > FLUSH_SECONDS:
             self.flush()
 
+    @_timed
     def flush(self) -> None:
         if self._buffer and self.run_id:
             client = self.mlflow.MlflowClient()
@@ -139,15 +159,18 @@ class MLflowTracker:
         self._buffer = []
         self._last_flush = time.monotonic()
 
+    @_timed
     def log_table(self, rows: list[dict], name: str) -> None:
         if rows:
             import pandas as pd
 
             self.mlflow.log_table(pd.DataFrame(rows), artifact_file=name)
 
+    @_timed
     def log_dict(self, obj: dict, name: str) -> None:
         self.mlflow.log_dict(obj, name)
 
+    @_timed
     def log_model(self, model_dir: Path, kind: str, name: str = "model") -> str | None:
         """Log a saved model folder. kind: 'policy' (text generation) or 'reward' (scoring)."""
         if not self.log_models:
@@ -166,7 +189,7 @@ class MLflowTracker:
             pip_requirements=_pip_requirements())
         return info.model_uri
 
-
+    @_timed
     def log_parent_dict(self, parent_run_id: str | None, obj: dict, name: str) -> None:
         if parent_run_id:
             self.mlflow.MlflowClient().log_dict(parent_run_id, obj, name)

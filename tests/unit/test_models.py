@@ -14,12 +14,14 @@ from rlhf.models import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    Segment,
+    pack,
     pair_scores,
+    pair_segment,
     position_ids_from_mask,
     resolve_source,
     save_model,
     sequence_scores,
-    shared_prefix_batch,
     token_values,
     train_tokenizer,
 )
@@ -306,23 +308,33 @@ PAIRS = [
 ]
 
 
-def test_shared_prefix_batch_layout():
-    b = shared_prefix_batch(PAIRS, pad_id=0)
-    assert b["input_ids"][0].tolist()[:9] == [5, 6, 7, 8, 9, 1, 9, 8, 1]  # chosen, then rejected after "5 6 7"
-    assert b["position_ids"][0].tolist()[:9] == [0, 1, 2, 3, 4, 5, 3, 4, 5]
-    assert b["input_ids"][2].tolist()[:4] == [20, 21, 1, 1] and b["position_ids"][2].tolist()[:4] == [0, 1, 2, 2]
-    assert b["chosen_index"].tolist() == [5, 3, 2, 1] and b["rejected_index"].tolist() == [8, 7, 3, 5]
-    m = b["attention_mask"][0, 0]
-    assert m[6, :3].all() and not m[6, 3:6].any() and m[6, 6]  # rejected sees the prefix and itself only
-    pad_row = b["attention_mask"][3, 0, 8]  # row 3 is 6 tokens long
-    assert m.shape == (9, 9) and pad_row.tolist() == [False] * 8 + [True]  # a pad sees only itself
+def test_pair_segment_layout():
+    seg, ic, ir = pair_segment(*PAIRS[0])
+    assert seg.ids == [5, 6, 7, 8, 9, 1, 9, 8, 1]  # chosen, then rejected after the shared "5 6 7"
+    assert seg.pos == [0, 1, 2, 3, 4, 5, 3, 4, 5] and (ic, ir) == (5, 8)
+    assert seg.mask[6, :3].all() and not seg.mask[6, 3:6].any() and seg.mask[6, 6]  # prefix and itself only
+    seg, ic, ir = pair_segment(*PAIRS[2])  # identical: each side still keeps its last token
+    assert seg.ids == [20, 21, 1, 1] and seg.pos == [0, 1, 2, 2] and (ic, ir) == (2, 3)
 
 
-def test_pair_scores_equal_separate_forwards_with_gradients(rm):
+def test_pack_first_fit_with_block_diagonal_attention():
+    segs = [Segment([1] * 6), Segment([2] * 2), Segment([3] * 3), Segment([4] * 4)]
+    b = pack(segs, pad_id=0)
+    assert b["input_ids"].shape == (3, 6)  # 6 | 4+2 | 3 (first-fit decreasing into rows of the longest)
+    assert b["where"] == [(0, 0), (1, 4), (2, 0), (1, 0)]
+    assert b["input_ids"][1].tolist() == [4, 4, 4, 4, 2, 2] and b["position_ids"][1].tolist() == [0, 1, 2, 3, 0, 1]
+    m = b["attention_mask"][1, 0]
+    assert m[4, 4] and not m[4, :4].any() and m[5, 4:6].all()  # the second sequence sees only itself
+    assert b["attention_mask"][2, 0, 4].tolist() == [False] * 4 + [True, False]  # a pad sees only itself
+    assert pack(segs, pad_id=0, packed=False)["input_ids"].shape == (4, 6)  # one segment per row
+
+
+@pytest.mark.parametrize("share,packed", [(True, True), (True, False), (False, True)])
+def test_pair_scores_equal_separate_forwards_with_gradients(rm, share, packed):
     """One packed forward gives each side's score (and gradient) of its own forward."""
     model = rm.train()
     try:
-        c, r = pair_scores(model, PAIRS, pad_id=0, device="cpu")
+        c, r = pair_scores(model, PAIRS, pad_id=0, device="cpu", share_prefix=share, packed=packed)
         (c.sum() - 2 * r.sum()).backward()
         packed_grads = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()

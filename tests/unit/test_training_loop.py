@@ -124,3 +124,25 @@ def test_ppo_clipping_can_be_switched_off(tmp_path):
     assert cfg.ppo.grad_clip is None and cfg.ppo.lr_schedule == "linear"
     with pytest.raises(ConfigError, match="lr_schedule"):
         load_config(preset="tiny", overrides=["sft.lr_schedule=step"])
+
+
+def test_sft_packed_batch_has_the_padded_batch_loss_and_gradient(policy):
+    """Packed rows (block-diagonal attention, restarted positions) change the layout, not
+    the computation: same loss, same gradient; no label crosses into the next sequence."""
+    from rlhf.stages.sft import batch_loss, collate_packed
+
+    batch = [([5, 6, 7, 8, 9, 10], 2), ([11, 12, 13], 1), ([14, 15, 16, 17], 3), ([18, 19], 1), ([20, 21, 22], 2)]
+    inputs, lm, n = collate_packed(batch, 0, "cpu")
+    assert inputs["input_ids"].shape == (3, 6) and n == 18  # 6 | 4+2 | 3+3 instead of 5 rows of 6
+    assert int(lm.sum()) == sum(len(ids) - p for ids, p in batch)
+    grads = {}
+    for packed in (True, False):
+        policy.zero_grad()
+        loss, count = batch_loss(policy, batch, 0, "cpu", packed)
+        loss.backward()
+        grads[packed] = (loss.detach(), count, [p.grad.clone() for p in policy.parameters()])
+    policy.zero_grad()
+    torch.testing.assert_close(grads[True][0], grads[False][0], atol=1e-6, rtol=1e-5)
+    assert grads[True][1] == grads[False][1] == 18
+    for a, b in zip(grads[True][2], grads[False][2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -1,7 +1,7 @@
 """Model loading, tokenizers, and reward/value heads."""
 
 from rlhf.models.heads import (
-    last_token_index, pair_scores, position_ids_from_mask, sequence_scores, shared_prefix_batch, token_values,
+    Segment, last_token_index, pack, pair_scores, pair_segment, position_ids_from_mask, sequence_scores, token_values,
 )
 from rlhf.models.loading import (
     ModelLoadError,
@@ -17,5 +17,5 @@ from rlhf.models.tokenizer import train_tokenizer
 __all__ = [
     "ModelLoadError", "build_causal_lm", "load_causal_lm", "load_reward_model", "load_tokenizer",
     "resolve_source", "save_model", "train_tokenizer", "last_token_index", "position_ids_from_mask",
-    "sequence_scores", "token_values", "pair_scores", "shared_prefix_batch",
+    "sequence_scores", "token_values", "pair_scores", "pair_segment", "pack", "Segment",
 ]

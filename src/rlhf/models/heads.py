@@ -46,49 +46,99 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
 
-def shared_prefix_batch(pairs, pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen and rejected of each pair packed into one row that holds their common
-    prefix once: `[chosen | rejected after the prefix]`.
+class Segment:
+    """One sequence (or a chosen/rejected pair sharing a prefix) to place in a packed row:
+    token ids, the positions they would have alone, and which of its own tokens each
+    token attends to ((n, n) bool; None = causal)."""
 
-    The rejected tokens take the positions they would have alone (k, k+1, ... for a
-    prefix of k tokens) and a block mask lets them attend to the prefix and to each
-    other, never to chosen's own tokens, so every token sees exactly the context it
-    has in its own sequence and the scores equal two separate forwards (to float
-    rounding). Each side keeps at least its last token (where it is scored) out of the
-    prefix. Rows are right-padded; a pad attends only to itself.
+    __slots__ = ("ids", "pos", "mask")
 
-    Returns input_ids (B, L), position_ids (B, L), attention_mask (B, 1, L, L) bool,
-    chosen_index and rejected_index (B,): where each side's last token sits."""
-    rows, positions, ends = [], [], []
+    def __init__(self, ids: list[int], pos: list[int] | None = None, mask: torch.Tensor | None = None):
+        self.ids, self.pos, self.mask = list(ids), list(range(len(ids))) if pos is None else list(pos), mask
+
+
+def pair_segment(chosen: list[int], rejected: list[int]) -> tuple[Segment, int, int]:
+    """Chosen and rejected as one segment holding their common prefix once:
+    `[chosen | rejected after the prefix]`. Rejected's tokens take the positions they
+    would have alone (k, k+1, ... after a k-token prefix) and attend to the prefix and
+    to each other, never to chosen's own tokens, so every token sees exactly its own
+    sequence's context. Each side keeps at least its last token (where it is scored)
+    out of the prefix. Returns the segment and where chosen and rejected end in it."""
+    k, most = 0, min(len(chosen), len(rejected)) - 1
+    while k < most and chosen[k] == rejected[k]:
+        k += 1
+    lc, n = len(chosen), len(chosen) + len(rejected) - k
+    mask = torch.ones((n, n), dtype=torch.bool).tril()
+    mask[lc:, k:lc] = False  # rejected's tokens skip chosen's own
+    seg = Segment(list(chosen) + list(rejected[k:]), list(range(lc)) + list(range(k, len(rejected))), mask)
+    return seg, lc - 1, n - 1
+
+
+def pack(segments: list[Segment], pad_id: int, packed: bool = True) -> dict:
+    """Segments laid out in rows for one forward.
+
+    packed: first-fit decreasing into rows as long as the longest segment, so short
+    sequences share a row; otherwise one segment per row. Attention is block-diagonal
+    (a token sees only its own segment, as its mask says) and positions restart per
+    segment, so each segment's outputs equal those of its own forward (to float
+    rounding; tests/unit/test_models.py checks values and gradients). Rows are right-
+    padded; a pad attends only to itself.
+
+    Returns input_ids and position_ids (R, L), attention_mask (R, 1, L, L) bool, and
+    `where`: (row, offset) of each segment, in the order given."""
+    L = max(len(s.ids) for s in segments)  # wider rows fill a little better but cost more attention (measured)
+    rows: list[list[int]] = []  # segment indices per row
+    free: list[int] = []
+    order = sorted(range(len(segments)), key=lambda i: -len(segments[i].ids)) if packed else range(len(segments))
+    for i in order:
+        n = len(segments[i].ids)
+        r = next((j for j, f in enumerate(free) if f >= n), None) if packed else None
+        if r is None:
+            rows.append([])
+            free.append(L)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= n
+    R = len(rows)
+    ids = torch.full((R, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, L), dtype=torch.long)
+    mask = torch.eye(L, dtype=torch.bool).repeat(R, 1, 1)
+    where: list[tuple[int, int]] = [(0, 0)] * len(segments)
+    for r, members in enumerate(rows):
+        o = 0
+        for i in members:
+            s = segments[i]
+            n = len(s.ids)
+            ids[r, o:o + n] = torch.tensor(s.ids)
+            pos[r, o:o + n] = torch.tensor(s.pos)
+            mask[r, o:o + n, o:o + n] = s.mask if s.mask is not None else torch.ones((n, n), dtype=torch.bool).tril()
+            where[i] = (r, o)
+            o += n
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None], "where": where}
+
+
+def pair_scores(model, pairs, pad_id: int, device, share_prefix: bool = True,
+                packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of chosen and rejected, (B,) each, from one forward: each pair as one
+    segment over its shared prefix (`pair_segment`) or as two sequences, the segments
+    packed into few rows or one per row (`pack`)."""
+    segments, ends = [], []  # ends: (segment, index) of chosen and of rejected
     for c, r in pairs:
-        k, most = 0, min(len(c), len(r)) - 1
-        while k < most and c[k] == r[k]:
-            k += 1
-        rows.append((list(c) + list(r[k:]), len(c), k))
-        positions.append(list(range(len(c))) + list(range(k, len(r))))
-    B, L = len(rows), max(len(x) for x, _, _ in rows)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    mask = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)  # (B, L, L); pads see themselves only
-    for i, ((x, lc, k), p) in enumerate(zip(rows, positions)):
-        n = len(x)
-        ids[i, :n] = torch.tensor(x)
-        pos[i, :n] = torch.tensor(p)
-        block = torch.ones((n, n), dtype=torch.bool).tril()
-        block[lc:, k:lc] = False  # rejected's tokens skip chosen's own
-        mask[i, :n, :n] = block
-        ends.append((lc - 1, n - 1))
-    idx = torch.tensor(ends, dtype=torch.long)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None],
-            "chosen_index": idx[:, 0], "rejected_index": idx[:, 1]}
+        if share_prefix:
+            seg, ic, ir = pair_segment(c, r)
+            segments.append(seg)
+            ends.append(((len(segments) - 1, ic), (len(segments) - 1, ir)))
+        else:
+            segments += [Segment(c), Segment(r)]
+            ends.append(((len(segments) - 2, len(c) - 1), (len(segments) - 1, len(r) - 1)))
+    b = pack(segments, pad_id, packed)
+    out = model.base_model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                           position_ids=b["position_ids"].to(device))
+    values = _head(model)(out.last_hidden_state).squeeze(-1).float()  # (R, L)
 
+    def gather(side: int) -> torch.Tensor:
+        at = [(b["where"][seg][0], b["where"][seg][1] + i) for seg, i in (e[side] for e in ends)]
+        rows, cols = torch.tensor(at, device=values.device).T
+        return values[rows, cols]
 
-def pair_scores(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of chosen and rejected, (B,) each, from one forward of shared-prefix rows
-    (`shared_prefix_batch`): the common prefix (prompt and more) is computed once."""
-    b = {k: v.to(device) for k, v in shared_prefix_batch(pairs, pad_id).items()}
-    out = model.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           position_ids=b["position_ids"])
-    values = _head(model)(out.last_hidden_state).squeeze(-1).float()  # (B, L)
-    rows = torch.arange(values.shape[0], device=values.device)
-    return values[rows, b["chosen_index"]], values[rows, b["rejected_index"]]
+    return gather(0), gather(1)

@@ -205,7 +205,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         bar.close()
 
         model_uri = save_trained(policy, tok, store, "ppo/model", tracker, "policy")
-        result = {"wall_s": timer(), "updates": state["step"], "resumed_from": state.get("resumed_from"), "final_beta": kl_ctl.value, "processes": dist.world,
+        result = {"wall_s": timer(), "tracking_s": tracker.seconds, "updates": state["step"], "resumed_from": state.get("resumed_from"), "final_beta": kl_ctl.value, "processes": dist.world,
                   "episodes_per_s": clock.rate(), "throughput": clock.summary("episodes"),
                   "last_metrics": metrics, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}

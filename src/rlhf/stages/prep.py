@@ -103,6 +103,6 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False) -> dict:
         store.put_dir(out, "prep")
         tracker.log_dict(report, "prep_report.json")
         tracker.log_metrics({f"data/{k}_rows": float(len(v)) for k, v in splits.items()}, step=0)
-    result = {"wall_s": timer(), "sizes": report["sizes"], "hashes": report["hashes"]}
+    result = {"wall_s": timer(), "tracking_s": tracker.seconds, "sizes": report["sizes"], "hashes": report["hashes"]}
     write_result(store, "prep", result)
     return result

@@ -2,9 +2,10 @@
 
 The SFT backbone with a scalar head (AutoModelForSequenceClassification, one label),
 trained with the pairwise loss -log sigmoid(r(x, y_w) - r(x, y_l) - margin)
-(InstructGPT eq. 1). Chosen and rejected go through one forward per step, packed
-into one row over their shared prefix (`models.heads.pair_scores`) when the model
-honours the block mask, as separate rows otherwise.
+(InstructGPT eq. 1). Chosen and rejected go through one forward per step: each pair
+as one segment over its shared prefix, segments packed into few rows with block
+attention (`models.heads.pair_scores`) when the model honours custom masks, as
+separate padded rows otherwise.
 
 Held-out accuracy is reported twice: against the labels in the data (`rm/label_accuracy`)
 and, when the task has a gold judge, against the judge on the pairs it does not tie
@@ -109,17 +110,18 @@ def separate_scores(model, batch, pad_id: int, device) -> tuple[torch.Tensor, to
     return r[: len(batch)], r[len(batch):]
 
 
-def shared_prefix_works(model, batch, pad_id: int, device, dist) -> bool:
-    """Whether this model honours the block mask of `pair_scores` (custom 4D masks are
+def packed_scoring_works(model, batch, pad_id: int, device, dist, rcfg) -> bool:
+    """Whether this model honours the block masks of `pair_scores` (custom 4D masks are
     a transformers feature some attention implementations ignore): both ways on one
     batch must agree; every rank must agree to use it."""
     with torch.no_grad():
         try:
-            a, b = pair_scores(model, batch, pad_id, device), separate_scores(model, batch, pad_id, device)
+            a = pair_scores(model, batch, pad_id, device, rcfg.share_prefix, rcfg.packing)
+            b = separate_scores(model, batch, pad_id, device)
             ok = all(torch.allclose(x, y, rtol=1e-3, atol=1e-3) for x, y in zip(a, b))
         except (RuntimeError, ValueError, TypeError) as e:
-            print(f"reward: shared-prefix scoring unavailable ({type(e).__name__}: {e}); scoring chosen and "
-                  "rejected as separate rows")
+            print(f"reward: packed scoring unavailable ({type(e).__name__}: {e}); scoring chosen and "
+                  "rejected as separate padded rows")
             ok = False
     return dist.sum(float(not ok)) == 0 if dist.world > 1 else ok
 
@@ -188,18 +190,21 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         bar.update(state["step"])
         pairs_done, t_last = 0, Timer()
         clock = StepClock()  # steady-state throughput for the result (first 2 steps are warm-up)
-        lengths, orders, shared = [len(c) + len(r) for c, r in train], {}, None
+        lengths, orders, packed = [len(c) + len(r) for c, r in train], {}, None
         while state["step"] < total:
             epoch, i = divmod(state["step"], steps_per_epoch)
             if epoch not in orders:
                 orders = {epoch: batch_order(lengths, bs, cfg.seed + 1, epoch, rcfg.group_by_length)}
             order = orders[epoch]
             batch = dist.shard([train[j] for j in order[i * bs:(i + 1) * bs]])  # this rank's slice
-            if shared is None:  # first step of this process: does the model take the packed rows?
-                shared = rcfg.share_prefix and shared_prefix_works(model.module, batch, tok.pad_token_id, device, dist)
-            # chosen and rejected in one forward: packed over their shared prefix, or as separate rows
-            scores = pair_scores if shared else separate_scores
-            r_c, r_r = scores(model.module, batch, tok.pad_token_id, device)  # (B,) each
+            if packed is None:  # first step of this process: does the model take packed rows?
+                packed = (rcfg.share_prefix or rcfg.packing) and packed_scoring_works(
+                    model.module, batch, tok.pad_token_id, device, dist, rcfg)
+            # chosen and rejected in one forward: packed (over their shared prefix), or as padded rows
+            if packed:
+                r_c, r_r = pair_scores(model.module, batch, tok.pad_token_id, device, rcfg.share_prefix, rcfg.packing)
+            else:
+                r_c, r_r = separate_scores(model.module, batch, tok.pad_token_id, device)  # (B,) each
             loss, stats = pairwise_reward_loss(r_c, r_r, rcfg.margin)
             gnorm = model.step(loss)
             state["step"] += 1
@@ -229,7 +234,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         # 5. save (problem_type "regression": pipelines return the raw score, no sigmoid)
         model.module.config.problem_type = "regression"
         model_uri = save_trained(model, tok, store, "reward/model", tracker, "reward")
-        result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), **final,
+        result = {"wall_s": timer(), "tracking_s": tracker.seconds, "steps": state["step"], "resumed_from": state.get("resumed_from"), **final,
                   "pairs_per_s": clock.rate(), "throughput": clock.summary("pairs"), "processes": dist.world, "model_uri": model_uri,
                   "mlflow_run_id": tracker.run_id}
     if dist.main:

@@ -5,6 +5,10 @@ only. Training runs until the held-out loss stops improving for `patience`
 evaluations (or `max_epochs`), and the best weights are kept, so PPO starts from a
 fully trained SFT model and wins only by what preferences teach it.
 
+Each batch is a random sample of demonstrations; its sequences are packed into fewer
+rows with block-diagonal attention (`sft.packing`), so no compute goes to padding and
+the loss is the padded batch's.
+
 Steps:
   1. model + tokenizer (pretrained, or built from config with prep's tokenizer)
   2. tokenise demonstrations
@@ -26,7 +30,7 @@ from rlhf.config import PipelineConfig
 from rlhf.distributed import Trainable, check_divisible, save_trained, setup
 from rlhf.settings import maybe_inject_fault
 from rlhf.math import sft_loss
-from rlhf.models import build_causal_lm, load_causal_lm, load_tokenizer
+from rlhf.models import Segment, build_causal_lm, load_causal_lm, load_tokenizer, pack
 from rlhf.models.loading import apply_lora
 from rlhf.stages.common import (
     PrepData, StepClock, Timer, batch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
@@ -44,6 +48,43 @@ def collate(batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, tor
     for i, (_, plen) in enumerate(batch):
         loss_mask[i, :plen] = 0  # (B, T) 1 on completion + EOS
     return ids.to(device), attn.to(device), loss_mask.to(device)
+
+
+def collate_packed(batch, pad_id: int, device) -> tuple[dict, torch.Tensor, int]:
+    """The batch packed into fewer rows (`models.heads.pack`): model inputs (ids, block
+    attention mask, restarted positions), the loss mask, and the real token count. The
+    first token of each sequence is never a label (as in the padded layout), so no loss
+    crosses from one packed sequence into the next."""
+    b = pack([Segment(ids) for ids, _ in batch], pad_id)
+    loss_mask = torch.zeros_like(b["input_ids"])
+    for (ids, plen), (r, o) in zip(batch, b["where"]):
+        loss_mask[r, o + max(plen, 1):o + len(ids)] = 1
+    inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
+    return inputs, loss_mask.to(device), sum(len(ids) for ids, _ in batch)
+
+
+def batch_loss(model, batch, pad_id: int, device, packed: bool) -> tuple[torch.Tensor, int]:
+    """SFT loss of a batch (packed or padded) and its real token count."""
+    if packed:
+        inputs, lm, n = collate_packed(batch, pad_id, device)
+        return sft_loss(model(**inputs).logits, inputs["input_ids"], lm)[0], n
+    ids, attn, lm = collate(batch, pad_id, device)
+    return sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, lm)[0], int(attn.sum())
+
+
+def packing_works(model, batch, pad_id: int, device, dist) -> bool:
+    """Whether this model honours packed rows' block masks (custom 4D masks are a
+    transformers feature some attention implementations ignore): the packed and the
+    padded loss of one batch must agree, on every rank."""
+    with torch.no_grad():
+        try:
+            a, _ = batch_loss(model, batch, pad_id, device, True)
+            b, _ = batch_loss(model, batch, pad_id, device, False)
+            ok = bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))
+        except (RuntimeError, ValueError, TypeError) as e:
+            print(f"sft: packed batches unavailable ({type(e).__name__}: {e}); padding instead")
+            ok = False
+    return dist.sum(float(not ok)) == 0 if dist.world > 1 else ok
 
 
 @torch.no_grad()
@@ -105,19 +146,20 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         bar.update(state["step"])
         tokens, t_last = 0, Timer()
         clock = StepClock()  # steady-state throughput for the result (first 2 steps are warm-up)
-        lengths, orders = [len(t[0]) for t in train], {}
+        lengths, orders, packed = [len(t[0]) for t in train], {}, None
         while state["step"] < total and not state["stopped"]:
             epoch, i = divmod(state["step"], steps_per_epoch)
             if epoch not in orders:
                 orders = {epoch: batch_order(lengths, scfg.batch_size, cfg.seed, epoch, scfg.group_by_length)}
             order = orders[epoch]
             batch = [train[j] for j in order[i * scfg.batch_size:(i + 1) * scfg.batch_size]]
-            ids, attn, lm = collate(dist.shard(batch), tok.pad_token_id, device)  # this rank's slice
-            loss, _ = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, lm)
+            batch = dist.shard(batch)  # this rank's slice
+            if packed is None:  # first step of this process: does the model take packed rows?
+                packed = scfg.packing and packing_works(model, batch, tok.pad_token_id, device, dist)
+            loss, n_tok = batch_loss(model, batch, tok.pad_token_id, device, packed)
             gnorm = model.step(loss)
             state["step"] += 1
             step = state["step"]
-            n_tok = int(attn.sum())
             tokens += n_tok
             clock.tick(dist.sum(n_tok) if dist.world > 1 else n_tok)
             bar.update(1)
@@ -147,7 +189,7 @@ def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=Non
         if state["best_step"] > 0:
             model.load_state_dict(best)
         model_uri = save_trained(model, tok, store, "sft/model", tracker, "policy")
-        result = {"wall_s": timer(), "steps": state["step"], "resumed_from": state.get("resumed_from"), "best_step": state["best_step"],
+        result = {"wall_s": timer(), "tracking_s": tracker.seconds, "steps": state["step"], "resumed_from": state.get("resumed_from"), "best_step": state["best_step"],
                   "best_eval_loss": state["best_loss"], "early_stopped": state["stopped"],
                   "tokens_per_s": clock.rate(), "throughput": clock.summary("tokens"), "processes": dist.world,
                   "eval_curve": state["curve"], "model_uri": model_uri, "mlflow_run_id": tracker.run_id}
