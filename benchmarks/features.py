@@ -9,8 +9,8 @@ Two kinds of rows, on the WORKLOAD.md workload (2 threads, fp32, CPU):
 - kernel rows: the one operation the feature changes, timed in this process on the workload's
   model and batch shapes, alternating before/after blocks.
 
-The features: length-grouped batches (SFT, RM: no padding waste); chosen and rejected in one
-forward, and packed over their shared prefix (RM); old log-probs from generation instead of a
+The features: packed rows with block-diagonal attention (SFT, RM: no padding waste; length-grouped
+batches as an option on top); chosen and rejected in one forward, over their shared prefix (RM); old log-probs from generation instead of a
 policy re-forward (PPO scoring); no forced gc.collect() (PPO, TRL calls it twice per update);
 KV cache and early stop once every sequence has emitted EOS (generation); inference mode for
 decoding; fused AdamW. Not here: torch.compile (the workload forbids it; not wired into the stages
@@ -36,13 +36,14 @@ import torch  # noqa: E402
 BENCH_DIR = Path(__file__).resolve().parent
 RATE = {"sft": "tokens_per_s", "rm": "pairs_per_s", "ppo": "episodes_per_s"}
 
-# (feature, stage, extra ours_side.py arguments that switch it off)
+# (feature, stage, ours_side.py arguments before, after): "after" is our default unless marked optional
 STAGE_ROWS = [
-    ("length-grouped batches (no padding waste)", "sft", ["--set", "sft.group_by_length=false"]),
-    ("length-grouped batches (no padding waste)", "rm", ["--set", "reward.group_by_length=false"]),
-    ("chosen+rejected packed over their shared prefix", "rm", ["--set", "reward.share_prefix=false"]),
-    ("old log-probs from generation (no policy re-forward)", "ppo", ["--set", "ppo.logprobs_from_generation=false"]),
-    ("no forced gc.collect() (TRL: 2 per update)", "ppo", ["--force-gc"]),
+    ("packed rows, block attention (no padding waste)", "sft", ["--set", "sft.packing=false"], []),
+    ("(optional) length-grouped batches on top", "sft", [], ["--set", "sft.group_by_length=true"]),
+    ("packed rows, block attention (no padding waste)", "rm", ["--set", "reward.packing=false"], []),
+    ("chosen+rejected over their shared prefix", "rm", ["--set", "reward.share_prefix=false"], []),
+    ("old log-probs from generation (no policy re-forward)", "ppo", ["--set", "ppo.logprobs_from_generation=false"], []),
+    ("no forced gc.collect() (TRL: 2 per update)", "ppo", ["--force-gc"], []),
 ]
 STEPS = {"sft": 30, "rm": 30, "ppo": 8}
 QUICK_STEPS = {"sft": 12, "rm": 12, "ppo": 5}
@@ -56,11 +57,11 @@ def ours(stage: str, steps: int, extra: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def stage_row(feature: str, stage: str, off: list[str], steps: int, repeats: int) -> dict:
+def stage_row(feature: str, stage: str, off: list[str], on: list[str], steps: int, repeats: int) -> dict:
     before, after = [], []
     for rep in range(repeats):
         for first in ((True, False) if rep % 2 == 0 else (False, True)):
-            (before if first else after).append(ours(stage, steps, off if first else [])[RATE[stage]])
+            (before if first else after).append(ours(stage, steps, off if first else on)[RATE[stage]])
     ratios = [a / b for a, b in zip(after, before)]
     return {"feature": feature, "stage": stage, "kind": "stage", "before": before, "after": after,
             "unit": RATE[stage], "speedup": statistics.median(ratios), "ratios": ratios}
@@ -88,7 +89,7 @@ def kernel_rows(repeats: int, inner: int) -> list[dict]:
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     from rlhf.models import pair_scores
-    from rlhf.stages.common import batch_order, tokenize_pair
+    from rlhf.stages.common import tokenize_pair
     from rlhf.stages.reward import separate_scores
     from rlhf.stages.rollout import generate
 
@@ -113,8 +114,7 @@ def kernel_rows(repeats: int, inner: int) -> list[dict]:
     rm = LlamaForSequenceClassification(cfg)
     pairs = [(tokenize_pair(tok, r["prompt"], r["chosen"])[0], tokenize_pair(tok, r["prompt"], r["rejected"])[0])
              for r in w.rm_rows()]
-    order = batch_order([len(c) + len(r) for c, r in pairs], 16, w.SEED, 0, True)
-    batch = [pairs[i] for i in order[16 * 20:16 * 21]]
+    batch = [pairs[i] for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:16].tolist()]
 
     def step(score):
         def f():
@@ -134,8 +134,11 @@ def kernel_rows(repeats: int, inner: int) -> list[dict]:
 
     row("chosen+rejected in one forward (vs one forward each)", "rm step", step(forward_each),
         step(lambda: separate_scores(rm, batch, 0, "cpu")))
-    row("chosen+rejected packed over their shared prefix", "rm step", step(lambda: separate_scores(rm, batch, 0, "cpu")),
-        step(lambda: pair_scores(rm, batch, 0, "cpu")))
+    row("chosen+rejected over their shared prefix", "rm step", step(lambda: separate_scores(rm, batch, 0, "cpu")),
+        step(lambda: pair_scores(rm, batch, 0, "cpu", share_prefix=True, packed=False)))
+    row("packed rows, block attention (no padding waste)", "rm step",
+        step(lambda: pair_scores(rm, batch, 0, "cpu", share_prefix=True, packed=False)),
+        step(lambda: pair_scores(rm, batch, 0, "cpu", share_prefix=True, packed=True)))
 
     # Generation: 16 workload prompts, 24 new tokens at temperature 0.7
     torch.manual_seed(w.PPO["policy_seed"])
@@ -190,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     steps = QUICK_STEPS if args.quick else STEPS
     began = time.perf_counter()
     rows = []
-    for feature, stage, off in STAGE_ROWS:
-        rows.append(stage_row(feature, stage, off, steps[stage], repeats))
+    for feature, stage, off, on in STAGE_ROWS:
+        rows.append(stage_row(feature, stage, off, on, steps[stage], repeats))
         r = rows[-1]
         print(f"[{time.perf_counter() - began:4.0f}s] {feature} ({stage}): {r['speedup']:.2f}x", file=sys.stderr)
     rows += kernel_rows(repeats=repeats * 2, inner=5 if args.quick else 10)

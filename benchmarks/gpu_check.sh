@@ -13,6 +13,14 @@
 #   ppo     ZeRO-3, bf16, gradient checkpointing, generation with the policy gathered
 #   ppo     ZeRO-3, bf16, generation with synced_gpus (layer-by-layer gathering)
 #   sft     ZeRO-2, bf16, ZeRO-Offload (optimizer on the CPU, DeepSpeed's CPU Adam)
+#   sft     ~335M Llama (hidden 1024, 24 layers, 16 heads, MLP 3072), bf16, longer task
+#           instances (20-40 items), batch 128: tokens/s and MFU (target >= 45% on H100/H200)
+# MFU = achieved model FLOPs / the card's dense bf16 peak, with model FLOPs per trained
+# token = 6N + 12*L*h*E[n^2]/E[n] (PaLM, appendix B: N = parameters less the input
+# embedding, L layers, hidden h; the attention term counts each sequence of n tokens over
+# its own n positions, packed rows attend within a sequence). Peak: 989 TFLOP/s for
+# H100/H200 SXM, 312 for A100; GPU_PEAK_TFLOPS=... overrides. The table, with the card's
+# name, is appended to benchmarks/RESULTS.md (not in the CPU smoke mode).
 # Each row is a real `rlhf stage` run (torchrun -> rlhf.worker -> DeepSpeed engine); a
 # row that fails prints FAILED and the check goes on. Exit status: number of failed rows.
 set -uo pipefail
@@ -86,34 +94,95 @@ row ppo-zero3-synced "$OUT/z3s" ppo --set distributed.zero_stage=3 --set distrib
 copy_inputs "$OUT/main" "$OUT/off" prep
 row sft-zero2-offload "$OUT/off" sft --set distributed.zero_stage=2 --set distributed.offload_optimizer=true \
     --set sft.max_steps=$([ "$SMOKE" = 1 ] && echo 6 || echo 30)
+MFU=(--set model.hidden_size=1024 --set model.num_layers=24 --set model.num_heads=16 --set model.intermediate_size=3072
+     --set model.max_position_embeddings=512 --set task.min_items=20 --set task.max_items=40
+     --set data.max_prompt_tokens=160 --set data.max_total_tokens=320 --set task.num_demonstrations=12000
+     --set sft.batch_size=128 --set sft.max_steps=60 --set sft.eval_every=1000 --set sft.checkpoint_every=1000
+     --set sft.lr=2e-4 --set distributed.zero_stage=2)
+if [ "$SMOKE" = 1 ]; then
+    MFU=(--set task.min_items=6 --set task.max_items=8 --set sft.max_steps=8 --set sft.eval_every=1000)
+fi
+if "$PY" -m rlhf.cli stage prep "${BASE[@]}" "${MFU[@]}" --output "$OUT/mfu" >"$OUT/prep-mfu.log" 2>&1; then
+    row sft-350m-mfu "$OUT/mfu" sft "${MFU[@]}"
+else
+    echo "sft-350m-mfu FAILED 0s (prep; log: $OUT/prep-mfu.log)" >>"$OUT/rows.txt"; FAILED=$((FAILED + 1))
+fi
 
-"$PY" - "$OUT" "$((SECONDS - T0))" <<'EOF'
-import json, sys
+"$PY" - "$OUT" "$((SECONDS - T0))" "$SMOKE" <<'EOF'
+import datetime, io, json, os, platform, sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
-out, total = Path(sys.argv[1]), sys.argv[2]
+out, total, smoke = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 rows = {l.split()[0]: l.split()[1:] for l in (out / "rows.txt").read_text().splitlines()}
 where = {"sft-zero2": "main/sft", "reward-zero2": "main/reward", "ppo-zero2": "main/ppo",
-         "ppo-zero3-gather": "z3/ppo", "ppo-zero3-synced": "z3s/ppo", "sft-zero2-offload": "off/sft"}
-print(f"\n{'row':<20} {'status':<7} {'wall':>6} {'steps':>6} {'throughput':>22}  detail")
-for name, rel in where.items():
-    status, wall = rows.get(name, ["-", "-"])[:2]
-    f = out / rel / "result.json"
-    r = json.loads(f.read_text()) if f.is_file() and status == "ok" else {}
-    steps, thr, detail = "-", "-", ""
-    if name.startswith("sft") and r:
-        steps, thr = r["steps"], f"{r['tokens_per_s']:,.0f} tokens/s"
-        detail = f"best eval loss {r['best_eval_loss']:.3f}"
-    elif name.startswith("reward") and r:
-        steps, thr = r["steps"], f"{r['pairs_per_s']:,.1f} pairs/s"
-        detail = f"rm/accuracy {r.get('rm/accuracy', float('nan')):.3f}"
-    elif name.startswith("ppo") and r:
-        m = r["last_metrics"]
-        steps, thr = r["updates"], f"{m['perf/episodes_per_s']:,.1f} episodes/s"
-        split = m["perf/gen_s"] + m["perf/score_s"] + m["perf/train_s"]
-        detail = (f"last update: gen {m['perf/gen_s'] / split:.0%} / score {m['perf/score_s'] / split:.0%} / "
-                  f"train {m['perf/train_s'] / split:.0%}, kl {m['ppo/kl']:.3f}")
-    print(f"{name:<20} {status:<7} {wall:>6} {steps!s:>6} {thr:>22}  {detail}")
-print(f"total {total}s; logs and outputs in {out}")
+         "ppo-zero3-gather": "z3/ppo", "ppo-zero3-synced": "z3s/ppo", "sft-zero2-offload": "off/sft",
+         "sft-350m-mfu": "mfu/sft"}
+PEAKS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+         "L4": 121e12, "A10": 125e12}
+import torch
+
+card = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not smoke else "CPU (smoke mode)"
+peak = float(os.environ["GPU_PEAK_TFLOPS"]) * 1e12 if os.environ.get("GPU_PEAK_TFLOPS") else next(
+    (v for k, v in PEAKS.items() if k in card), None)
+
+
+def mfu(run_dir: Path, tokens_per_s: float) -> tuple[float, str]:
+    """Model FLOPs per second over the peak: tokens/s x (6N + 12 L h E[n^2]/E[n])."""
+    from rlhf.data.processing import read_jsonl_rows
+    from rlhf.models import load_tokenizer
+    from rlhf.config import ModelConfig
+    from rlhf.stages.common import tokenize_pair
+
+    mc = json.loads((run_dir / "sft" / "model" / "config.json").read_text())
+    h, L, i, V = mc["hidden_size"], mc["num_hidden_layers"], mc["intermediate_size"], mc["vocab_size"]
+    n_params = L * (4 * h * h + 3 * h * i + 2 * h) + h + V * h  # less the input embedding; lm_head untied
+    tok = load_tokenizer(str(run_dir / "sft" / "model"), ModelConfig())
+    lens = [len(tokenize_pair(tok, r.prompt, r.completion)[0])
+            for r in read_jsonl_rows(run_dir / "prep" / "sft_train.jsonl", "sft")]
+    en, en2 = sum(lens) / len(lens), sum(n * n for n in lens) / len(lens)
+    per_token = 6 * n_params + 12 * L * h * en2 / en
+    achieved = tokens_per_s * per_token
+    return (achieved / peak if peak else float("nan")), (f"N={n_params / 1e6:.0f}M, mean seq {en:.0f} tok, "
+                                                        f"{achieved / 1e12:.1f} TFLOP/s")
+
+
+buf = io.StringIO()
+with redirect_stdout(buf):
+    print(f"\n{'row':<20} {'status':<7} {'wall':>6} {'steps':>6} {'throughput':>22}  detail")
+    for name, rel in where.items():
+        status, wall = rows.get(name, ["-", "-"])[:2]
+        f = out / rel / "result.json"
+        r = json.loads(f.read_text()) if f.is_file() and status == "ok" else {}
+        steps, thr, detail = "-", "-", ""
+        if name == "sft-350m-mfu" and r:
+            u, note = mfu(out / "mfu", r["tokens_per_s"])
+            steps, thr = r["steps"], f"{r['tokens_per_s']:,.0f} tokens/s"
+            detail = f"MFU {u:.1%} ({note}, peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s)"
+        elif name.startswith("sft") and r:
+            steps, thr = r["steps"], f"{r['tokens_per_s']:,.0f} tokens/s"
+            detail = f"best eval loss {r['best_eval_loss']:.3f}"
+        elif name.startswith("reward") and r:
+            steps, thr = r["steps"], f"{r['pairs_per_s']:,.1f} pairs/s"
+            detail = f"rm/accuracy {r.get('rm/accuracy', float('nan')):.3f}"
+        elif name.startswith("ppo") and r:
+            t = r["throughput"]  # steady state: updates after the first 2
+            steps, thr = r["updates"], f"{t['episodes_per_s'] or float('nan'):,.1f} episodes/s"
+            split = t.get("gen_s", 0) + t.get("score_s", 0) + t.get("train_s", 0)
+            detail = (f"gen {t.get('gen_s', 0) / split:.0%} / score {t.get('score_s', 0) / split:.0%} / "
+                      f"train {t.get('train_s', 0) / split:.0%}" if split else "")
+        print(f"{name:<20} {status:<7} {wall:>6} {steps!s:>6} {thr:>22}  {detail}")
+    print(f"total {total}s; logs and outputs in {out}")
+table = buf.getvalue()
+print(table, end="")
+if not smoke:
+    import deepspeed
+    import transformers
+
+    with open("benchmarks/RESULTS.md", "a") as f:
+        f.write(f"\n## GPU check: {card}, {datetime.date.today()}\n\n`bash benchmarks/gpu_check.sh` on "
+                f"{platform.node()}: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+                f"transformers {transformers.__version__}\n\n```{table}```\n")
+    print("appended to benchmarks/RESULTS.md")
 EOF
 exit "$FAILED"

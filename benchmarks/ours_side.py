@@ -17,9 +17,9 @@ How the workload reaches the stages:
   weight decay 0, one AdamW step per mini-batch for policy and value at 1e-5), no checkpoints or
   evaluations inside the timed steps (the stage's own evaluation before step 1 and after the last
   step falls outside the window).
-- Our defaults for speed stay on (length-grouped batches, log-probs from generation); `--set
-  sft.group_by_length=false` and the like turn one off, which is how `run.py --features` measures
-  each one before/after.
+- The stages run with their defaults, speed features included (packed rows, shared prefixes,
+  log-probs from generation; length grouping stays off, as by default); `--set sft.packing=false`
+  and the like switch one, which is how `features.py` measures each before/after.
 - Timing is the stage's own `StepClock` (the page's rule: the end of step 2 to the end of the last
   step). Losses per step come from the metrics the stage logs (`sft/loss`, `rm/loss`).
 - The tracker is the in-memory one (`--no-tracking`); MLflow's cost is measured separately, as
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, help="optimizer steps (sft/rm) or PPO updates (ppo), the 2 untimed "
                                                   "included; default: the page's 60 / 12")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, as `rlhf run --set` (e.g. sft.group_by_length=false)")
+                        help="config override, as `rlhf run --set` (e.g. sft.packing=false)")
     parser.add_argument("--force-gc", action="store_true",
                         help="ppo: call gc.collect() twice per update, as TRL does (the \"before\" of no forced gc)")
     parser.add_argument("--json", type=Path, help="also write the result to this file")
