@@ -145,18 +145,15 @@ def kernel_rows(repeats: int, inner: int) -> list[dict]:
     policy = LlamaForCausalLM(w.model_config())
     prompts = [tok(p)["input_ids"] for p in w.ppo_prompts()[:16]]
 
-    class NoEos:
-        pad_token_id, eos_token_id = tok.pad_token_id, None
-
-    def hf_generate(use_cache, inference):
+    def hf_generate(use_cache, inference, model=policy, eos=tok.eos_token_id):
         ctx = torch.inference_mode if inference else torch.no_grad
 
         def f():
             q = torch.tensor(prompts)
             with ctx():
-                policy.generate(input_ids=q, attention_mask=torch.ones_like(q), max_new_tokens=24, do_sample=True,
-                                temperature=0.7, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=1,
-                                use_cache=use_cache)
+                model.generate(input_ids=q, attention_mask=torch.ones_like(q), max_new_tokens=24, do_sample=True,
+                               temperature=0.7, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=eos,
+                               use_cache=use_cache)
         return f
 
     row("KV cache in generation", "generate", hf_generate(False, False), hf_generate(True, False))
@@ -170,8 +167,7 @@ def kernel_rows(repeats: int, inner: int) -> list[dict]:
         hidden = policy.model(input_ids=ro.input_ids).last_hidden_state.reshape(-1, policy.config.hidden_size)
         eos_policy.lm_head.weight[tok.eos_token_id] = torch.linalg.lstsq(hidden, torch.full((len(hidden), 1), 7.0)).solution[:, 0]
     row("early stop once every sequence has emitted EOS", "generate",
-        lambda: generate(eos_policy, NoEos, prompts, 24, 0.7, "cpu"),
-        lambda: generate(eos_policy, tok, prompts, 24, 0.7, "cpu"))
+        hf_generate(True, True, eos_policy, None), hf_generate(True, True, eos_policy, tok.eos_token_id))
 
     # Optimizer step on the 0.98M-parameter policy
     for p in policy.parameters():
@@ -187,17 +183,19 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 pairs of shorter stages")
     parser.add_argument("--repeats", type=int, help="before/after pairs per row (default 3; --quick 2)")
+    parser.add_argument("--only", choices=("stages", "kernels"), help="run one kind of row")
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
     steps = QUICK_STEPS if args.quick else STEPS
     began = time.perf_counter()
     rows = []
-    for feature, stage, off, on in STAGE_ROWS:
+    for feature, stage, off, on in STAGE_ROWS if args.only != "kernels" else []:
         rows.append(stage_row(feature, stage, off, on, steps[stage], repeats))
         r = rows[-1]
         print(f"[{time.perf_counter() - began:4.0f}s] {feature} ({stage}): {r['speedup']:.2f}x", file=sys.stderr)
-    rows += kernel_rows(repeats=repeats * 2, inner=5 if args.quick else 10)
+    if args.only != "stages":
+        rows += kernel_rows(repeats=repeats * 2, inner=5 if args.quick else 10)
 
     print(f"\nSpeed features, before -> after (median of {repeats} alternating pairs for stages; "
           f"{repeats * 2} alternating blocks for kernels), workload of WORKLOAD.md, 2 threads")

@@ -158,7 +158,8 @@ with redirect_stdout(buf):
         if name == "sft-350m-mfu" and r:
             u, note = mfu(out / "mfu", r["tokens_per_s"])
             steps, thr = r["steps"], f"{r['tokens_per_s']:,.0f} tokens/s"
-            detail = f"MFU {u:.1%} ({note}, peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s)"
+            detail = (f"MFU {u:.1%} ({note}, peak {peak / 1e12:.0f} TFLOP/s)" if peak else
+                      f"MFU - (no known peak for {card}: set GPU_PEAK_TFLOPS; {note})")
         elif name.startswith("sft") and r:
             steps, thr = r["steps"], f"{r['tokens_per_s']:,.0f} tokens/s"
             detail = f"best eval loss {r['best_eval_loss']:.3f}"

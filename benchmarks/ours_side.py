@@ -38,8 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "2"  # before torch starts its OpenMP pool: the page's 2 threads, CPU only
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+if __name__ == "__main__":  # before torch starts its OpenMP pool: the page's 2 threads, CPU only
+    os.environ["OMP_NUM_THREADS"] = "2"
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch  # noqa: E402
 

@@ -48,3 +48,37 @@ def test_parameter_counts_match_the_page(w):
     assert sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()) == 984_192
     cfg.num_labels = 1
     assert sum(p.numel() for p in LlamaForSequenceClassification(cfg).parameters()) == 918_784
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_loss_check_passes_noise_and_catches_a_different_curve():
+    import random
+
+    check = _load("run").loss_check
+    rng = random.Random(0)
+    trend = [6.2 - 1.5 * (1 - 0.97 ** s) for s in range(60)]
+    ours = [x + rng.gauss(0, 0.05) for x in trend]
+    trl = [x + rng.gauss(0, 0.05) for x in trend]  # same computation, other batches
+    ok = check(ours, trl)
+    assert ok["ok"] and len(ok["windows"]) == 6 and ok["windows"][0]["steps"] == "1-10"
+    assert not check([x + 0.2 for x in ours], trl)["ok"]  # a loss 0.2 higher is not noise
+    assert not check([x * 0.97 for x in ours], trl)["ok"]  # nor a 3% scale
+
+
+def test_workload_config_is_the_pages(w):
+    """Our stages get the page's settings: batch, learning rates, linear decay, clipping."""
+    cfg = _load("ours_side").workload_config(w, "ppo", 12, [])
+    assert (cfg.seed, cfg.num_threads, cfg.device) == (42, 2, "cpu")
+    assert (cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps, cfg.sft.lr_schedule) == (16, 5e-4, 0, "linear")
+    assert (cfg.reward.batch_size, cfg.reward.lr, cfg.reward.margin, cfg.reward.policy_comparisons) == (16, 1e-4, None, 0)
+    p = cfg.ppo
+    assert (p.updates, p.rollout_batch_size, p.minibatch_size, p.ppo_epochs) == (12, 16, 4, 1)
+    assert (p.lr, p.value_lr, p.grad_clip, p.weight_decay, p.temperature, p.max_new_tokens) == (1e-5, 1e-5, None, 0.0, 0.7, 24)
+    assert (p.kl.init_coef, p.kl.adaptive, p.kl.estimator, p.normalize_reward, p.missing_eos_penalty) == (0.05, False, "k1", False, 0.0)
+    assert not cfg.uses_builtin_task
