@@ -84,8 +84,6 @@ def alternate(before, after, repeats: int, inner: int) -> tuple[list[float], lis
 
 
 def kernel_rows(repeats: int, inner: int) -> list[dict]:
-    import importlib.util
-
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     from rlhf.models import pair_scores
@@ -93,9 +91,7 @@ def kernel_rows(repeats: int, inner: int) -> list[dict]:
     from rlhf.stages.reward import separate_scores
     from rlhf.stages.rollout import generate
 
-    spec = importlib.util.spec_from_file_location("workload", BENCH_DIR / "workload" / "__init__.py")
-    w = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(w)
+    import workload as w  # benchmarks/ is this script's folder, so first on sys.path
     torch.set_num_threads(w.THREADS)
     tok = w.tokenizer()
     rows = []

@@ -29,11 +29,8 @@ How the workload reaches the stages:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,16 +41,7 @@ if __name__ == "__main__":  # before torch starts its OpenMP pool: the page's 2 
 
 import torch  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent
 STAGES = ("sft", "rm", "ppo")
-
-
-def load_workload():
-    spec = importlib.util.spec_from_file_location("workload", BENCH_DIR / "workload" / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["workload"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def write_prep(w, store, tok) -> None:
@@ -193,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         force_gc()
     began = time.perf_counter()
     torch.set_num_threads(2)
-    w = load_workload()
+    import workload as w  # benchmarks/ is this script's folder, so first on sys.path
     steps = args.steps or {"sft": w.SFT["steps"], "rm": w.RM["steps"], "ppo": w.PPO["updates"]}[args.stage]
     if steps <= 2:
         parser.error(f"--steps {steps}: the first 2 are untimed warm-up, so at least 3 are needed")
@@ -204,19 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory(prefix=f"ours_side_{args.stage}_") as root:
         result = run_stage(w, args.stage, steps, args.overrides, Path(root))
-    result = {
-        "stage": args.stage, **result, "overrides": args.overrides, "force_gc": args.force_gc,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-        "run_s": time.perf_counter() - began,
-        "versions": {"rlhf": getattr(rlhf, "__version__", "?"), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "threads": torch.get_num_threads(),
-    }
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.json:
-        args.json.write_text(line + "\n")
-    return result
+    result.update(overrides=args.overrides, force_gc=args.force_gc)
+    return w.emit(args.stage, result, began, {"rlhf": getattr(rlhf, "__version__", "?"),
+                                                "transformers": transformers.__version__}, args.json)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,7 @@ import argparse
 import copy
 import functools
 import gc
-import importlib.util
-import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -52,21 +49,11 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.exper
 
 import torch  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent
 TRL_SIDE = {  # stage -> (default side folder, trl version the page measured, extra pip packages)
     "sft": ("/tmp/trl116", "1.16.0", ""),
     "rm": ("/tmp/trl116", "1.16.0", ""),
     "ppo": ("/tmp/trl112", "1.12.0", " pandas tzdata"),
 }
-
-
-def load_workload():
-    """`benchmarks/workload` by file path, so this script runs from any directory."""
-    spec = importlib.util.spec_from_file_location("workload", BENCH_DIR / "workload" / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["workload"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def import_trl(stage: str, trl_dir: str | None):
@@ -328,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     began = time.perf_counter()
 
     torch.set_num_threads(2)
-    w = load_workload()
+    import workload as w  # benchmarks/ is this script's folder, so first on sys.path
     default_steps = {"sft": w.SFT["steps"], "rm": w.RM["steps"], "ppo": w.PPO["updates"]}[args.stage]
     steps = default_steps if args.steps is None else args.steps
     if steps <= 2:
@@ -343,19 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     run = {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}[args.stage]
     with tempfile.TemporaryDirectory(prefix=f"trl_side_{args.stage}_") as out_dir, redirect_stdout(sys.stderr):
         result = run(w, trl, steps, out_dir)  # TRL prints its logs; stdout keeps only the JSON line
-    result = {
-        "stage": args.stage, **result,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-        "run_s": time.perf_counter() - began,
-        "versions": {"trl": trl.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "threads": torch.get_num_threads(),
-    }
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.json:
-        args.json.write_text(line + "\n")
-    return result
-
+    return w.emit(args.stage, result, began, {"trl": trl.__version__, "transformers": transformers.__version__},
+                  args.json)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,10 @@ it runs the workload TRL was measured on.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import resource
+import time
 from pathlib import Path
 
 TOKENIZER_FILE = Path(__file__).with_name("tokenizer.json")
@@ -94,3 +97,23 @@ def rm_rows() -> list[dict[str, str]]:
 def ppo_prompts() -> list[str]:
     rng = random.Random(3)
     return [example(rng, PPO["prompt_items"])[0] for _ in range(PPO["prompts"])]
+
+
+def emit(stage: str, result: dict, began: float, versions: dict, json_path: Path | None) -> dict:
+    """The end of a side script (`ours_side.py`, `trl_side.py`): the measurement plus peak RSS of
+    the whole process, run time, versions and threads, printed as the one JSON line on stdout and
+    written to `json_path` when given."""
+    import torch
+
+    result = {
+        "stage": stage, **result,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "run_s": time.perf_counter() - began,
+        "versions": {**versions, "torch": torch.__version__},
+        "threads": torch.get_num_threads(),
+    }
+    line = json.dumps(result)
+    print(line, flush=True)
+    if json_path:
+        Path(json_path).write_text(line + "\n")
+    return result

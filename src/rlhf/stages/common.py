@@ -124,13 +124,14 @@ class StepClock:
     length. Evaluations and checkpoints between two timed step ends count."""
 
     def __init__(self, untimed: int = 2):
+        untimed = max(untimed, 1)  # the clock starts at the end of a step: at least the first is untimed
         self.untimed, self.ticks, self.units, self.t0, self.t_last = untimed, 0, 0.0, None, None
         self.parts: dict[str, float] = {}
 
     def tick(self, units: float = 1.0, **parts: float) -> None:
         now = time.perf_counter()
         self.ticks += 1
-        if self.ticks == max(self.untimed, 1):  # the clock starts at the end of a step
+        if self.ticks == self.untimed:
             self.t0 = now
         elif self.ticks > self.untimed:
             self.units += units
@@ -140,7 +141,7 @@ class StepClock:
 
     @property
     def timed_steps(self) -> int:
-        return max(0, self.ticks - max(self.untimed, 1))
+        return max(0, self.ticks - self.untimed)
 
     @property
     def seconds(self) -> float:
