@@ -8,6 +8,7 @@ parameters: the tracking URI of the embedded default is set here when none is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,6 +46,7 @@ def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[st
     from kfp import local
 
     from rlhf.pipelines import rlhf_pipeline
+    from rlhf.pipelines.warm import available as warm_available, warm_steps
     from rlhf.store import open_store
 
     artifact_root, run_name = split_output(output)
@@ -62,10 +64,13 @@ def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[st
     child_env["RLHF_ERROR_FILE"] = str(error_file)
     saved = {k: os.environ.get(k) for k in child_env}
     os.environ.update(child_env)  # kfp.local passes its environment to every step
+    steps = warm_steps() if settings.warm_steps and warm_available() else contextlib.nullcontext()
     try:
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_dir / "outputs"),
-                   enable_caching=True, cache_root=str(kfp_dir / "cache"), raise_on_error=False)
-        rlhf_pipeline(preset="", config_json=cfg.model_dump_json(), artifact_root=artifact_root, run_name=run_name)
+        with steps:
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_dir / "outputs"),
+                       enable_caching=True, cache_root=str(kfp_dir / "cache"), raise_on_error=False)
+            rlhf_pipeline(preset="", config_json=cfg.model_dump_json(), artifact_root=artifact_root,
+                          run_name=run_name)
     except KeyboardInterrupt:  # the exit handler never runs: do its work, then stop
         if store.exists("pipeline.json"):
             from rlhf import runs

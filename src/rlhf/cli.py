@@ -229,18 +229,6 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    from rlhf.cluster import ClusterError
-    from rlhf.data.readers import DataError
-    from rlhf.models import ModelLoadError
-    from rlhf.registry import RegistryError
-    from rlhf.stages.common import CheckpointMismatch
-    from rlhf.store import StoreError
-
-    from rlhf.distributed import DistributedError
-    from rlhf.trainjob import TrainJobError
-
-    known = (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError, RegistryError, ClusterError,
-             DistributedError, TrainJobError)
     try:
         if args.cmd == "compile":
             return _cmd_compile(args, settings)
@@ -263,9 +251,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
         return _cmd_stage(args, cfg, settings)
-    except known as e:
+    except Exception as e:
+        if not isinstance(e, _known_errors()):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    """Errors that carry their own clear message (no traceback). Imported only when
+    something failed: several live next to torch, and `rlhf run` need not load it."""
+    from rlhf.cluster import ClusterError
+    from rlhf.data.readers import DataError
+    from rlhf.distributed import DistributedError
+    from rlhf.models import ModelLoadError
+    from rlhf.registry import RegistryError
+    from rlhf.stages.common import CheckpointMismatch
+    from rlhf.store import StoreError
+    from rlhf.trainjob import TrainJobError
+
+    return (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError, RegistryError, ClusterError,
+            DistributedError, TrainJobError)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,9 @@ class Settings:
     worker_error_dir: str | None = None
     """RLHF_WORKER_ERROR_DIR: where each process of a local multi-process stage leaves its
     error message for the launcher (set by `distributed.launch`)."""
+    warm_steps: bool = True
+    """RLHF_WARM_STEPS=0 makes `rlhf run` start every step in a fresh Python, as kfp.local
+    does, instead of forking it from a preloaded one (rlhf.pipelines.warm)."""
     trainjob: str | None = None
     """RLHF_TRAINJOB: JSON spec of the Kubeflow Trainer job that runs this stage on several
     nodes; compiled onto the step by a profile with `nodes > 1` (no secret values)."""
@@ -130,6 +133,7 @@ class Settings:
             stage_request=env.get("RLHF_STAGE_REQUEST") or None,
             worker_error_dir=env.get("RLHF_WORKER_ERROR_DIR") or None,
             trainjob=env.get("RLHF_TRAINJOB") or None,
+            warm_steps=env.get("RLHF_WARM_STEPS", "1").lower() not in {"0", "false", "no"},
         )
 
 

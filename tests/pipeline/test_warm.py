@@ -1,0 +1,96 @@
+"""Warm step processes (rlhf.pipelines.warm): a step started through the server behaves
+like the cold `python -m ...` kfp.local would start: same output, exit status (signals
+included), environment and working directory; and it really starts with the stack loaded."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rlhf.pipelines import warm
+
+PYTHON = sys.executable  # the fixture points sys.executable at the client while the server runs
+pytestmark = pytest.mark.skipif(not warm.available(), reason="needs fork and no NVIDIA device")
+
+STEP = textwrap.dedent("""
+    import os, signal, sys
+    print("argv", sys.argv[1:])
+    print("cwd", os.getcwd())
+    print("env", os.environ.get("STEP_VAR"), os.environ.get("RLHF_STEP_VAR"))
+    print("preloaded", "kfp.dsl.executor_main" in sys.modules)
+    print("to stderr", file=sys.stderr)
+    if sys.argv[1] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if sys.argv[1] == "raise":
+        raise RuntimeError("step failed")
+    sys.exit(int(sys.argv[1]))
+""")
+
+
+@pytest.fixture(scope="module")
+def python():
+    """The command that kfp.local puts in each step while the server runs."""
+    with warm.warm_steps() as on:
+        assert on
+        yield sys.executable
+    assert sys.executable == PYTHON  # restored afterwards
+
+
+def step(python: str, cwd: Path, arg: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m step_mod ARG` the way kfp.local does: inside `sh -ec`, output piped."""
+    (cwd / "step_mod.py").write_text(STEP)
+    return subprocess.run(["sh", "-ec", f"_KFP_RUNTIME=true {python} -m step_mod {arg}"], cwd=cwd,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120)
+
+
+def test_step_runs_warm_with_its_own_argv_cwd_env_and_exit_status(python, tmp_path):
+    r = step(python, tmp_path, "3", {"RLHF_STEP_VAR": "x"})
+    assert r.returncode == 3, r.stderr
+    assert "argv ['3']" in r.stdout
+    assert f"cwd {tmp_path}" in r.stdout
+    assert "env None x" in r.stdout
+    assert "preloaded True" in r.stdout  # forked from the preloaded server, not a fresh Python
+    assert "to stderr" in r.stderr
+    assert step(python, tmp_path, "0").returncode == 0
+
+
+def test_step_killed_by_a_signal_reports_that_signal(python, tmp_path):
+    r = step(python, tmp_path, "die")
+    assert r.returncode == 128 + signal.SIGKILL  # as sh reports a child killed by SIGKILL
+
+
+def test_uncaught_exception_prints_traceback_and_exits_1(python, tmp_path):
+    r = step(python, tmp_path, "raise")
+    assert r.returncode == 1
+    assert "RuntimeError: step failed" in r.stderr
+
+
+def test_step_with_an_import_time_variable_changed_starts_cold(python, tmp_path):
+    r = step(python, tmp_path, "0", {"STEP_VAR": "changed"})
+    assert r.returncode == 0, r.stderr
+    assert "env changed None" in r.stdout
+    assert "preloaded False" in r.stdout
+    assert "cold: environment differs in ['STEP_VAR']" in r.stderr
+
+
+def test_client_without_a_server_starts_cold(tmp_path):
+    client = tmp_path / "client.py"
+    client.write_text(warm.CLIENT)
+    (tmp_path / "step_mod.py").write_text(STEP)
+    r = subprocess.run([PYTHON, "-S", str(client), str(tmp_path / "no-socket"), PYTHON,
+                        "-m", "step_mod", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4, r.stderr
+    assert "preloaded False" in r.stdout
+
+
+def test_cold_reason():
+    base = {"PATH": "/bin", "RLHF_QUIET": "1"}
+    req = {"argv": ["-m", "kfp.dsl.executor_main"], "env": {**base, "RLHF_QUIET": "0", "_KFP_RUNTIME": "true",
+                                                              "PWD": "/x", "MLFLOW_TRACKING_URI": "sqlite://"}}
+    assert warm.cold_reason(req, base) is None
+    assert "PATH" in warm.cold_reason({**req, "env": {**req["env"], "PATH": "/usr/bin"}}, base)
+    assert "not -m" in warm.cold_reason({**req, "argv": ["script.py"]}, base)
