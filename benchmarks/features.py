@@ -13,8 +13,9 @@ The features: packed rows with block-diagonal attention (SFT, RM: no padding was
 batches as an option on top); chosen and rejected in one forward, over their shared prefix (RM); old log-probs from generation instead of a
 policy re-forward (PPO scoring); no forced gc.collect() (PPO, TRL calls it twice per update);
 KV cache and early stop once every sequence has emitted EOS (generation); inference mode for
-decoding; fused AdamW. Not here: torch.compile (the workload forbids it; not wired into the stages
-yet) and bf16/TF32, which are GPU features (benchmarks/gpu_check.sh).
+decoding; fused AdamW; torch.compile as an option (`distributed.compile`: its rate is the steady
+state, after compiling; the row also prints the whole process's time, compile included). Not here:
+bf16/TF32, which are GPU features (benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ STAGE_ROWS = [
     ("chosen+rejected over their shared prefix", "rm", ["--set", "reward.share_prefix=false"], []),
     ("old log-probs from generation (no policy re-forward)", "ppo", ["--set", "ppo.logprobs_from_generation=false"], []),
     ("no forced gc.collect() (TRL: 2 per update)", "ppo", ["--force-gc"], []),
+    ("(optional) torch.compile (inductor, dynamic shapes)", "sft", [], ["--set", "distributed.compile=true"]),
 ]
 STEPS = {"sft": 30, "rm": 30, "ppo": 8}
 QUICK_STEPS = {"sft": 12, "rm": 12, "ppo": 5}
@@ -58,13 +60,15 @@ def ours(stage: str, steps: int, extra: list[str]) -> dict:
 
 
 def stage_row(feature: str, stage: str, off: list[str], on: list[str], steps: int, repeats: int) -> dict:
-    before, after = [], []
+    before, after, run_s = [], [], {"before": [], "after": []}
     for rep in range(repeats):
         for first in ((True, False) if rep % 2 == 0 else (False, True)):
-            (before if first else after).append(ours(stage, steps, off if first else on)[RATE[stage]])
+            res = ours(stage, steps, off if first else on)
+            (before if first else after).append(res[RATE[stage]])
+            run_s["before" if first else "after"].append(res["run_s"])
     ratios = [a / b for a, b in zip(after, before)]
     return {"feature": feature, "stage": stage, "kind": "stage", "before": before, "after": after,
-            "unit": RATE[stage], "speedup": statistics.median(ratios), "ratios": ratios}
+            "unit": RATE[stage], "speedup": statistics.median(ratios), "ratios": ratios, "run_s": run_s}
 
 
 def alternate(before, after, repeats: int, inner: int) -> tuple[list[float], list[float]]:
@@ -180,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 pairs of shorter stages")
     parser.add_argument("--repeats", type=int, help="before/after pairs per row (default 3; --quick 2)")
     parser.add_argument("--only", choices=("stages", "kernels"), help="run one kind of row")
+    parser.add_argument("--match", help="only the rows whose feature contains this text")
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
@@ -187,11 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
     began = time.perf_counter()
     rows = []
     for feature, stage, off, on in STAGE_ROWS if args.only != "kernels" else []:
+        if args.match and args.match not in feature:
+            continue
         rows.append(stage_row(feature, stage, off, on, steps[stage], repeats))
         r = rows[-1]
         print(f"[{time.perf_counter() - began:4.0f}s] {feature} ({stage}): {r['speedup']:.2f}x", file=sys.stderr)
     if args.only != "stages":
-        rows += kernel_rows(repeats=repeats * 2, inner=5 if args.quick else 10)
+        rows += [r for r in kernel_rows(repeats=repeats * 2, inner=5 if args.quick else 10)
+                 if not args.match or args.match in r["feature"]]
 
     print(f"\nSpeed features, before -> after (median of {repeats} alternating pairs for stages; "
           f"{repeats * 2} alternating blocks for kernels), workload of WORKLOAD.md, 2 threads")
@@ -205,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
             b, a = f"{statistics.median(r['before']) * 1e3:.1f} ms", f"{statistics.median(r['after']) * 1e3:.1f} ms"
             where = r["stage"]
         print(f"{r['feature']:54s} {where:15s} {b:>12s} {a:>16s} {r['speedup']:8.2f}x")
+        if "compile" in r["feature"]:
+            print(f"{'  whole process, compiling included':54s} {'':15s} {statistics.median(r['run_s']['before']):>10.1f} s "
+                  f"{statistics.median(r['run_s']['after']):>14.1f} s")
     print(f"({time.perf_counter() - began:.0f} s)")
     out = {"rows": rows, "steps": steps, "repeats": repeats, "threads": 2, "torch": torch.__version__}
     if args.json:

@@ -242,6 +242,7 @@ class DistributedConfig(_Model):
     offload_params: bool = Field(False, description="ZeRO-3 only: parameters live on the CPU between uses.")
     bf16: bool | None = Field(None, description="DeepSpeed bf16 mixed precision; empty = on when the GPU supports it.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass of trained models (less memory, ~30% more compute).")
+    compile: bool = Field(False, description="torch.compile the trained models' forward and backward (inductor, dynamic shapes; DeepSpeed's engine.compile under DeepSpeed). Off by default: on 2 CPU cores it made SFT steps 8% faster but cost 25-85 s of compiling per process (benchmarks/RESULTS.md), a loss for short runs; worth trying for long GPU runs.")
     zero3_generation: Literal["gather", "synced"] = Field("gather", description="PPO rollouts under ZeRO-3: gather the whole policy on every GPU while generating (fast; the policy must fit one GPU), or generate with layer-by-layer gathering in lockstep (synced_gpus).")
 
     @model_validator(mode="after")

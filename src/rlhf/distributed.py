@@ -244,6 +244,8 @@ class Trainable:
         if not dist.deepspeed:
             self.engine = None
             self.model = model
+            # compiled forward over the same parameters; `.module` stays the plain model (saving, generation)
+            self.forward = torch.compile(model, dynamic=True) if dcfg.compile else model
             self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps, **fused_adamw(dist.device))
             self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule) if schedule else None
             return
@@ -258,13 +260,16 @@ class Trainable:
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=client_opt, lr_scheduler=make_sched, config=ds_cfg)
         self.model = self.engine.module
+        if dcfg.compile:
+            self.engine.compile(compile_kwargs={"dynamic": True})
+        self.forward = self.engine
 
     @property
     def module(self) -> torch.nn.Module:
         return self.model
 
     def __call__(self, *args, **kwargs):
-        return (self.engine or self.model)(*args, **kwargs)
+        return self.forward(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "Trainable":
         (self.engine or self.model).train(mode)

@@ -94,10 +94,11 @@ def test_generation_logprobs_equal_a_full_forward(policy, temperature):
     assert generate(policy, _Tok, prompts, 6, temperature, "cpu").logprobs is None
 
 
-def _trainable(policy, **kw):
+def _trainable(policy, dcfg=None, **kw):
     model = LlamaForCausalLM(policy.config)
     model.load_state_dict(policy.state_dict())
-    return Trainable(model, Dist(0, 1, 0, 0, torch.device("cpu"), False), DistributedConfig(), lr=1e-2, batch_size=2, **kw)
+    return Trainable(model, Dist(0, 1, 0, 0, torch.device("cpu"), False), dcfg or DistributedConfig(), lr=1e-2,
+                     batch_size=2, **kw)
 
 
 def _loss(t):
@@ -117,6 +118,21 @@ def test_trainable_fused_adamw_and_optional_clipping(policy):
     ref.step(_loss(ref))
     for a, b in zip(free.module.parameters(), ref.module.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_trainable_takes_the_same_steps(policy):
+    """distributed.compile: the forward/backward go through torch.compile, the updates
+    match eager ones, and `.module` stays the plain model (saving, generation)."""
+    eager = _trainable(policy, grad_clip=1.0)
+    compiled = _trainable(policy, DistributedConfig(compile=True), grad_clip=1.0)
+    assert compiled.forward is not compiled.module and type(compiled.module) is LlamaForCausalLM
+    for _ in range(2):
+        le, lc = _loss(eager), _loss(compiled)
+        torch.testing.assert_close(lc, le, atol=1e-4, rtol=1e-4)
+        eager.step(le), compiled.step(lc)
+    assert list(compiled.module.state_dict()) == list(eager.module.state_dict())  # no _orig_mod prefixes
+    for a, b in zip(compiled.module.parameters(), eager.module.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_ppo_clipping_can_be_switched_off(tmp_path):
