@@ -53,6 +53,9 @@ PRELOAD_HEAVY = (
 )
 """Then the training stack; every later step forks with it loaded."""
 
+PYTHON = sys.executable
+"""The interpreter itself (sys.executable points at the client while a server runs)."""
+
 RUNTIME_ENV_PREFIXES = ("RLHF_", "MLFLOW_", "AWS_", "KFP_", "_KFP_", "KF_PIPELINES_")
 """Variables read when used, not at import: a step may differ from the server in these
 and still start warm."""
@@ -103,7 +106,7 @@ def warm_steps():
     tmp = Path(tempfile.mkdtemp(prefix="rlhf-warm-"))
     sock, client, log = tmp / "s", tmp / "client.py", tmp / "server.log"
     client.write_text(CLIENT)
-    real = sys.executable
+    real, previous = PYTHON, sys.executable
     with open(log, "wb") as log_f:
         server = subprocess.Popen([real, "-m", "rlhf.pipelines.warm", str(sock)], stdin=subprocess.DEVNULL,
                                   stdout=log_f, stderr=subprocess.STDOUT)
@@ -119,7 +122,7 @@ def warm_steps():
         try:
             yield True
         finally:
-            sys.executable = real
+            sys.executable = previous
     finally:
         server.terminate()
         try:
@@ -141,7 +144,7 @@ def serve(sock_path: str) -> None:
     heavy preload goes on beside it."""
     parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the steps themselves; `rlhf run` stops us
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, _stop)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path + ".tmp")
     listener.listen(16)
@@ -171,6 +174,20 @@ def serve(sock_path: str) -> None:
             _report(*step)
 
 
+RUNNING: set[int] = set()
+"""Steps forked and not yet reaped."""
+
+
+def _stop(*_) -> None:
+    """`rlhf run` is done or was interrupted: no step outlives it."""
+    for pid in RUNNING:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    os._exit(0)
+
+
 def _preload(names: tuple[str, ...]) -> None:
     for name in names:
         try:
@@ -194,6 +211,7 @@ def _fork_step(listener: socket.socket, conn: socket.socket, base_env: dict[str,
     pid = os.fork()
     if pid == 0:
         _child(listener, conn, fds, request, base_env, added)
+    RUNNING.add(pid)
     for fd in fds:
         os.close(fd)
     return pid, conn
@@ -202,6 +220,7 @@ def _fork_step(listener: socket.socket, conn: socket.socket, base_env: dict[str,
 def _report(pid: int, conn: socket.socket) -> None:
     """Wait for the step and send its exit status (negative: the signal that ended it)."""
     _, status = os.waitpid(pid, 0)
+    RUNNING.discard(pid)
     try:
         conn.sendall(struct.pack("!q", os.waitstatus_to_exitcode(status)))
     except OSError:  # the client is gone (interrupted): nothing to report to

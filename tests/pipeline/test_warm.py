@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,16 @@ pytestmark = pytest.mark.skipif(not warm.available(), reason="needs fork and no 
 STEP = textwrap.dedent("""
     import os, signal, sys
     print("argv", sys.argv[1:])
+    print("pid", os.getpid())
     print("cwd", os.getcwd())
     print("env", os.environ.get("STEP_VAR"), os.environ.get("RLHF_STEP_VAR"))
     print("preloaded", "kfp.dsl.executor_main" in sys.modules)
     print("to stderr", file=sys.stderr)
     if sys.argv[1] == "die":
         os.kill(os.getpid(), signal.SIGKILL)
+    if sys.argv[1] == "sleep":
+        sys.stdout.flush()
+        signal.pause()
     if sys.argv[1] == "raise":
         raise RuntimeError("step failed")
     sys.exit(int(sys.argv[1]))
@@ -75,6 +80,25 @@ def test_step_with_an_import_time_variable_changed_starts_cold(python, tmp_path)
     assert "env changed None" in r.stdout
     assert "preloaded False" in r.stdout
     assert "cold: environment differs in ['STEP_VAR']" in r.stderr
+
+
+def test_a_running_step_ends_with_the_server(tmp_path):
+    """`rlhf run` stopping (done, failed or interrupted) stops the server, and the step it
+    forked does not go on training in the background."""
+    (tmp_path / "step_mod.py").write_text(STEP)
+    with warm.warm_steps():
+        proc = subprocess.Popen(["sh", "-ec", f"{sys.executable} -m step_mod sleep"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, text=True)
+        pid = next(int(line.split()[1]) for line in proc.stdout if line.startswith("pid "))
+        assert Path(f"/proc/{pid}").exists()
+    proc.wait(timeout=30)
+    assert proc.returncode == 1  # the client saw the server go before the step ended
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists() or "\tZ" in Path(f"/proc/{pid}/status").read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"step {pid} still runs after the server stopped")
 
 
 def test_client_without_a_server_starts_cold(tmp_path):
