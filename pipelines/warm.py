@@ -115,7 +115,8 @@ def warm_steps():
         while not sock.exists() and server.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         if not sock.exists():  # it would not start: say why and go on cold
-            print(f"warm step server did not start; steps start cold (see {log})", file=sys.stderr)
+            why = log.read_text(errors="replace").strip()[-2000:] or f"exit status {server.poll()}"
+            print(f"warm step server did not start, so steps start cold:\n{why}", file=sys.stderr)
             yield False
             return
         sys.executable = " ".join(shlex.quote(p) for p in (real, "-S", str(client), str(sock), real))

@@ -118,3 +118,11 @@ def test_cold_reason():
     assert warm.cold_reason(req, base) is None
     assert "PATH" in warm.cold_reason({**req, "env": {**req["env"], "PATH": "/usr/bin"}}, base)
     assert "not -m" in warm.cold_reason({**req, "argv": ["script.py"]}, base)
+
+
+def test_a_server_that_does_not_start_leaves_the_steps_cold(monkeypatch, capsys):
+    before = sys.executable
+    monkeypatch.setattr(warm, "PYTHON", "/bin/false")  # the server's interpreter fails at once
+    with warm.warm_steps() as on:
+        assert on is False and sys.executable == before
+    assert "warm step server did not start, so steps start cold" in capsys.readouterr().err
