@@ -181,7 +181,7 @@ RUNNING: set[int] = set()
 
 def _stop(*_) -> None:
     """`rlhf run` is done or was interrupted: no step outlives it."""
-    for pid in RUNNING:
+    for pid in list(RUNNING):  # a copy: the early step's reporting thread may discard from it meanwhile
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
