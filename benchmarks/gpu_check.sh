@@ -21,7 +21,7 @@
 # its own n positions, packed rows attend within a sequence). Peak: 989 TFLOP/s for
 # H100/H200 SXM, 312 for A100; GPU_PEAK_TFLOPS=... overrides. The table, with the card's
 # name, is appended to benchmarks/RESULTS.md (not in the CPU smoke mode).
-# Each row is a real `rlhf stage` run (torchrun -> rlhf.worker -> DeepSpeed engine); a
+# Each row is a real `rlhf stage` run (torchrun -> rlhf.ops.worker -> DeepSpeed engine); a
 # row that fails prints FAILED and the check goes on. Exit status: number of failed rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."

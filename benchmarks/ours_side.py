@@ -109,8 +109,8 @@ def run_stage(w, stage: str, steps: int, overrides: list[str], root: Path) -> di
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     from rlhf.stages import ppo, reward, sft
-    from rlhf.store import LocalStore
-    from rlhf.tracking import NullTracker
+    from rlhf.adapters.store import LocalStore
+    from rlhf.adapters.tracking import NullTracker
 
     cfg = workload_config(w, stage, steps, overrides)
     store, tok, tracker = LocalStore(root), w.tokenizer(), NullTracker()

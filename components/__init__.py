@@ -19,7 +19,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from rlhf.settings import Settings
+from rlhf.adapters.settings import Settings
 
 IMAGE = Settings.from_env().image
 """The training image (RLHF_IMAGE at compile time); see images/."""

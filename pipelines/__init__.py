@@ -14,8 +14,8 @@ Installed as the `rlhf.pipelines` package (see pyproject.toml).
 from kfp import dsl
 
 from rlhf import components as c
-from rlhf.profiles import Profile, StageSpec
-from rlhf.settings import Settings
+from rlhf.ops.profiles import Profile, StageSpec
+from rlhf.adapters.settings import Settings
 
 TRAINING_RETRIES = 2
 # the step of a multi-node stage only submits and watches its Trainer job: (request, limit)
@@ -72,11 +72,11 @@ def _place(task: dsl.PipelineTask, stage: str, profile: Profile | None) -> dsl.P
 
 def _launch_trainjob(task: dsl.PipelineTask, stage: str, profile: Profile) -> StageSpec:
     """A multi-node step: the task submits a Kubeflow Trainer job and watches it
-    (rlhf.trainjob). The job's spec travels as RLHF_TRAINJOB (Secret names, no values).
+    (rlhf.ops.trainjob). The job's spec travels as RLHF_TRAINJOB (Secret names, no values).
     The GPUs belong to the job's pods, so the task itself is placed like a light step
     (the profile's `defaults` pool) with a modest CPU and memory and no GPU; it keeps
     the Secrets and env (it reads the store). Returns that placement."""
-    from rlhf.trainjob import trainjob_spec
+    from rlhf.ops.trainjob import trainjob_spec
 
     job = trainjob_spec(profile, stage)
     task.set_env_variable("RLHF_TRAINJOB", job.model_dump_json())

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from rlhf.config import PipelineConfig
-from rlhf.settings import Settings
-from rlhf.tracking import embedded_tracking_uri
+from rlhf.adapters.settings import Settings
+from rlhf.adapters.tracking import embedded_tracking_uri
 
 
 class PipelineFailed(RuntimeError):
@@ -47,7 +47,7 @@ def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[st
 
     from rlhf.pipelines import rlhf_pipeline
     from rlhf.pipelines.warm import available as warm_available, warm_steps
-    from rlhf.store import open_store
+    from rlhf.adapters.store import open_store
 
     artifact_root, run_name = split_output(output)
     store = open_store(f"{artifact_root}/{run_name}", settings)

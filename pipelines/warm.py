@@ -43,12 +43,12 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-PRELOAD_LIGHT = ("kfp.dsl.executor_main", "rlhf.runs", "rlhf.tracking", "mlflow", "mlflow.store.tracking.sqlalchemy_store")
+PRELOAD_LIGHT = ("kfp.dsl.executor_main", "rlhf.runs", "rlhf.adapters.tracking", "mlflow", "mlflow.store.tracking.sqlalchemy_store")
 """What the server imports first: enough for the start and finish steps."""
 PRELOAD_HEAVY = (
     "torch", "transformers", "transformers.models.llama.modeling_llama", "mlflow.transformers",
     "deepspeed",  # transformers' save_pretrained imports it when it is installed
-    "rlhf.registry", "rlhf.stages.prep", "rlhf.stages.sft", "rlhf.stages.reward", "rlhf.stages.ppo",
+    "rlhf.adapters.registry", "rlhf.stages.prep", "rlhf.stages.sft", "rlhf.stages.reward", "rlhf.stages.ppo",
     "rlhf.stages.evaluate", "rlhf.stages.promote",
 )
 """Then the training stack; every later step forks with it loaded."""

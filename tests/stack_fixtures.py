@@ -17,8 +17,8 @@ import uuid
 
 import pytest
 
-from rlhf.stack import Stack
-from rlhf.store import S3Store
+from rlhf.ops.stack import Stack
+from rlhf.adapters.store import S3Store
 
 _shared: dict = {"stack": None, "users": 0}
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.config import ConfigError, PipelineConfig, load_config
-from rlhf.settings import Settings
+from rlhf.adapters.settings import Settings
 
 STAGE_MODULES = {"prep": "prep", "sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "evaluate"}
 
@@ -41,9 +41,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_stage(name: str, cfg: PipelineConfig, output: str, quiet: bool, settings: Settings) -> dict:
-    from rlhf import distributed
-    from rlhf.store import open_store
-    from rlhf.tracking import make_tracker
+    from rlhf.train import distributed
+    from rlhf.adapters.store import open_store
+    from rlhf.adapters.tracking import make_tracker
 
     store = open_store(output)
     if distributed.launcher_for(name, cfg, settings) == "torchrun":  # one process per GPU, rank 0 writes the result
@@ -67,7 +67,7 @@ def _cmd_stage(args, cfg: PipelineConfig, settings: Settings) -> int:
         short = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
         print(json.dumps({"stage": name, "output": str(output), **short}, indent=2, default=str))
     if args.name in ("all", "eval"):
-        from rlhf.tracking import tracking_uri_for
+        from rlhf.adapters.tracking import tracking_uri_for
 
         print(f"summary: {output.rstrip('/')}/summary.json\nMLflow: {tracking_uri_for(cfg, settings)}")
     return 0
@@ -76,11 +76,11 @@ def _cmd_stage(args, cfg: PipelineConfig, settings: Settings) -> int:
 def _cmd_run(args, cfg: PipelineConfig, settings: Settings) -> int:
     """The whole DAG through kfp.local (embedded default, or the local stack with --stack)."""
     from rlhf.pipelines.local import default_output, run_local, summary_lines
-    from rlhf.tracking import tracking_uri_for
+    from rlhf.adapters.tracking import tracking_uri_for
 
     env: dict[str, str] = {}
     if args.stack:
-        from rlhf.stack import Stack
+        from rlhf.ops.stack import Stack
 
         stack = Stack(settings.stack_dir)
         stack.up()
@@ -95,7 +95,7 @@ def _cmd_run(args, cfg: PipelineConfig, settings: Settings) -> int:
 
 def _cmd_compile(args, settings: Settings) -> int:
     from rlhf.pipelines import compile_pipeline
-    from rlhf.profiles import load_profile
+    from rlhf.ops.profiles import load_profile
 
     profile = load_profile(args.profile) if args.profile else None
     print(f"wrote {compile_pipeline(args.output, profile)}" + (f" (profile {profile.name})" if profile else ""))
@@ -103,7 +103,7 @@ def _cmd_compile(args, settings: Settings) -> int:
 
 
 def _cluster_args(p: argparse.ArgumentParser, *, pipeline: bool = True) -> None:
-    from rlhf.cluster import DEFAULT_EXPERIMENT, DEFAULT_PIPELINE
+    from rlhf.ops.cluster import DEFAULT_EXPERIMENT, DEFAULT_PIPELINE
 
     p.add_argument("--host", default=None, help="Kubeflow Pipelines URL, e.g. http://localhost:8080 through "
                                                 "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80` "
@@ -124,7 +124,7 @@ def _cluster_args(p: argparse.ArgumentParser, *, pipeline: bool = True) -> None:
 
 
 def _cmd_cluster(args, settings: Settings) -> int:
-    from rlhf import cluster
+    from rlhf.ops import cluster
 
     host = args.host or settings.kfp_host
     token = cluster.read_token(args.token_file, settings)
@@ -154,8 +154,8 @@ def _cmd_cluster(args, settings: Settings) -> int:
 
 
 def _cmd_models(args, settings: Settings) -> int:
-    from rlhf.registry import Registry, pull
-    from rlhf.tracking import embedded_tracking_uri
+    from rlhf.adapters.registry import Registry, pull
+    from rlhf.adapters.tracking import embedded_tracking_uri
 
     uri = args.tracking_uri or settings.mlflow_tracking_uri or embedded_tracking_uri(settings.home)
     if args.action == "list":
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     pm.add_argument("--prefix", default=None, help="For list: only names starting with this.")
     pm.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else embedded).")
 
-    from rlhf import stack as stack_mod
+    from rlhf.ops import stack as stack_mod
 
     stack_mod.add_cli(sub)
 
@@ -261,14 +261,14 @@ def main(argv: list[str] | None = None) -> int:
 def _known_errors() -> tuple[type[Exception], ...]:
     """Errors that carry their own clear message (no traceback). Imported only when
     something failed: several live next to torch, and `rlhf run` need not load it."""
-    from rlhf.cluster import ClusterError
+    from rlhf.ops.cluster import ClusterError
     from rlhf.data.readers import DataError
-    from rlhf.distributed import DistributedError
+    from rlhf.train.distributed import DistributedError
     from rlhf.models import ModelLoadError
-    from rlhf.registry import RegistryError
+    from rlhf.adapters.registry import RegistryError
     from rlhf.stages.common import CheckpointMismatch
-    from rlhf.store import StoreError
-    from rlhf.trainjob import TrainJobError
+    from rlhf.adapters.store import StoreError
+    from rlhf.ops.trainjob import TrainJobError
 
     return (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError, RegistryError, ClusterError,
             DistributedError, TrainJobError)

@@ -32,8 +32,8 @@ import yaml
 
 from rlhf import __version__
 from rlhf.config import ConfigError, PipelineConfig, load_config
-from rlhf.settings import Settings
-from rlhf.store import StoreError, open_store
+from rlhf.adapters.settings import Settings
+from rlhf.adapters.store import StoreError, open_store
 
 STAGES = {"sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "evaluate", "promote": "promote"}
 PREP_SECTIONS = ("seed", "task", "data", "model")
@@ -127,7 +127,7 @@ def data_key(cfg: PipelineConfig, store) -> str:
 @records_errors("start")
 def start(preset: str, config_json: str, overrides: dict[str, Any], artifact_root: str, run_name: str,
           kfp_run_id: str) -> dict:
-    from rlhf.tracking import start_pipeline_run, tracking_uri_for
+    from rlhf.adapters.tracking import start_pipeline_run, tracking_uri_for
 
     cfg = resolve_config(preset, config_json, overrides)
     settings = Settings.from_env()
@@ -154,7 +154,7 @@ def start(preset: str, config_json: str, overrides: dict[str, Any], artifact_roo
 @records_errors("prep")
 def prep(prep_config_json: str, artifact_root: str, key: str) -> dict:
     from rlhf.stages import prep as prep_stage
-    from rlhf.tracking import NullTracker
+    from rlhf.adapters.tracking import NullTracker
 
     cfg = PipelineConfig.model_validate_json(prep_config_json)
     store = open_store(join(artifact_root, "_datasets", key))
@@ -170,9 +170,9 @@ def prep(prep_config_json: str, artifact_root: str, key: str) -> dict:
 def stage(name: str, config_json: str, run_root: str, parent_run_id: str, dataset_root: str,
           promote: bool = True) -> dict:
     """Run one stage of a pipeline run; returns its result plus where its model lives."""
-    from rlhf.tracking import make_tracker
+    from rlhf.adapters.tracking import make_tracker
 
-    from rlhf import distributed
+    from rlhf.train import distributed
 
     cfg = PipelineConfig.model_validate_json(config_json)
     settings = Settings.from_env()
@@ -182,7 +182,7 @@ def stage(name: str, config_json: str, run_root: str, parent_run_id: str, datase
         request = {"kind": "pipeline", "args": {"name": name, "config_json": config_json, "run_root": run_root,
                                                 "parent_run_id": parent_run_id, "dataset_root": dataset_root}}
         if launcher == "trainjob":
-            from rlhf.trainjob import run_trainjob
+            from rlhf.ops.trainjob import run_trainjob
 
             run_trainjob(request, json.loads(settings.trainjob), settings)
         else:
@@ -223,9 +223,9 @@ def _with_artifact(name: str, store, result: dict) -> dict:
 @records_errors("finish")
 def finish(preset: str, config_json: str, overrides: dict[str, Any], artifact_root: str, run_name: str,
            kfp_run_id: str, state: str, error: str = "") -> dict:
-    from rlhf.registry import CHAMPION, KINDS, Registry, model_name
+    from rlhf.adapters.registry import CHAMPION, KINDS, Registry, model_name
     from rlhf.stages.promote import PREVIOUS_CHAMPION, RUN_TAG
-    from rlhf.tracking import finish_pipeline_run, log_pipeline_plots, tracking_uri_for
+    from rlhf.adapters.tracking import finish_pipeline_run, log_pipeline_plots, tracking_uri_for
 
     try:
         cfg = resolve_config(preset, config_json, overrides)

@@ -349,7 +349,7 @@ def test_role_is_least_privilege(rendered, case):
             assert resource in allowed and set(rule["verbs"]) <= allowed[resource], rule
         if "secrets" in rule["resources"]:
             assert rule["verbs"] == ["get"] and rule["resourceNames"], rule
-    # the kubeflow SDK of rlhf.trainjob submits, watches and (on timeout or cancel) deletes TrainJobs
+    # the kubeflow SDK of rlhf.ops.trainjob submits, watches and (on timeout or cancel) deletes TrainJobs
     trainer = [r for r in role["rules"] if r["apiGroups"] == ["trainer.kubeflow.org"]]
     assert {"trainjobs": ["create", "get", "list", "watch", "delete"], "trainingruntimes": ["get", "list"]} == {
         res: r["verbs"] for r in trainer for res in r["resources"]}

@@ -20,7 +20,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.requirements import Requirement
 
-from rlhf.settings import Settings
+from rlhf.adapters.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU = ROOT / "images" / "Dockerfile"

@@ -26,8 +26,8 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from rlhf.config import DistributedConfig, PipelineConfig, load_config
-from rlhf.distributed import Dist, DistributedError, check_divisible, deepspeed_config, launcher_for
-from rlhf.settings import Settings
+from rlhf.train.distributed import Dist, DistributedError, check_divisible, deepspeed_config, launcher_for
+from rlhf.adapters.settings import Settings
 
 TINY = ["--preset", "tiny", "--set", "num_threads=1", "--set", "tracking.log_models=false",
         "--set", "sft.max_epochs=2", "--set", "sft.patience=100"]

@@ -130,8 +130,8 @@ def test_stages_take_swapped_adapters(tmp_path):
     """A stage is run(cfg, store, tracker): the no-op tracker records what it was given."""
     from rlhf.config import load_config
     from rlhf.stages import prep, sft
-    from rlhf.store import LocalStore
-    from rlhf.tracking import NullTracker
+    from rlhf.adapters.store import LocalStore
+    from rlhf.adapters.tracking import NullTracker
 
     cfg = load_config("tiny", overrides=["num_threads=1"])
     store, tracker = LocalStore(tmp_path), NullTracker()

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-import rlhf.store as store_mod
+import rlhf.adapters.store as store_mod
 from rlhf.models.loading import resolve_source
-from rlhf.settings import Settings
-from rlhf.stack import Stack, StackError, add_cli, handle_cli
-from rlhf.store import COMMIT_MARKER, MiB, LocalStore, S3Store, StoreError, sha256_file
+from rlhf.adapters.settings import Settings
+from rlhf.ops.stack import Stack, StackError, add_cli, handle_cli
+from rlhf.adapters.store import COMMIT_MARKER, MiB, LocalStore, S3Store, StoreError, sha256_file
 
 
 def _keys(store: S3Store, prefix: str = "") -> list[str]:

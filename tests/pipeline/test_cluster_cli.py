@@ -322,7 +322,7 @@ def test_bad_cron_fails_before_any_request(kfp_server, capsys, cron):
 
 
 def test_cron_forms():
-    from rlhf.cluster import normalize_cron
+    from rlhf.ops.cluster import normalize_cron
 
     assert normalize_cron("0 3 * * *") == "0 0 3 * * *"
     assert normalize_cron("30 0 3 * * MON-FRI") == "30 0 3 * * MON-FRI"

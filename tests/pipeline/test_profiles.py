@@ -11,7 +11,7 @@ import yaml
 
 from rlhf.cli import main
 from rlhf.config import ConfigError
-from rlhf.profiles import load_profile
+from rlhf.ops.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINING = {"sft": "exec-train-sft", "reward": "exec-train-reward", "ppo": "exec-train-ppo", "eval": "exec-evaluate"}

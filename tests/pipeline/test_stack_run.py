@@ -13,7 +13,7 @@ import boto3
 import mlflow
 import pytest
 
-from rlhf.store import S3Store
+from rlhf.adapters.store import S3Store
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Multi-node stages as Kubeflow Trainer jobs (rlhf.trainjob).
+"""Multi-node stages as Kubeflow Trainer jobs (rlhf.ops.trainjob).
 
 - the spec compiled into the pipeline, from a profile (names of Secrets, never values);
 - the compiled pipeline: the PPO step launches, with RLHF_TRAINJOB and no GPU;
@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from rlhf.cli import main
-from rlhf.profiles import Profile, load_profile
-from rlhf.settings import Settings
-from rlhf.trainjob import TrainJobError, TrainJobSpec, node_command, run_trainjob, secret_env, trainjob_spec
+from rlhf.ops.profiles import Profile, load_profile
+from rlhf.adapters.settings import Settings
+from rlhf.ops.trainjob import TrainJobError, TrainJobSpec, node_command, run_trainjob, secret_env, trainjob_spec
 
 NAMESPACE = "ml-team"
 PROFILE = """
@@ -103,7 +103,7 @@ def test_node_command_torchrun(spec):
     assert node_command(spec) == [
         "python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=8",
         "--node_rank=$(PET_NODE_RANK)", "--master_addr=$(PET_MASTER_ADDR)", "--master_port=$(PET_MASTER_PORT)",
-        "-m", "rlhf.worker"]
+        "-m", "rlhf.ops.worker"]
 
 
 def test_node_command_deepspeed_runtime(spec):
@@ -114,7 +114,7 @@ def test_node_command_deepspeed_runtime(spec):
     assert "exec mpirun --hostfile /etc/mpi/hostfile" in script
     for var in ("RLHF_STAGE_REQUEST", "MASTER_ADDR", "MASTER_PORT", "RLHF_ARTIFACT_ROOT", "AWS_SECRET_ACCESS_KEY"):
         assert f"-x {var} " in script  # forwarded by name: values never appear in the command
-    assert "RANK=$OMPI_COMM_WORLD_RANK" in script and "exec python -m rlhf.worker" in script
+    assert "RANK=$OMPI_COMM_WORLD_RANK" in script and "exec python -m rlhf.ops.worker" in script
 
 
 # ----------------------------------------------------------------------------- compiled pipeline
@@ -360,7 +360,7 @@ Path(request["out"], f"rank-{rank}.json").write_text(json.dumps(
 
 @pytest.fixture
 def local_client(tmp_path, monkeypatch):
-    """The SDK's LocalProcessBackend, with a stand-in for rlhf.worker on the path."""
+    """The SDK's LocalProcessBackend, with a stand-in for rlhf.ops.worker on the path."""
     pytest.importorskip("kubeflow.trainer", reason="the kubeflow SDK is in the `cluster` and `test` extras")
     from kubeflow.trainer import LocalProcessBackendConfig, TrainerClient
 

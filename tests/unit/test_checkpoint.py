@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf import checkpoint
-from rlhf.checkpoint import MARKER, complete_checkpoints, latest
+from rlhf.train import checkpoint
+from rlhf.train.checkpoint import MARKER, complete_checkpoints, latest
 
 
 def _model_and_opt(seed: int = 0):

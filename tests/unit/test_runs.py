@@ -10,7 +10,7 @@ import pytest
 from rlhf.config import ConfigError
 from rlhf.pipelines.local import PipelineFailed, split_output, summary_lines
 from rlhf.runs import UI_PARAMS, data_key, resolve_config
-from rlhf.store import LocalStore
+from rlhf.adapters.store import LocalStore
 
 
 def test_unset_ui_parameters_keep_preset_values():
@@ -105,7 +105,7 @@ def test_a_run_folder_belongs_to_one_pipeline_run(tmp_path, monkeypatch):
 
 def test_failed_run_puts_the_previous_champion_back(tmp_path, monkeypatch):
     from rlhf import runs
-    from rlhf.registry import Registry
+    from rlhf.adapters.registry import Registry
     from rlhf.stages.promote import PREVIOUS_CHAMPION, RUN_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from rlhf.settings import Settings
-from rlhf.store import S3Store, StoreError
+from rlhf.adapters.settings import Settings
+from rlhf.adapters.store import S3Store, StoreError
 
 SECRET = "fake-secret-never-printed"
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from rlhf.settings import Settings
-from rlhf.store import COMMIT_MARKER, LocalStore, S3Store, StoreError, open_store, sha256_file
+from rlhf.adapters.settings import Settings
+from rlhf.adapters.store import COMMIT_MARKER, LocalStore, S3Store, StoreError, open_store, sha256_file
 
 
 @pytest.fixture

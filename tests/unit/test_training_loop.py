@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf.config import ConfigError, DistributedConfig, load_config
-from rlhf.distributed import Dist, Trainable
+from rlhf.train.distributed import Dist, Trainable
 from rlhf.stages.common import StepClock, batch_order, lr_lambda, pad_right
 from rlhf.stages.rollout import generate, response_logprobs
 

@@ -209,7 +209,7 @@ def _checkpoints(store, stage: str) -> list[str]:
 
 def _split(models: dict) -> tuple[dict, dict, dict]:
     """Trainables (with or without a DeepSpeed engine) and plain weights of a checkpoint."""
-    from rlhf.distributed import Trainable
+    from rlhf.train.distributed import Trainable
 
     engines = {k: m for k, m in models.items() if isinstance(m, Trainable) and m.engine is not None}
     plain = {k: (m.module if isinstance(m, Trainable) else m) for k, m in models.items() if k not in engines}
@@ -232,7 +232,7 @@ def save_checkpoint(store, stage: str, step: int, models: dict, state: dict, cfg
     uploads node 0's part with our own files as `step-N`, committed last."""
     import tempfile
 
-    from rlhf import checkpoint
+    from rlhf.train import checkpoint
 
     engines, plain, objects_of = _split(models)
     state = {**state, "config_fingerprint": config_fingerprint(cfg), "world_size": dist.world if dist else 1}
@@ -246,7 +246,7 @@ def save_checkpoint(store, stage: str, step: int, models: dict, state: dict, cfg
 
         import torch
 
-        from rlhf.distributed import scratch_dir
+        from rlhf.train.distributed import scratch_dir
 
         name = f"step-{step:08d}"
         local = scratch_dir(store.uri(""), stage, dist) / name
@@ -299,7 +299,7 @@ def resume_checkpoint(store, stage: str, models: dict, cfg: PipelineConfig, dist
 
     Refuses checkpoints written under a different training config or process count:
     resuming them would silently mix two runs (ZeRO partitions depend on the count)."""
-    from rlhf import checkpoint
+    from rlhf.train import checkpoint
 
     engines, plain, objects_of = _split(models)
     found = _checkpoints(store, stage)
@@ -317,7 +317,7 @@ def resume_checkpoint(store, stage: str, models: dict, cfg: PipelineConfig, dist
 
         import torch
 
-        from rlhf.distributed import scratch_dir
+        from rlhf.train.distributed import scratch_dir
 
         local = scratch_dir(store.uri(""), stage, dist) / "resume"
         if dist.node_main:

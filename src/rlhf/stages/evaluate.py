@@ -30,7 +30,7 @@ from rlhf.config import PipelineConfig
 from rlhf.data.tasks import gold_score
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.models import sequence_scores
-from rlhf.registry import CHAMPION, model_name
+from rlhf.adapters.registry import CHAMPION, model_name
 from rlhf.stages.common import PrepData, Timer, pad_right, seed_everything, setup_torch, tokenize_pair, write_result
 from rlhf.stages.promote import gate_decision
 from rlhf.stages.rollout import decode_responses, generate, response_logprobs, rewards

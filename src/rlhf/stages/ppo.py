@@ -29,8 +29,8 @@ import contextlib
 import torch
 
 from rlhf.config import PipelineConfig
-from rlhf.distributed import Trainable, check_divisible, frozen, save_trained, setup
-from rlhf.settings import maybe_inject_fault
+from rlhf.train.distributed import Trainable, check_divisible, frozen, save_trained, setup
+from rlhf.adapters.settings import maybe_inject_fault
 from rlhf.data.tasks import gold_score
 from rlhf.math import (
     AdaptiveKLController, FixedKLController, gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,

@@ -17,8 +17,8 @@ Steps: 1. inputs  2. register (or find) sft/reward/policy  3. gate, alias  4. re
 from __future__ import annotations
 
 from rlhf.config import GateConfig, PipelineConfig
-from rlhf.settings import maybe_inject_fault
-from rlhf.registry import CHAMPION, KINDS, Registry, RegistryError, Version, model_name
+from rlhf.adapters.settings import maybe_inject_fault
+from rlhf.adapters.registry import CHAMPION, KINDS, Registry, RegistryError, Version, model_name
 from rlhf.stages.common import Timer, write_result
 
 RUN_TAG = "rlhf.run"

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from rlhf.config import PipelineConfig
-from rlhf.distributed import Trainable, check_divisible, save_trained, setup
-from rlhf.settings import maybe_inject_fault
+from rlhf.train.distributed import Trainable, check_divisible, save_trained, setup
+from rlhf.adapters.settings import maybe_inject_fault
 from rlhf.data.tasks import gold_score
 from rlhf.math import pairwise_reward_loss
 from rlhf.models import load_reward_model, load_tokenizer, pair_scores, sequence_scores

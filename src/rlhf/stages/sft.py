@@ -27,8 +27,8 @@ import math
 import torch
 
 from rlhf.config import PipelineConfig
-from rlhf.distributed import Trainable, check_divisible, save_trained, setup
-from rlhf.settings import maybe_inject_fault
+from rlhf.train.distributed import Trainable, check_divisible, save_trained, setup
+from rlhf.adapters.settings import maybe_inject_fault
 from rlhf.math import sft_loss
 from rlhf.models import Segment, build_causal_lm, load_causal_lm, load_tokenizer, pack
 from rlhf.models.loading import apply_lora

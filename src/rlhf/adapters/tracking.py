@@ -196,7 +196,7 @@ class MLflowTracker:
 
     def load_registered(self, name: str, alias: str) -> dict | None:
         """{"version", "model", "tokenizer"} of a registered model's alias, or None when unset."""
-        from rlhf.registry import Registry
+        from rlhf.adapters.registry import Registry
 
         v = Registry(self.tracking_uri).by_alias(name, alias)
         if v is None:

@@ -82,7 +82,7 @@ class Settings:
     node_rank: int = 0
     """GROUP_RANK (torchrun) or NODE_RANK: which node this process runs on."""
     stage_request: str | None = None
-    """RLHF_STAGE_REQUEST: JSON arguments of `runs.stage` for `python -m rlhf.worker`, the
+    """RLHF_STAGE_REQUEST: JSON arguments of `runs.stage` for `python -m rlhf.ops.worker`, the
     entry point of each process of a distributed stage (set by the launcher)."""
     worker_error_dir: str | None = None
     """RLHF_WORKER_ERROR_DIR: where each process of a local multi-process stage leaves its

@@ -3,7 +3,7 @@
 A profile with `nodes: N > 1` for sft, reward or ppo turns that pipeline step into a
 launcher. Nothing here starts processes itself (DESIGN.md, "Scaling out"): the
 Kubeflow Trainer creates the pods, and torchrun, the runtime's own launcher, starts
-`python -m rlhf.worker` on each of them.
+`python -m rlhf.ops.worker` on each of them.
 
     compile time   `trainjob_spec(profile, stage)` -> RLHF_TRAINJOB on the step (JSON;
                    names of Secrets, never their values); the step itself gets one
@@ -26,7 +26,7 @@ On every node of the default `torch-distributed` runtime the Trainer's torch plu
 sets PET_NNODES / PET_NODE_RANK / PET_MASTER_ADDR / PET_MASTER_PORT, and the command is
 
     python -m torch.distributed.run --nnodes=N --nproc_per_node=G --node_rank=$(PET_NODE_RANK)
-        --master_addr=$(PET_MASTER_ADDR) --master_port=$(PET_MASTER_PORT) -m rlhf.worker
+        --master_addr=$(PET_MASTER_ADDR) --master_port=$(PET_MASTER_PORT) -m rlhf.ops.worker
 
 (G = GPUs per node, 1 without; Kubernetes expands `$(VAR)` from the container's env).
 DeepSpeed runs inside those processes (distributed.py), so this runtime needs nothing
@@ -55,8 +55,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhf.profiles import MULTI_NODE_STAGES, Profile, SecretEnv, Toleration
-from rlhf.settings import Settings, child_process_env
+from rlhf.ops.profiles import MULTI_NODE_STAGES, Profile, SecretEnv, Toleration
+from rlhf.adapters.settings import Settings, child_process_env
 
 RUNTIMES = ("torch-distributed", "deepspeed-distributed")
 COMPLETE, FAILED = "Complete", "Failed"  # the SDK's TrainJob statuses (besides Created, Running)
@@ -106,7 +106,7 @@ class TrainJobSpec(BaseModel):
                                                           "(IRSA / Workload Identity).")
     timeout_s: int | None = Field(None, gt=0, description="The job's activeDeadlineSeconds; the launcher waits a "
                                                           "little longer.")
-    module: str = Field("rlhf.worker", description="Python module every process runs (`-m`); it reads "
+    module: str = Field("rlhf.ops.worker", description="Python module every process runs (`-m`); it reads "
                                                    "RLHF_STAGE_REQUEST.")
 
     @property
@@ -138,7 +138,7 @@ def node_command(spec: TrainJobSpec) -> list[str]:
     pod only (the `node` pods run sshd) and lists the hosts in /etc/mpi/hostfile with
     `numProcPerNode` slots each. mpirun starts one process per slot and forwards our
     variables (`-x`); each process maps OpenMPI's ranks to the torchrun variables
-    rlhf.worker reads; rank 0 sits on the first host, which is MASTER_ADDR."""
+    rlhf.ops.worker reads; rank 0 sits on the first host, which is MASTER_ADDR."""
     if spec.runtime == "torch-distributed":
         return ["python", "-m", "torch.distributed.run", f"--nnodes={spec.nodes}",
                 f"--nproc_per_node={spec.procs_per_node}", "--node_rank=$(PET_NODE_RANK)",
@@ -160,7 +160,7 @@ def node_command(spec: TrainJobSpec) -> list[str]:
 
 def run_trainjob(request: dict, spec: TrainJobSpec | dict, settings: Settings, client: Any = None,
                  poll_s: float = 10.0, wait_s: float | None = None) -> str:
-    """Run `request` (the arguments rlhf.worker takes from RLHF_STAGE_REQUEST) as a
+    """Run `request` (the arguments rlhf.ops.worker takes from RLHF_STAGE_REQUEST) as a
     Kubeflow Trainer job described by `spec`, wait for it and return its name.
 
     `client` is a `kubeflow.trainer.TrainerClient`; None builds one for the Kubernetes

@@ -1,7 +1,7 @@
 """Entry point of every process of a distributed training stage.
 
 torchrun (one node, `distributed.launch`) or a Kubeflow Trainer job (several nodes,
-`trainjob.py`) starts `python -m rlhf.worker` once per GPU with the usual RANK /
+`trainjob.py`) starts `python -m rlhf.ops.worker` once per GPU with the usual RANK /
 WORLD_SIZE / LOCAL_RANK variables and the stage's arguments as JSON in
 RLHF_STAGE_REQUEST:
 
@@ -20,7 +20,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from rlhf.settings import Settings
+from rlhf.adapters.settings import Settings
 
 
 def run_request(request: dict) -> dict:
@@ -53,7 +53,7 @@ def finish_process_group() -> None:
 def main() -> int:
     settings = Settings.from_env()
     if not settings.stage_request:
-        print("rlhf.worker: RLHF_STAGE_REQUEST is not set; this module is started by `rlhf` itself "
+        print("rlhf.ops.worker: RLHF_STAGE_REQUEST is not set; this module is started by `rlhf` itself "
               "(torchrun or a Kubeflow Trainer job), not by hand", file=sys.stderr)
         return 2
     try:

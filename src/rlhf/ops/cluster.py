@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from rlhf.settings import Settings
+from rlhf.adapters.settings import Settings
 
 DEFAULT_PIPELINE = "rlhf-instructgpt"
 DEFAULT_EXPERIMENT = "rlhf"
@@ -270,7 +270,7 @@ def _new_version(host, token, namespace, profile_path, package_path, params, pip
 def _spec(profile_path: str | None, package_path: str | None):
     """(spec path, declared parameters, profile): --package as given, else compiled into a
     temporary folder with the profile's placement and image."""
-    from rlhf.profiles import load_profile
+    from rlhf.ops.profiles import load_profile
 
     profile = load_profile(profile_path) if profile_path else None
     if package_path:

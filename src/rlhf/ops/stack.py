@@ -38,7 +38,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from rlhf.settings import Settings, child_process_env
+from rlhf.adapters.settings import Settings, child_process_env
 
 HOST = "127.0.0.1"
 LOCAL_ACCESS_KEY = "rlhf"

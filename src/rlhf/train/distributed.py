@@ -17,7 +17,7 @@ Who does what in a job of N processes:
 
 The processes are started by torchrun (`launch()` on one node; a Kubeflow Trainer
 job on several, see trainjob.py), never by a launcher of our own; each runs
-`python -m rlhf.worker`.
+`python -m rlhf.ops.worker`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from rlhf.config import DistributedConfig, PipelineConfig
-from rlhf.settings import Settings, child_process_env
+from rlhf.adapters.settings import Settings, child_process_env
 
 
 class DistributedError(RuntimeError):
@@ -384,7 +384,7 @@ def launch(request: dict, nproc: int, settings: Settings) -> None:
     with tempfile.TemporaryDirectory(prefix="rlhf-launch-") as tmp:
         env = child_process_env({"RLHF_STAGE_REQUEST": json.dumps(request), "RLHF_WORKER_ERROR_DIR": tmp})
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "rlhf.worker"]
+               "-m", "rlhf.ops.worker"]
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
             errors = sorted(Path(tmp).glob("rank-*.txt"), key=lambda p: p.stat().st_mtime)  # the first to fail

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 if TYPE_CHECKING:
-    from rlhf.settings import Settings
+    from rlhf.adapters.settings import Settings
 
 COMMIT_MARKER = "_COMMITTED"
 MANIFEST = "MANIFEST.json"
@@ -392,7 +392,7 @@ class S3Store(_JsonMixin):
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
-        from rlhf.settings import Settings
+        from rlhf.adapters.settings import Settings
 
         self.bucket, self.prefix = split_s3_uri(str(root))
         self.settings = settings or Settings.from_env()
