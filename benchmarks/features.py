@@ -91,9 +91,9 @@ def kernel_rows(repeats: int, inner: int) -> list[dict]:
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     from rlhf.models import pair_scores
-    from rlhf.stages.common import tokenize_pair
+    from rlhf.models.batching import tokenize_pair
     from rlhf.stages.reward import separate_scores
-    from rlhf.stages.rollout import generate
+    from rlhf.models.rollout import generate
 
     import workload as w  # benchmarks/ is this script's folder, so first on sys.path
     torch.set_num_threads(w.THREADS)
@@ -123,7 +123,7 @@ def kernel_rows(repeats: int, inner: int) -> list[dict]:
         return f
 
     from rlhf.models import sequence_scores
-    from rlhf.stages.common import pad_right
+    from rlhf.models.batching import pad_right
 
     def forward_each():
         out = []

@@ -132,7 +132,7 @@ def mfu(run_dir: Path, tokens_per_s: float) -> tuple[float, str]:
     from rlhf.data.processing import read_jsonl_rows
     from rlhf.models import load_tokenizer
     from rlhf.config import ModelConfig
-    from rlhf.stages.common import tokenize_pair
+    from rlhf.models.batching import tokenize_pair
 
     mc = json.loads((run_dir / "sft" / "model" / "config.json").read_text())
     h, L, i, V = mc["hidden_size"], mc["num_hidden_layers"], mc["intermediate_size"], mc["vocab_size"]

@@ -32,15 +32,14 @@ def start_run(preset: str, config_json: str, base_model: str, sft_data: str, pre
               experiment_name: str, registered_model_name: str, artifact_root: str, run_name: str,
               kfp_run_id: str) -> NamedTuple("Started", config_json=str, prep_config_json=str, run_root=str,
                                              parent_run_id=str, data_key=str):
-    """Resolve and validate the config, fingerprint the data, open the MLflow parent run."""
-    from rlhf import runs
+    """Resolve and validate the config, fingerprint the data, open the MLflow parent run.
 
-    out = runs.start(preset, config_json, {
-        "base_model": base_model, "sft_data": sft_data, "preference_data": preference_data,
-        "prompt_data": prompt_data, "seed": seed, "sft_max_steps": sft_max_steps, "reward_epochs": reward_epochs,
-        "ppo_updates": ppo_updates, "kl_coef": kl_coef, "min_win_rate": min_win_rate, "max_kl": max_kl,
-        "champion_margin": champion_margin, "experiment_name": experiment_name,
-        "registered_model_name": registered_model_name}, artifact_root, run_name, kfp_run_id)
+    The parameters are the rows of rlhf.params.PARAMS (a test keeps them equal) plus
+    kfp_run_id; KFP needs them literal here, the body takes them from locals()."""
+    given = dict(locals())
+    from rlhf import params, runs
+
+    out = runs.start(preset, config_json, params.overrides(given), artifact_root, run_name, kfp_run_id)
     return (out["config_json"], out["prep_config_json"], out["run_root"], out["parent_run_id"], out["data_key"])
 
 
@@ -106,8 +105,8 @@ def finish_run(preset: str, config_json: str, experiment_name: str, registered_m
                artifact_root: str, run_name: str, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the MLflow parent run FINISHED/FAILED; after a failure, remove
     the versions this run registered so the registry is as the run found it."""
-    from rlhf import runs
+    given = dict(locals())
+    from rlhf import params, runs
 
-    runs.finish(preset, config_json, {"experiment_name": experiment_name,
-                                      "registered_model_name": registered_model_name},
-                artifact_root, run_name, kfp_run_id, status.state, status.error_message or "")
+    runs.finish(preset, config_json, params.overrides(given), artifact_root, run_name, kfp_run_id,
+                status.state, status.error_message or "")

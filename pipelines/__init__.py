@@ -14,6 +14,7 @@ Installed as the `rlhf.pipelines` package (see pyproject.toml).
 from kfp import dsl
 
 from rlhf import components as c
+from rlhf import params
 from rlhf.ops.profiles import Profile, StageSpec
 from rlhf.adapters.settings import Settings
 
@@ -97,70 +98,25 @@ def build_pipeline(profile: Profile | None = None):
 
 
 def _pipeline_func(profile: Profile | None):
-    def rlhf_pipeline(
-        preset: str = "demo",
-        config_json: str = "",
-        base_model: str = "",
-        sft_data: str = "",
-        preference_data: str = "",
-        prompt_data: str = "",
-        seed: int = -1,
-        sft_max_steps: int = -1,
-        reward_epochs: int = -1,
-        ppo_updates: int = -1,
-        kl_coef: float = -1.0,
-        min_win_rate: float = -1.0,
-        max_kl: float = -1.0,
-        champion_margin: float = -1.0,
-        experiment_name: str = "",
-        registered_model_name: str = "",
-        artifact_root: str = "s3://rlhf/runs",
-        run_name: str = "",
-    ):
-        """Train, evaluate and (through the gate) promote an RLHF policy.
+    """The pipeline function: its signature and docstring (the Kubeflow UI form: names,
+    types, defaults, descriptions) come from the one table, rlhf.params.PARAMS."""
 
-        Empty strings and -1 leave the value from the preset / config_json.
-
-        Args:
-            preset: Config preset: demo (tiny model, built-in task), instructgpt (the paper's PPO settings), tiny (smoke test).
-            config_json: The full config as JSON (sections task, data, model, sft, reward, ppo, eval, tracking, gate), merged over the preset; `rlhf config show` lists every field.
-            base_model: Base model: Hugging Face hub id, s3:// folder or local path (safetensors only). Empty builds the preset's small model from config.
-            sft_data: SFT demonstrations, JSONL {prompt, completion} or {messages}: local path, s3:// URI or HF dataset name. Empty uses the built-in task.
-            preference_data: Preference pairs, JSONL {prompt, chosen, rejected}, conversational or Anthropic HH. Set together with sft_data.
-            prompt_data: PPO prompts, JSONL {prompt} or {messages}. Empty uses the SFT prompts.
-            seed: Seed for data generation, initialisation and training.
-            sft_max_steps: Hard cap on SFT optimizer steps.
-            reward_epochs: Passes over the preference pairs for the reward model.
-            ppo_updates: PPO updates (each one rollout batch).
-            kl_coef: KL penalty coefficient beta against the SFT model (the initial value when adaptive).
-            min_win_rate: Gate: least win rate (ties half) of the policy against SFT on held-out prompts.
-            max_kl: Gate: most KL(policy || SFT) per response, in nats.
-            champion_margin: Gate: the policy must win more than 0.5 + margin against the current @champion.
-            experiment_name: MLflow experiment for the parent and stage runs.
-            registered_model_name: Base name of the registered models: <name>-sft, <name>-reward, <name>-policy.
-            artifact_root: Where runs keep datasets, checkpoints and models: s3://bucket/prefix (or a local folder for local runs).
-            run_name: Folder of this run under artifact_root and MLflow parent run name. Empty uses the KFP run id.
-        """
-        finish = c.finish_run(preset=preset, config_json=config_json, experiment_name=experiment_name,
-                              registered_model_name=registered_model_name, artifact_root=artifact_root,
-                              run_name=run_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    def rlhf_pipeline(*args, **kwargs):
+        bound = rlhf_pipeline.__signature__.bind(*args, **kwargs)  # KFP passes them positionally
+        bound.apply_defaults()
+        form = bound.arguments  # name -> pipeline channel, one per row of rlhf.params.PARAMS
+        finish = c.finish_run(**_taken_by(c.finish_run, form), kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         finish.set_display_name("finish").set_caching_options(False)
         _place(finish, "finish", profile)
         with dsl.ExitHandler(finish, name="rlhf"):
-            start = c.start_run(
-                preset=preset, config_json=config_json, base_model=base_model, sft_data=sft_data,
-                preference_data=preference_data, prompt_data=prompt_data, seed=seed, sft_max_steps=sft_max_steps,
-                reward_epochs=reward_epochs, ppo_updates=ppo_updates, kl_coef=kl_coef, min_win_rate=min_win_rate,
-                max_kl=max_kl, champion_margin=champion_margin, experiment_name=experiment_name,
-                registered_model_name=registered_model_name, artifact_root=artifact_root, run_name=run_name,
-                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+            start = c.start_run(**form, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)  # the whole form
             start.set_display_name("start").set_caching_options(False)
             _place(start, "start", profile)
             run = dict(config_json=start.outputs["config_json"], run_root=start.outputs["run_root"],
                        parent_run_id=start.outputs["parent_run_id"])
 
             # cacheable: its inputs (data hash, prep settings, root) fully determine its output
-            prep = c.prep_data(prep_config_json=start.outputs["prep_config_json"], artifact_root=artifact_root,
+            prep = c.prep_data(prep_config_json=start.outputs["prep_config_json"], artifact_root=form["artifact_root"],
                                data_key=start.outputs["data_key"])
             prep.set_display_name("data prep").set_caching_options(True)
             _place(prep, "prep", profile)
@@ -180,7 +136,16 @@ def _pipeline_func(profile: Profile | None):
                 _place(c.promote(dataset=data, policy=ppo.outputs["model"], move_alias=False, **run)
                        .set_display_name("register (not promoted)").set_caching_options(False), "promote", profile)
 
+    rlhf_pipeline.__signature__ = params.signature()
+    rlhf_pipeline.__annotations__ = {q.name: q.type for q in params.PARAMS}
+    rlhf_pipeline.__doc__ = params.docstring()
     return rlhf_pipeline
+
+
+def _taken_by(component, args: dict) -> dict:
+    """The pipeline parameters a component's signature names, by name, so the DAG holds
+    no list of them. (start_run takes them all: a table row it lacks fails the compile.)"""
+    return {name: value for name, value in args.items() if name in component.component_spec.inputs}
 
 
 rlhf_pipeline = build_pipeline()

@@ -43,13 +43,14 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+from rlhf.stages.table import STAGES
+
 PRELOAD_LIGHT = ("kfp.dsl.executor_main", "rlhf.runs", "rlhf.adapters.tracking", "mlflow", "mlflow.store.tracking.sqlalchemy_store")
 """What the server imports first: enough for the start and finish steps."""
 PRELOAD_HEAVY = (
     "torch", "transformers", "transformers.models.llama.modeling_llama", "mlflow.transformers",
     "deepspeed",  # transformers' save_pretrained imports it when it is installed
-    "rlhf.adapters.registry", "rlhf.stages.prep", "rlhf.stages.sft", "rlhf.stages.reward", "rlhf.stages.ppo",
-    "rlhf.stages.evaluate", "rlhf.stages.promote",
+    "rlhf.adapters.registry", "rlhf.dispatch", *(s.module for s in STAGES.values()),
 )
 """Then the training stack; every later step forks with it loaded."""
 

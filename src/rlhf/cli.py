@@ -19,7 +19,6 @@ database $RLHF_HOME/mlflow.db. The config is validated before any work starts.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -30,9 +29,6 @@ import yaml
 from rlhf.config import ConfigError, PipelineConfig, load_config
 from rlhf.adapters.settings import Settings
 
-STAGE_MODULES = {"prep": "prep", "sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "evaluate"}
-
-
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="demo", help="Config preset (demo, instructgpt, tiny).")
     p.add_argument("--config", default=None, help="YAML file deep-merged over the preset.")
@@ -40,30 +36,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="Override one field, e.g. --set ppo.kl.init_coef=0.05 (repeatable).")
 
 
-def run_stage(name: str, cfg: PipelineConfig, output: str, quiet: bool, settings: Settings) -> dict:
-    from rlhf.train import distributed
-    from rlhf.adapters.store import open_store
-    from rlhf.adapters.tracking import make_tracker
-
-    store = open_store(output)
-    if distributed.launcher_for(name, cfg, settings) == "torchrun":  # one process per GPU, rank 0 writes the result
-        request = {"kind": "cli", "name": name, "config_json": cfg.model_dump_json(), "output": str(output), "quiet": quiet}
-        distributed.launch(request, distributed.world_size(cfg), settings)
-        return store.read_json(f"{name}/result.json")
-    # the exact config every stage ran with, next to its outputs
-    if settings.rank == 0:
-        store.write_bytes(f"{name}/config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode())
-    tracker = make_tracker(cfg, settings)
-    module = importlib.import_module(f"rlhf.stages.{STAGE_MODULES[name]}")
-    return module.run(cfg, store, tracker, quiet=quiet)
-
-
 def _cmd_stage(args, cfg: PipelineConfig, settings: Settings) -> int:
+    """One stage (or prep..eval) in the output store, through the one dispatcher."""
+    from rlhf.dispatch import StageRequest, dispatch
+    from rlhf.stages.table import STAGES
+
     output = args.output or str(settings.home / "demo")
     quiet = args.quiet or settings.quiet
-    names = list(STAGE_MODULES) if args.name == "all" else [args.name]
+    names = [n for n, s in STAGES.items() if s.standalone] if args.name == "all" else [args.name]
     for name in names:
-        result = run_stage(name, cfg, output, quiet, settings)
+        result = dispatch(StageRequest(name, output, output, quiet=quiet), cfg, settings)
         short = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
         print(json.dumps({"stage": name, "output": str(output), **short}, indent=2, default=str))
     if args.name in ("all", "eval"):
@@ -187,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="Start (if needed) and use the local stack: SeaweedFS S3 + mlflow server.")
 
     ps = sub.add_parser("stage", help="Run one pipeline stage (no KFP).")
-    ps.add_argument("name", choices=[*STAGE_MODULES, "all"], help="A stage, or `all` for the five in order.")
+    from rlhf.stages.table import STAGES
+
+    standalone = [n for n, s in STAGES.items() if s.standalone]
+    ps.add_argument("name", choices=[*standalone, "all"], help=f"A stage, or `all` for {', '.join(standalone)} in order.")
     _config_args(ps)
     ps.add_argument("--output", default=None, help="Output folder or s3:// prefix (artifact store root). Default: $RLHF_HOME/demo.")
     ps.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -266,7 +251,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from rlhf.train.distributed import DistributedError
     from rlhf.models import ModelLoadError
     from rlhf.adapters.registry import RegistryError
-    from rlhf.stages.common import CheckpointMismatch
+    from rlhf.train.checkpoint import CheckpointMismatch
     from rlhf.adapters.store import StoreError
     from rlhf.ops.trainjob import TrainJobError
 

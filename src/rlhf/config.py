@@ -106,16 +106,24 @@ class ModelConfig(_Model):
 # ----------------------------------------------------------------------------- stages
 
 
-class SFTConfig(_Model):
+class OptimConfig(_Model):
+    """AdamW and its learning-rate schedule: the fields every trained stage shares
+    (`rlhf.train.trainable.make_trainable` reads them)."""
+
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Gradient norm clip; empty = no clipping.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine: linear warm-up, then cosine decay to 0.1x peak; linear: warm-up, then linear decay to 0 (the Hugging Face Trainer default); constant: warm-up, then flat.")
+
+
+class SFTConfig(OptimConfig):
     """Supervised fine-tuning on demonstrations (loss on response tokens only)."""
 
     max_epochs: int = Field(30, gt=0, description="Upper bound on epochs; early stopping usually ends sooner.")
     batch_size: int = Field(64, gt=0, description="Sequences per optimizer step.")
     lr: float = Field(1.5e-3, gt=0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine: linear warm-up, then cosine decay to 0.1x peak; linear: warm-up, then linear decay to 0 (the Hugging Face Trainer default); constant: warm-up, then flat.")
     packing: bool = Field(True, description="Lay each batch's sequences out in fewer rows (first-fit, rows as long as the batch's longest) with block-diagonal attention and positions restarting per sequence: the same batch and loss (to float rounding), no compute spent on padding. Checked against the padded batch on the first step; models that ignore custom masks fall back.")
     group_by_length: bool = Field(False, description="Batch demonstrations of similar length together (shuffled batches of a length-sorted shuffle, like the Hugging Face Trainer's group_by_length): even less padding, but batches are no longer random samples, which slowed SFT on the demo task (best held-out loss 0.85 instead of 0.72), so off by default.")
     eval_every: int = Field(100, gt=0, description="Steps between held-out loss evaluations.")
@@ -124,21 +132,19 @@ class SFTConfig(_Model):
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
 
 
-class RewardConfig(_Model):
+class RewardConfig(OptimConfig):
     """Reward model: SFT backbone + scalar head, pairwise loss -log sigmoid(r_w - r_l - margin)."""
 
     epochs: int = Field(2, gt=0, description="Passes over the preference pairs.")
     batch_size: int = Field(32, gt=0, description="Pairs per optimizer step (chosen and rejected in one forward).")
     lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine: linear warm-up, then cosine decay to 0.1x peak; linear: warm-up, then linear decay to 0 (the Hugging Face Trainer default); constant: warm-up, then flat.")
     share_prefix: bool = Field(True, description="Score chosen and rejected as one segment that holds their common prefix (the prompt and more) once, with a block attention mask: the same scores to float rounding, less compute. Checked against separate rows on the first step; models that ignore custom masks fall back.")
     packing: bool = Field(True, description="Lay the batch's segments out in fewer rows (first-fit) with block-diagonal attention: no compute spent on padding, the same scores.")
     group_by_length: bool = Field(False, description="Batch pairs of similar length together (less padding, but batches are no longer random samples).")
     margin: float | None = Field(None, description="Optional fixed margin in the pairwise loss.")
     policy_comparisons: int = Field(12000, ge=0, description="Built-in task only: comparisons of two SFT samples per prompt, labelled by the simulated labelers (as InstructGPT's labelers ranked SFT outputs), added to the preference data.")
+    comparison_max_new_tokens: int = Field(24, gt=0, description="Most tokens in each SFT sample of those comparisons (keep it at ppo.max_new_tokens: the reward model should judge responses as long as the policy's).")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
 
@@ -153,7 +159,7 @@ class KLConfig(_Model):
     estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator in the reward.")
 
 
-class PPOConfig(_Model):
+class PPOConfig(OptimConfig):
     """PPO against reward - beta * KL(policy || SFT)."""
 
     updates: int = Field(80, gt=0, description="PPO updates (each: one rollout batch, then optimisation).")
@@ -163,8 +169,9 @@ class PPOConfig(_Model):
     lr: float = Field(2e-5, gt=0, description="Policy AdamW learning rate.")
     value_lr: float = Field(3e-4, gt=0, description="Value model AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (policy and value).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up optimizer steps (policy and value).")
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient norm clip (policy and value); empty = no clipping.")
-    lr_schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Over all optimizer steps of the stage, no warm-up. cosine: cosine decay to 0.1x peak; linear: linear decay to 0 (the Hugging Face Trainer default); constant: flat.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Over all optimizer steps of the stage. cosine: cosine decay to 0.1x peak; linear: linear decay to 0 (the Hugging Face Trainer default); constant: flat.")
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
     value_clip_eps: float = Field(0.2, gt=0, description="Value clip.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
@@ -301,7 +308,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": {"num_demonstrations": 200, "num_comparisons": 200, "num_prompts": 200, "max_items": 5},
         "model": {"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
         "sft": {"max_epochs": 1, "batch_size": 16, "eval_every": 5, "checkpoint_every": 5, "warmup_steps": 2},
-        "reward": {"epochs": 1, "batch_size": 16, "checkpoint_every": 5, "warmup_steps": 2, "policy_comparisons": 64},
+        "reward": {"epochs": 1, "batch_size": 16, "checkpoint_every": 5, "warmup_steps": 2, "policy_comparisons": 64,
+                   "comparison_max_new_tokens": 8},
         "ppo": {"updates": 3, "rollout_batch_size": 16, "minibatch_size": 8, "ppo_epochs": 1, "max_new_tokens": 8, "checkpoint_every": 2, "gold_log_every": 1},
         "eval": {"num_prompts": 16, "max_new_tokens": 8, "bootstrap": 100, "table_rows": 5},
         "tracking": {"log_models": True},

@@ -21,43 +21,35 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
 import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-import yaml
 
 from rlhf import __version__
 from rlhf.config import ConfigError, PipelineConfig, load_config
 from rlhf.adapters.settings import Settings
-from rlhf.adapters.store import StoreError, open_store
+from rlhf.adapters.store import open_store
+from rlhf.dispatch import StageRequest, dispatch
+from rlhf.params import UI_PARAMS
 
-STAGES = {"sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "evaluate", "promote": "promote"}
 PREP_SECTIONS = ("seed", "task", "data", "model")
 
-UI_PARAMS = {
-    # typed pipeline parameter -> config field (see pipelines/ for their descriptions)
-    "base_model": "model.name_or_path", "sft_data": "data.sft_path", "preference_data": "data.preference_path",
-    "prompt_data": "data.prompt_path", "seed": "seed", "sft_max_steps": "sft.max_steps",
-    "reward_epochs": "reward.epochs", "ppo_updates": "ppo.updates", "kl_coef": "ppo.kl.init_coef",
-    "min_win_rate": "gate.min_win_rate", "max_kl": "gate.max_kl", "champion_margin": "gate.champion_margin",
-    "experiment_name": "tracking.experiment", "registered_model_name": "tracking.registered_model",
-}
 
-
-def records_errors(step: str):
-    """On failure, write the step's error where `rlhf run` looks for it (RLHF_ERROR_FILE),
-    so the command ends with the cause, not just "a task failed"."""
+def step_entry(step: str):
+    """A pipeline step's process entry: read the settings (the environment) once and
+    pass them in; on failure, write the step's error where `rlhf run` looks for it
+    (RLHF_ERROR_FILE), so the command ends with the cause, not just "a task failed"."""
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             name = kwargs.get("name") or (args[0] if step == "stage" and args else step)
-            path = Settings.from_env().error_file
+            settings = Settings.from_env()
+            path = settings.error_file
             try:
-                out = fn(*args, **kwargs)
+                out = fn(*args, settings=settings, **kwargs)
             except Exception as e:
                 if path and not Path(path).exists():  # the first failure is the cause
                     Path(path).write_text(json.dumps({"step": name, "type": type(e).__name__, "message": str(e)}))
@@ -91,8 +83,8 @@ def resolve_config(preset: str, config_json: str = "", overrides: dict[str, Any]
     return load_config(preset or None, None, sets, config_dict=cfg_dict)
 
 
-def git_sha() -> str:
-    sha = Settings.from_env().git_sha  # RLHF_GIT_SHA, baked into images
+def git_sha(settings: Settings) -> str:
+    sha = settings.git_sha  # RLHF_GIT_SHA, baked into images
     if sha:
         return sha
     try:
@@ -124,21 +116,20 @@ def data_key(cfg: PipelineConfig, store) -> str:
     return h.hexdigest()[:20]
 
 
-@records_errors("start")
+@step_entry("start")
 def start(preset: str, config_json: str, overrides: dict[str, Any], artifact_root: str, run_name: str,
-          kfp_run_id: str) -> dict:
+          kfp_run_id: str, settings: Settings) -> dict:
     from rlhf.adapters.tracking import start_pipeline_run, tracking_uri_for
 
     cfg = resolve_config(preset, config_json, overrides)
-    settings = Settings.from_env()
     run_root = join(artifact_root, run_name or kfp_run_id)
-    store = open_store(run_root)
+    store = open_store(run_root, settings)
     owner = store.read_json("pipeline.json").get("kfp_run_id") if store.exists("pipeline.json") else None
     if owner not in (None, kfp_run_id):  # a KFP retry of this step has the same id
         raise ConfigError(f"{store.uri('')} already holds pipeline run {owner}; give this run its own folder "
                           "(a new run_name / --output, or an empty run_name to use the KFP run id)")
     key = data_key(cfg, store)
-    sha = git_sha()
+    sha = git_sha(settings)
     parent = start_pipeline_run(
         tracking_uri_for(cfg, settings), cfg.tracking.experiment, kfp_run_id, run_name or f"pipeline-{kfp_run_id}",
         params=cfg.model_dump(),
@@ -151,78 +142,33 @@ def start(preset: str, config_json: str, overrides: dict[str, Any], artifact_roo
             "run_root": run_root, "parent_run_id": parent, "data_key": key}
 
 
-@records_errors("prep")
-def prep(prep_config_json: str, artifact_root: str, key: str) -> dict:
-    from rlhf.stages import prep as prep_stage
-    from rlhf.adapters.tracking import NullTracker
-
+@step_entry("prep")
+def prep(prep_config_json: str, artifact_root: str, key: str, settings: Settings) -> dict:
+    """Data prep into the content-addressed dataset folder, unless it is committed there."""
     cfg = PipelineConfig.model_validate_json(prep_config_json)
-    store = open_store(join(artifact_root, "_datasets", key))
+    root = join(artifact_root, "_datasets", key)
+    store = open_store(root, settings)
     if not store.is_committed("prep"):
-        prep_stage.run(cfg, store, NullTracker(), quiet=True)
+        dispatch(StageRequest("prep", root, root, tracking=False), cfg, settings)
     report = json.loads(store.read_bytes("prep/report.json"))
     manifest = store.read_bytes("prep/MANIFEST.json")
     return {"uri": store.uri("prep"), "root": store.uri(""), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
             "sizes": report["sizes"], "hashes": report["hashes"], "data_key": key}
 
 
-@records_errors("stage")
+@step_entry("stage")
 def stage(name: str, config_json: str, run_root: str, parent_run_id: str, dataset_root: str,
-          promote: bool = True) -> dict:
-    """Run one stage of a pipeline run; returns its result plus where its model lives."""
-    from rlhf.adapters.tracking import make_tracker
-
-    from rlhf.train import distributed
-
+          promote: bool = True, settings: Settings | None = None) -> dict:
+    """One stage of a pipeline run (a KFP step), through the one dispatcher; returns its
+    result plus where its model lives. `promote` is promote's `move_alias`."""
     cfg = PipelineConfig.model_validate_json(config_json)
-    settings = Settings.from_env()
-    store, prep_store = open_store(run_root), open_store(dataset_root)
-    launcher = distributed.launcher_for(name, cfg, settings)
-    if launcher:  # this step only starts the stage's processes; rank 0 leaves the result in the store
-        request = {"kind": "pipeline", "args": {"name": name, "config_json": config_json, "run_root": run_root,
-                                                "parent_run_id": parent_run_id, "dataset_root": dataset_root}}
-        if launcher == "trainjob":
-            from rlhf.ops.trainjob import run_trainjob
-
-            run_trainjob(request, json.loads(settings.trainjob), settings)
-        else:
-            distributed.launch(request, distributed.world_size(cfg), settings)
-        return _with_artifact(name, store, store.read_json(f"{name}/result.json"))
-    if not prep_store.is_committed("prep"):
-        raise StoreError(f"the dataset {prep_store.uri('prep')} is gone (deleted, or a cached prep step from "
-                         "another store): rerun with caching off for the data prep step")
-    report = json.loads(prep_store.read_bytes("prep/report.json"))
-    tags = {"rlhf.run": store.uri(""), "rlhf.data_hashes": json.dumps(report["hashes"], sort_keys=True)[:5000]}
-    tracker = make_tracker(cfg, settings, parent_run_id=parent_run_id, tags=tags)
-    if settings.rank == 0:
-        store.write_bytes(f"{name}/config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode())
-    module = importlib.import_module(f"rlhf.stages.{STAGES[name]}")
-    if name == "promote":
-        pipeline = store.read_json("pipeline.json")
-        lineage = {"rlhf.parent_run_id": parent_run_id, "rlhf.kfp_run_id": pipeline["kfp_run_id"],
-                   "rlhf.data_key": pipeline["data_key"], "rlhf.git_sha": pipeline["git_sha"]}
-        result = module.run(cfg, store, tracker, quiet=True, promote=promote, lineage=lineage)
-    else:
-        if name == "sft" and settings.rank == 0:
-            tracker.log_parent_dict(parent_run_id, report, "prep_report.json")
-        result = module.run(cfg, store, tracker, quiet=True, prep_store=prep_store)
-    if settings.rank != 0:
-        return result
-    return _with_artifact(name, store, result)
+    options = {"move_alias": promote} if name == "promote" else {}
+    return dispatch(StageRequest(name, run_root, dataset_root, parent_run_id, options), cfg, settings)
 
 
-def _with_artifact(name: str, store, result: dict) -> dict:
-    """The stage's result plus where its model lives (URI and manifest hash)."""
-    model_key = {"sft": "sft/model", "reward": "reward/model", "ppo": "ppo/model"}.get(name)
-    if model_key:
-        result["artifact_uri"] = store.uri(model_key)
-        result["manifest_sha256"] = hashlib.sha256(store.read_bytes(f"{model_key}/MANIFEST.json")).hexdigest()
-    return result
-
-
-@records_errors("finish")
+@step_entry("finish")
 def finish(preset: str, config_json: str, overrides: dict[str, Any], artifact_root: str, run_name: str,
-           kfp_run_id: str, state: str, error: str = "") -> dict:
+           kfp_run_id: str, state: str, error: str = "", settings: Settings | None = None) -> dict:
     from rlhf.adapters.registry import CHAMPION, KINDS, Registry, model_name
     from rlhf.stages.promote import PREVIOUS_CHAMPION, RUN_TAG
     from rlhf.adapters.tracking import finish_pipeline_run, log_pipeline_plots, tracking_uri_for
@@ -231,8 +177,8 @@ def finish(preset: str, config_json: str, overrides: dict[str, Any], artifact_ro
         cfg = resolve_config(preset, config_json, overrides)
     except ConfigError:  # start failed on it: no parent run, nothing registered
         return {"parent_run_id": None, "state": state, "removed_versions": []}
-    uri = tracking_uri_for(cfg, Settings.from_env())
-    store = open_store(join(artifact_root, run_name or kfp_run_id))
+    uri = tracking_uri_for(cfg, settings)
+    store = open_store(join(artifact_root, run_name or kfp_run_id), settings)
     succeeded = state == "SUCCEEDED"
     removed = []
     owner = store.read_json("pipeline.json").get("kfp_run_id") if store.exists("pipeline.json") else None

@@ -26,7 +26,9 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from rlhf.config import DistributedConfig, PipelineConfig, load_config
-from rlhf.train.distributed import Dist, DistributedError, check_divisible, deepspeed_config, launcher_for
+from rlhf.ops.launch import launcher_for
+from rlhf.train.distributed import Dist, DistributedError, check_divisible
+from rlhf.train.trainable import deepspeed_config
 from rlhf.adapters.settings import Settings
 
 TINY = ["--preset", "tiny", "--set", "num_threads=1", "--set", "tracking.log_models=false",
@@ -218,7 +220,6 @@ def test_a_failing_rank_says_why(base, tmp_path):
 def test_advantages_are_whitened_over_the_global_batch():
     """Two ranks' slices whitened with the shared statistics equal one process whitening it all."""
     from rlhf.math import masked_whiten
-    from rlhf.stages.ppo import whiten_global
 
     g = torch.Generator().manual_seed(0)
     adv = torch.randn(8, 5, generator=g, dtype=torch.float64)
@@ -232,6 +233,5 @@ def test_advantages_are_whitened_over_the_global_batch():
             return {k: sum(float(v) for v in vs) for k, vs in zip(
                 ("sum", "sq", "n"), zip(*[((a * m).sum(), (a * a * m).sum(), m.sum()) for a, m in halves]))}
 
-    both = torch.cat([whiten_global(a, m, TwoRanks()) for a, m in halves])
+    both = torch.cat([masked_whiten(a, m, reduce=TwoRanks().sum_dict) for a, m in halves])
     assert torch.allclose(both, masked_whiten(adv, mask), atol=1e-7)
-    assert torch.equal(whiten_global(adv, mask, Dist()), masked_whiten(adv, mask))

@@ -10,9 +10,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf.config import ConfigError, DistributedConfig, load_config
-from rlhf.train.distributed import Dist, Trainable
-from rlhf.stages.common import StepClock, batch_order, lr_lambda, pad_right
-from rlhf.stages.rollout import generate, response_logprobs
+from rlhf.models.batching import pad_right
+from rlhf.train.distributed import Dist
+from rlhf.train.progress import StepClock
+from rlhf.train.schedule import batch_order, lr_lambda
+from rlhf.train.trainable import Trainable
+from rlhf.models.rollout import generate, response_logprobs
 
 
 def test_lr_schedules():
@@ -50,7 +53,7 @@ def test_batch_order_grouped_is_a_permutation_with_little_padding():
 
 def test_step_clock_skips_warm_up_steps(monkeypatch):
     now = iter([10.0, 11.0, 13.0, 14.0, 16.0])
-    monkeypatch.setattr("rlhf.stages.common.time.perf_counter", lambda: next(now))
+    monkeypatch.setattr("rlhf.train.progress.time.perf_counter", lambda: next(now))
     clock = StepClock(untimed=2)
     clock.tick(100, gen=9.0)
     clock.tick(100, gen=9.0)

@@ -150,16 +150,6 @@ def _positive_int(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
-def maybe_inject_fault(step: int, stage: str | None = None) -> None:
-    """Die exactly like `kill -9` (no cleanup, no flush) when RLHF_FAULT_KILL_AT_STEP names
-    this step (and this stage, when it names one)."""
-    s = Settings.from_env()
-    if s.fault_kill_at_step is not None and step == s.fault_kill_at_step and s.fault_kill_stage in (None, stage):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def child_process_env(overrides: dict[str, str | None]) -> dict[str, str]:
     """The environment for a child process (the local stack's servers): ours, with
     `overrides` applied (None removes a variable). Lives here so that os.environ is

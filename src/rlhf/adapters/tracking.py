@@ -1,7 +1,7 @@
 """Tracking adapter: MLflow for real runs, a no-op recorder for unit tests.
 
-Stages receive a tracker and only call `stage_run`, `log_metrics`, `log_table`,
-`log_dict` and `log_model`; nothing else in the engine imports mlflow.
+Stages receive a `Tracker` (the protocol below) and only call its methods;
+nothing else in the engine imports mlflow.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import contextlib
 import functools
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 from rlhf.config import flatten
 
@@ -27,6 +27,26 @@ def _pip_requirements() -> list[str]:
             "safetensors", "tokenizers"]
 
 
+class Tracker(Protocol):
+    """What a stage may ask of tracking: one run per stage, metrics, tables, models, and
+    the registered champion. `MLflowTracker` logs to MLflow; `NullTracker` records in
+    memory (unit tests, and the ranks of a distributed stage other than 0)."""
+
+    run_id: str | None
+    tracking_uri: str | None
+    seconds: float
+
+    def stage_run(self, name: str, params: dict[str, Any], store=None) -> contextlib.AbstractContextManager: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def flush(self) -> None: ...
+    def log_table(self, rows: list[dict], name: str) -> None: ...
+    def log_dict(self, obj: dict, name: str) -> None: ...
+    def log_model(self, model_dir: Path, kind: str, name: str = "model") -> str | None: ...
+    def log_parent_dict(self, parent_run_id: str | None, obj: dict, name: str) -> None: ...
+    def load_registered(self, name: str, alias: str) -> dict | None: ...
+    def load_components(self, model_uri: str) -> dict: ...
+
+
 class NullTracker:
     """Records calls in memory; for unit tests and `--no-tracking` runs."""
 
@@ -36,6 +56,7 @@ class NullTracker:
         self.tables: dict[str, list[dict]] = {}
         self.models: dict[str, str] = {}
         self.run_id = None
+        self.tracking_uri = None
         self.seconds = 0.0
 
     @contextlib.contextmanager
@@ -61,6 +82,9 @@ class NullTracker:
 
     def load_registered(self, name: str, alias: str) -> dict | None:
         return None
+
+    def load_components(self, model_uri: str) -> dict:
+        raise RuntimeError(f"cannot load {model_uri}: this run has no tracking store")
 
     def log_parent_dict(self, parent_run_id: str | None, obj: dict, name: str) -> None:
         self.tables[name] = [obj]

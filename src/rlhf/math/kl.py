@@ -19,6 +19,7 @@ __all__ = [
     "kl_k1",
     "kl_k3",
     "kl_estimate",
+    "sequence_kl",
     "KL_ESTIMATORS",
     "FixedKLController",
     "AdaptiveKLController",
@@ -49,6 +50,20 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     if estimator == "k3":
         return kl_k3(logprobs, ref_logprobs)
     raise ValueError(f"unknown kl_estimator {estimator!r}; allowed values: {', '.join(KL_ESTIMATORS)}")
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) of each whole response: k1 summed over its tokens.
+
+    For a response sampled from pi, sum_t (log pi(y_t|.) - log pi_ref(y_t|.))
+    = log pi(y) - log pi_ref(y), an unbiased estimate of the sequence-level
+    KL (Schulman, "Approximating KL divergence"); evaluation reports it per
+    prompt. logprobs, ref_logprobs, mask: (B, R); the mask is cast to the
+    log-probs' dtype and multiplied in (so a NaN in a masked position leaks).
+    Returns (B,).
+    """
+    per_token = (logprobs - ref_logprobs) * mask.to(logprobs.dtype)  # (B, R)
+    return per_token.sum(1)  # (B,)
 
 
 class FixedKLController:

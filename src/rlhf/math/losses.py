@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from rlhf.math.masked import masked_mean, masked_sum
 
 __all__ = [
+    "gather_logprobs",
     "token_logprobs",
     "entropy_from_logits",
     "sft_loss",
@@ -19,6 +20,27 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
 ]
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each token under ``softmax(logits / temperature)``, in float32.
+
+    logits (B, R, V) must already be aligned with tokens (B, R): ``logits[:, r]``
+    scores ``tokens[:, r]``. Sampling at temperature T draws from
+    softmax(logits / T), so PPO's ratios and KL must score tokens under that
+    same distribution. The division happens only when ``temperature != 1.0``
+    and *before* the float32 cast (``(logits / T).float()``); for float32 logits
+    that equals casting first, for bf16/fp16 the division rounds in low
+    precision. Greedy decoding (temperature 0) is not a temperature: pass 1.0.
+
+    Returns (B, R): ``out[b, r] = log softmax(logits[b, r] / T)[tokens[b, r]]``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (pass 1.0 for greedy decoding), got {temperature}")
+    if temperature != 1.0:
+        logits = logits / temperature  # (B, R, V)
+    logprobs_all = torch.log_softmax(logits.float(), dim=-1)  # (B, R, V)
+    return torch.gather(logprobs_all, dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)  # (B, R)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -30,9 +52,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Returns (B, T - 1): ``out[:, t] = log p(labels[:, t + 1] | labels[:, :t + 1])``.
     """
-    logprobs_all = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
-    next_tokens = labels[:, 1:].unsqueeze(-1)  # (B, T-1, 1)
-    return torch.gather(logprobs_all, dim=-1, index=next_tokens).squeeze(-1)  # (B, T-1)
+    return gather_logprobs(logits[:, :-1, :], labels[:, 1:])  # (B, T-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

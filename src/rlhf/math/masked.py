@@ -12,9 +12,14 @@ log-prob of a pad token) cannot leak into the result.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-__all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten"]
+__all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten", "Reduce"]
+
+# Sums each value over processes (e.g. ``Distributed.sum_dict``): 0-d tensors in, floats out.
+Reduce = Callable[[dict[str, torch.Tensor]], dict[str, float]]
 
 
 def _keep(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -72,6 +77,8 @@ def masked_whiten(
     mask: torch.Tensor,
     shift_mean: bool = True,
     eps: float = 1e-8,
+    *,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """Normalize ``x`` to zero mean / unit variance over masked entries.
 
@@ -80,10 +87,34 @@ def masked_whiten(
     PPO setup, arXiv 2203.02155). With ``shift_mean=False`` the mean is added
     back, so only the scale changes (used for rewards). Masked-out positions
     are returned as 0.
+
+    ``reduce`` (e.g. ``dist.sum_dict``) whitens over the batch of *every*
+    process, as if one process held it all: each process sends its masked
+    ``sum``, ``sq`` (sum of squares) and ``n`` (count), the callback sums them,
+    and mean and unbiased variance come from those totals in float64 Python
+    arithmetic (var = (sq - n * mean^2) / (n - 1)). That one-pass formula is not
+    bit-identical to the ``reduce=None`` two-pass path, only close; and there
+    masked-out entries are multiplied by 0 rather than selected away, so a
+    NaN/inf in a padded position would leak.
     """
+    if reduce is not None:
+        return _whiten_reduced(x, mask, shift_mean, eps, reduce)
     mean = masked_mean(x, mask)
     var = masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(_keep(x, mask), whitened, torch.zeros_like(whitened))
+
+
+def _whiten_reduced(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float, reduce: Reduce
+) -> torch.Tensor:
+    """``masked_whiten`` with statistics summed over processes by ``reduce``."""
+    t = reduce({"sum": (x * mask).sum(), "sq": (x * x * mask).sum(), "n": mask.sum()})  # floats
+    mean = t["sum"] / max(t["n"], 1.0)
+    var = (t["sq"] - t["n"] * mean * mean) / max(t["n"] - 1, 1.0)
+    whitened = (x - mean) / (max(var, 0.0) + eps) ** 0.5
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask

@@ -2,6 +2,6 @@
 entry point, Kubeflow Trainer jobs for several nodes, cluster profiles, the local
 stack (SeaweedFS + mlflow server) and the Kubeflow Pipelines client (`rlhf submit`).
 
-May import: the engine (through `rlhf.stages.registry` / `rlhf.runs`) and the
+May import: the engine (through `rlhf.runs` and `rlhf.stages.table`) and the
 adapters. The engine never imports this package.
 """

@@ -2,11 +2,11 @@
 
 torchrun (one node, `distributed.launch`) or a Kubeflow Trainer job (several nodes,
 `trainjob.py`) starts `python -m rlhf.ops.worker` once per GPU with the usual RANK /
-WORLD_SIZE / LOCAL_RANK variables and the stage's arguments as JSON in
-RLHF_STAGE_REQUEST:
+WORLD_SIZE / LOCAL_RANK variables and one request shape as JSON in
+RLHF_STAGE_REQUEST: a `rlhf.dispatch.StageRequest` plus the config,
 
-    {"kind": "pipeline", "args": {...runs.stage arguments...}}   # a pipeline step
-    {"kind": "cli", "name": "sft", "config_json": "...", "output": "...", "quiet": true}
+    {"name": "sft", "run_root": "...", "dataset_root": "...", "parent_run_id": "", "options": {},
+     "quiet": true, "tracking": true, "config_json": "..."}
 
 Each process runs the stage; rank 0 logs and writes the result to the store, where
 the launcher reads it. A failing process leaves its message in RLHF_WORKER_ERROR_DIR
@@ -23,18 +23,13 @@ from pathlib import Path
 from rlhf.adapters.settings import Settings
 
 
-def run_request(request: dict) -> dict:
-    if request.get("kind") == "pipeline":
-        from rlhf.runs import stage
+def run_request(request: dict, settings: Settings) -> dict:
+    """The stage of `request` (`rlhf.dispatch.StageRequest` plus the config JSON), run
+    through the one dispatcher, as this process's rank."""
+    from rlhf.dispatch import StageRequest, dispatch
 
-        return stage(**request["args"])
-    if request.get("kind") == "cli":
-        from rlhf.cli import run_stage
-        from rlhf.config import PipelineConfig
-
-        cfg = PipelineConfig.model_validate_json(request["config_json"])
-        return run_stage(request["name"], cfg, request["output"], request.get("quiet", True), Settings.from_env())
-    raise ValueError(f"RLHF_STAGE_REQUEST: unknown kind {request.get('kind')!r} (expected pipeline or cli)")
+    req, cfg = StageRequest.of_worker(request)
+    return dispatch(req, cfg, settings)
 
 
 def finish_process_group() -> None:
@@ -57,7 +52,7 @@ def main() -> int:
               "(torchrun or a Kubeflow Trainer job), not by hand", file=sys.stderr)
         return 2
     try:
-        run_request(json.loads(settings.stage_request))
+        run_request(json.loads(settings.stage_request), settings)
         finish_process_group()
     except BaseException as e:
         if settings.worker_error_dir:

@@ -6,42 +6,44 @@ pretraining mix). Advantages by GAE(gamma, lambda), whitened per rollout batch. 
 value model starts from the reward model (InstructGPT) and has its own optimiser.
 Beta is fixed or adapted toward a target KL.
 
-The gold judge (when the task has one) scores rollouts every `gold_log_every` updates
-for monitoring only: it never enters the loss, so a user sees proxy reward rising
-while gold falls (over-optimisation).
+The judge (when the run has one) scores rollouts every `gold_log_every` updates for
+monitoring only: it never enters the loss, so a user sees proxy reward rising while
+gold falls (over-optimisation).
 
-Each update:
-  1. rollout: sample responses with the KV cache
-  2. score: old log-probs, reference log-probs, values, reward-model scores
-  3. advantages: shaped rewards, GAE, whitening
-  4. optimise: `ppo_epochs` passes over shuffled minibatches
-  5. log / checkpoint
+Each update, in named phases:
+  1. `make_experience`: sample responses (KV cache), score them (old log-probs,
+     reference log-probs, values, reward-model scores), shape rewards, GAE, whiten
+  2. `ppo_update`: `ppo_epochs` passes over shuffled minibatches, policy and value
+  3. `kl_ctl.update`, then `ppo_metrics`, gold monitoring
+  4. log / checkpoint (`rlhf.train.loop.Loop`)
 
-On several GPUs (distributed.py) each process rolls out and trains on its slice of
-every batch; policy and value are DeepSpeed engines, reference and reward model are
-replicas; under ZeRO-3 rollouts gather the policy (or generate with synced_gpus).
+On several GPUs each process rolls out and trains on its slice of every batch; policy
+and value are DeepSpeed engines, reference and reward model are replicas; under
+ZeRO-3 rollouts gather the policy (or generate with synced_gpus).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
-from rlhf.config import PipelineConfig
-from rlhf.train.distributed import Trainable, check_divisible, frozen, save_trained, setup
-from rlhf.adapters.settings import maybe_inject_fault
-from rlhf.data.tasks import gold_score
+from rlhf.data.prepared import PrepData
 from rlhf.math import (
-    AdaptiveKLController, FixedKLController, gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
-    shaped_rewards,
+    AdaptiveKLController, FixedKLController, gae, masked_mean, masked_whiten, normalize_scores, ppo_policy_loss,
+    ppo_value_loss, score_stats, shaped_rewards,
 )
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.models.loading import apply_lora
-from rlhf.stages.common import (
-    PrepData, StepClock, Timer, epoch_order, lr_lambda, progress, resume_checkpoint, save_checkpoint, seed_everything, write_result,
-)
-from rlhf.stages.rollout import decode_responses, generate, response_logprobs, response_values, rewards
+from rlhf.models.rollout import Rollout, decode_responses, generate, response_logprobs, response_values, rewards
+from rlhf.stages.contract import StageContext, StageResult
+from rlhf.train.distributed import Dist, check_divisible, setup
+from rlhf.train.loop import Loop
+from rlhf.train.progress import Timer
+from rlhf.train.schedule import epoch_order
+from rlhf.train.seed import seed_everything
+from rlhf.train.trainable import Trainable, frozen, make_trainable, save_trained
 
 
 class PromptSampler:
@@ -60,155 +62,171 @@ class PromptSampler:
         return out
 
 
-def whiten_global(adv: torch.Tensor, mask: torch.Tensor, dist) -> torch.Tensor:
-    """`masked_whiten` over the whole rollout batch: with several processes, the mean and
-    (unbiased) variance come from every rank's slice, as if one process held them all."""
-    if dist.world == 1:
-        return masked_whiten(adv, mask)
-    t = dist.sum_dict({"sum": (adv * mask).sum(), "sq": (adv * adv * mask).sum(), "n": mask.sum()})
-    mean = t["sum"] / max(t["n"], 1.0)
-    var = (t["sq"] - t["n"] * mean * mean) / max(t["n"] - 1, 1.0)
-    return (adv - mean) / (max(var, 0.0) + 1e-8) ** 0.5 * mask
+@dataclass
+class PPOModels:
+    """The four models of PPO and how the policy samples."""
+
+    policy: Trainable
+    value: Trainable
+    ref: torch.nn.Module
+    reward: torch.nn.Module
+    tok: object
+    synced: bool
+    """ZeRO-3 "synced" generation: layers gathered in lockstep instead of the whole policy."""
+
+    def rollout(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, logprobs: bool = False) -> Rollout:
+        with (contextlib.nullcontext() if self.synced else self.policy.gathered()):  # whole policy on each GPU
+            return generate(self.policy.module, self.tok, prompts, max_new_tokens, temperature,
+                            self.policy.dist.device, self.synced, logprobs=logprobs)
 
 
-def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
-    timer = Timer()
-    dist = setup(cfg)
-    device, dcfg = dist.device, cfg.distributed
-    pcfg = cfg.ppo
-    prep = PrepData(prep_store or store)
-    with tracker.stage_run("ppo", cfg.model_dump(), store=store):
-        # models: policy and reference from SFT, reward frozen, value from the reward model
-        seed_everything(cfg.seed + 2)
-        sft_dir, rm_dir = str(store.get_dir("sft/model")), str(store.get_dir("reward/model"))
-        tok = load_tokenizer(sft_dir, cfg.model)
-        # Across GPUs each rank rolls out and trains on its slice of every batch; the
-        # trained models (policy, value) are DeepSpeed engines, the scored ones replicas.
+@dataclass
+class Experience:
+    """One scored rollout batch (this rank's slice): what PPO optimises on."""
+
+    rollout: Rollout
+    mask: torch.Tensor  # (B, R) 1.0 on response tokens up to and including EOS
+    old_logprobs: torch.Tensor  # (B, R) log pi_old(a_t | s_t), the sampling policy
+    ref_logprobs: torch.Tensor  # (B, R) log pi_ref(a_t | s_t), SFT
+    values: torch.Tensor  # (B, R) V_old(s_t)
+    raw_scores: torch.Tensor  # (B,) reward-model score
+    scores: torch.Tensor  # (B,) normalised, clipped, minus the missing-EOS penalty
+    kl: torch.Tensor  # (B, R) per-token KL estimate
+    advantages: torch.Tensor  # (B, R) GAE, whitened over the global batch
+    returns: torch.Tensor  # (B, R) advantages + values, before whitening
+    gen_s: float
+    score_s: float
+
+
+def load_models(ctx: StageContext, dist: Dist, opt_steps: int) -> PPOModels:
+    """Policy and reference from SFT, reward model frozen, value from the reward model."""
+    pcfg, dcfg, mcfg = ctx.config, ctx.runtime.distributed, ctx.model
+    sft_dir, rm_dir = str(ctx.store.get_dir("sft/model")), str(ctx.store.get_dir("reward/model"))
+    tok = load_tokenizer(sft_dir, mcfg)
+    mb = pcfg.minibatch_size
+    policy = make_trainable(apply_lora(load_causal_lm(sft_dir, mcfg), mcfg), dist, dcfg, pcfg, total_steps=opt_steps,
+                            batch_size=mb, eps=1e-5)
+    ref = frozen(load_causal_lm(sft_dir, mcfg), dist, dcfg)
+    reward_model = frozen(load_reward_model(rm_dir, mcfg, tok.pad_token_id), dist, dcfg)
+    value_src = rm_dir if pcfg.value_init == "reward" else sft_dir
+    value = make_trainable(load_reward_model(value_src, mcfg, tok.pad_token_id), dist, dcfg, pcfg,
+                           total_steps=opt_steps, batch_size=mb, lr=pcfg.value_lr, eps=1e-5)
+    return PPOModels(policy, value, ref, reward_model, tok, policy.zero3 and dcfg.zero3_generation == "synced")
+
+
+def make_experience(m: PPOModels, prompts: list[list[int]], pcfg, norm: tuple[float, float], beta: float,
+                    dist: Dist) -> Experience:
+    """Sample, score, shape rewards, GAE; whiten advantages over every rank's slice."""
+    t0 = Timer()
+    ro = m.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature, logprobs=pcfg.logprobs_from_generation)
+    gen_s = t0()
+    mask = ro.response_mask.float()  # (B, R)
+    with torch.no_grad():
+        old_lp = ro.logprobs if ro.logprobs is not None else response_logprobs(m.policy, ro, pcfg.temperature)
+        ref_lp = response_logprobs(m.ref, ro, pcfg.temperature)  # (B, R)
+        old_v = response_values(m.value.module, ro)  # (B, R)
+        raw = rewards(m.reward, ro)  # (B,)
+    score = normalize_scores(raw, *norm, ro.has_eos, clip=pcfg.reward_clip, missing_eos_penalty=pcfg.missing_eos_penalty)
+    score_s = t0() - gen_s
+    rew, kl = shaped_rewards(score, old_lp, ref_lp, mask, beta, pcfg.kl.estimator)  # (B, R)
+    adv, ret = gae(rew, old_v, mask, pcfg.gamma, pcfg.lam)
+    if pcfg.whiten_advantages:
+        adv = masked_whiten(adv, mask, reduce=dist.sum_dict if dist.world > 1 else None)
+    return Experience(ro, mask, old_lp, ref_lp, old_v, raw, score, kl, adv, ret, gen_s, score_s)
+
+
+def ppo_update(exp: Experience, m: PPOModels, pcfg, dist: Dist) -> dict[str, float]:
+    """`ppo_epochs` passes over shuffled minibatches: one policy and one value step each
+    (clipped surrogate, clipped value loss); returns each statistic's mean."""
+    stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy",
+                                                     "vf_clipfrac")}
+    batch, minibatch = pcfg.rollout_batch_size // dist.world, pcfg.minibatch_size // dist.world  # this rank's share
+    for _ in range(pcfg.ppo_epochs):
+        perm = torch.randperm(batch)
+        for start in range(0, batch, minibatch):
+            j = perm[start:start + minibatch]
+            sub, mask = exp.rollout.select(j), exp.mask[j]
+            logprobs, entropy = response_logprobs(m.policy, sub, pcfg.temperature, with_entropy=True)
+            pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.old_logprobs[j], exp.advantages[j], mask, pcfg.clip_eps)
+            m.policy.step(pg_loss)
+            values = response_values(m.value.module, sub)
+            vf_loss, vf_stats = ppo_value_loss(values, exp.values[j], exp.returns[j], mask, pcfg.value_clip_eps)
+            m.value.step(vf_loss)
+            for k, val in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pg_stats["clipfrac"]),
+                           ("approx_kl", pg_stats["approx_kl"]), ("entropy", masked_mean(entropy.detach(), mask)),
+                           ("vf_clipfrac", vf_stats["vf_clipfrac"])):
+                stats[k].append(float(val.detach()) if torch.is_tensor(val) else float(val))
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def ppo_metrics(exp: Experience, stats: dict, seq_kl: float, beta: float, wall: dict[str, float], dist: Dist) -> dict:
+    """The update's metrics, averaged over ranks."""
+    mask, B = exp.mask, exp.mask.shape[0] * dist.world
+    return dist.mean_dict({
+        "ppo/reward": float(exp.raw_scores.mean()), "ppo/score": float(exp.scores.mean()), "ppo/kl": seq_kl,
+        "ppo/beta": beta, "ppo/response_length": float(mask.sum(1).mean()),
+        "ppo/no_eos_rate": float((~exp.rollout.has_eos).float().mean()),
+        "ppo/return": float(masked_mean(exp.returns, mask)), **{f"ppo/{k}": v for k, v in stats.items()},
+        "perf/episodes_per_s": B / wall["total"], "perf/gen_tokens_per_s": float(mask.sum()) * dist.world / max(
+            exp.gen_s, 1e-9), "perf/gen_s": exp.gen_s, "perf/score_s": exp.score_s, "perf/train_s": wall["train"],
+    })
+
+
+def run(ctx: StageContext) -> StageResult:
+    timer, pcfg = Timer(), ctx.config
+    dist = setup(ctx.runtime, ctx.settings)
+    prep = PrepData(ctx.prep_store)
+    with ctx.tracker.stage_run("ppo", ctx.params, store=ctx.store):
+        # models, prompts, KL controller; resume (or measure the RM score on SFT samples)
+        seed_everything(ctx.seed + 2)
         B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
         check_divisible({"ppo.rollout_batch_size": B, "ppo.minibatch_size": mb}, dist.world)
-        opt_steps = pcfg.updates * pcfg.ppo_epochs * (B // mb)  # the schedule runs over every optimizer step
-        policy = Trainable(apply_lora(load_causal_lm(sft_dir, cfg.model), cfg.model), dist, dcfg, lr=pcfg.lr, eps=1e-5,
-                           weight_decay=pcfg.weight_decay, grad_clip=pcfg.grad_clip, batch_size=mb,
-                           schedule=lr_lambda(0, opt_steps, pcfg.lr_schedule)).train()
-        ref = frozen(load_causal_lm(sft_dir, cfg.model), dist, dcfg)
-        reward_model = frozen(load_reward_model(rm_dir, cfg.model, tok.pad_token_id), dist, dcfg)
-        value_src = rm_dir if pcfg.value_init == "reward" else sft_dir
-        value = Trainable(load_reward_model(value_src, cfg.model, tok.pad_token_id), dist, dcfg, lr=pcfg.value_lr,
-                          eps=1e-5, weight_decay=pcfg.weight_decay, grad_clip=pcfg.grad_clip, batch_size=mb,
-                          schedule=lr_lambda(0, opt_steps, pcfg.lr_schedule)).train()
-        synced = policy.zero3 and dcfg.zero3_generation == "synced"
-
-        def rollout(prompts, logprobs=False):  # under ZeRO-3 "gather", the whole policy is on each GPU while it samples
-            with (contextlib.nullcontext() if synced else policy.gathered()):
-                return generate(policy.module, tok, prompts, pcfg.max_new_tokens, pcfg.temperature, device, synced,
-                                logprobs=logprobs)
-
+        m = load_models(ctx, dist, opt_steps=pcfg.updates * pcfg.ppo_epochs * (B // mb))
         rows = prep.rows("prompt_train")
-        prompt_ids = [tok(r.prompt)["input_ids"] for r in rows]
-        sampler = PromptSampler(len(rows), cfg.seed + 2)
+        prompt_ids = [m.tok(r.prompt)["input_ids"] for r in rows]
+        sampler = PromptSampler(len(rows), ctx.seed + 2)
         kl_ctl = (AdaptiveKLController(pcfg.kl.init_coef, pcfg.kl.target, pcfg.kl.horizon) if pcfg.kl.adaptive
                   else FixedKLController(pcfg.kl.init_coef))
-
-        state = resume_checkpoint(store, "ppo", {"policy": policy, "value": value}, cfg, dist)
-        if state:
-            kl_ctl.load_state_dict(state["kl_ctl"])
-        else:
-            state = {"step": 0, "reward_mean": 0.0, "reward_std": 1.0}
-            if pcfg.normalize_reward:  # statistics of the RM score on SFT samples (policy == SFT now)
-                ro = rollout([prompt_ids[i] for i in dist.shard(sampler.indices(0, min(4 * B, len(rows))))])
-                with torch.no_grad():
-                    s = rewards(reward_model, ro).float()
-                if dist.world == 1:
-                    state["reward_mean"], state["reward_std"] = float(s.mean()), float(s.std().clamp(min=1e-6))
-                else:
-                    m = dist.mean_dict({"m": s.mean(), "sq": (s * s).mean()})
-                    state["reward_mean"], state["reward_std"] = m["m"], max(m["sq"] - m["m"] ** 2, 1e-12) ** 0.5
-
-        bar = progress(pcfg.updates, "ppo", quiet or not dist.main)
-        bar.update(state["step"])
-        metrics: dict[str, float] = {}
-        clock = StepClock()  # steady-state episodes/s and its split, for the result (first 2 updates: warm-up)
-        while state["step"] < pcfg.updates:
-            update = state["step"]
-            t0 = Timer()
-            # 1. rollout
-            idx = dist.shard(sampler.indices(update * B, B))  # this rank's prompts
-            ro = rollout([prompt_ids[i] for i in idx], logprobs=pcfg.logprobs_from_generation)
-            t_gen = t0()
-            mask = ro.response_mask.float()  # (B, R)
-
-            # 2. score (no grad): old log pi, log pi_ref, V, RM score
+        loop = Loop("ppo", total=pcfg.updates, checkpoint_every=pcfg.checkpoint_every,
+                    models={"policy": m.policy, "value": m.value}, state={"reward_mean": 0.0, "reward_std": 1.0},
+                    store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
+                    quiet=ctx.quiet)
+        if loop.resume():
+            kl_ctl.load_state_dict(loop.state["kl_ctl"])
+        elif pcfg.normalize_reward:  # statistics of the RM score on SFT samples (policy == SFT now)
+            idx = dist.shard(sampler.indices(0, min(4 * B, len(rows))))
+            ro = m.rollout([prompt_ids[i] for i in idx], pcfg.max_new_tokens, pcfg.temperature)
             with torch.no_grad():
-                old_lp = ro.logprobs if ro.logprobs is not None else response_logprobs(policy, ro, pcfg.temperature)  # (B, R)
-                ref_lp = response_logprobs(ref, ro, pcfg.temperature)  # (B, R)
-                old_v = response_values(value.module, ro)  # (B, R)
-                raw = rewards(reward_model, ro)  # (B,)
-            score = (raw - state["reward_mean"]) / state["reward_std"]
-            if pcfg.reward_clip:
-                score = score.clamp(-pcfg.reward_clip, pcfg.reward_clip)
-            score = score - pcfg.missing_eos_penalty * (~ro.has_eos).float()
-            t_score = t0() - t_gen
+                s = rewards(m.reward, ro).float()
+            loop.state["reward_mean"], loop.state["reward_std"] = score_stats(
+                s, mean_reduce=dist.mean_dict if dist.world > 1 else None)
 
-            # 3. advantages
-            rew, kl = shaped_rewards(score, old_lp, ref_lp, mask, kl_ctl.value, pcfg.kl.estimator)  # (B, R)
-            adv, ret = gae(rew, old_v, mask, pcfg.gamma, pcfg.lam)
-            if pcfg.whiten_advantages:
-                adv = whiten_global(adv, mask, dist)
-
-            # 4. optimise
-            stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac")}
-            b, b_mb = B // dist.world, mb // dist.world  # this rank's share of the batch and minibatch
-            for _ in range(pcfg.ppo_epochs):
-                perm = torch.randperm(b)
-                for s in range(0, b, b_mb):
-                    j = perm[s:s + b_mb]
-                    sub, m = ro.select(j), mask[j]
-                    lp, ent = response_logprobs(policy, sub, pcfg.temperature, with_entropy=True)
-                    pg_loss, pst = ppo_policy_loss(lp, old_lp[j], adv[j], m, pcfg.clip_eps)
-                    policy.step(pg_loss)
-                    v = response_values(value.module, sub)
-                    vf_loss, vst = ppo_value_loss(v, old_v[j], ret[j], m, pcfg.value_clip_eps)
-                    value.step(vf_loss)
-                    for k, val in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pst["clipfrac"]),
-                                   ("approx_kl", pst["approx_kl"]), ("entropy", masked_mean(ent.detach(), m)),
-                                   ("vf_clipfrac", vst["vf_clipfrac"])):
-                        stats[k].append(float(val.detach()) if torch.is_tensor(val) else float(val))
-            t_train = t0() - t_gen - t_score
-
-            # 5. log / checkpoint
-            seq_kl = dist.mean(float((kl * mask).sum(1).mean()))  # the same beta on every rank
+        metrics: dict[str, float] = {}
+        for update in loop:
+            t0 = Timer()
+            # 1. rollout and score this rank's prompts; advantages
+            idx = dist.shard(sampler.indices(update * B, B))
+            exp = make_experience(m, [prompt_ids[i] for i in idx], pcfg,
+                                  (loop.state["reward_mean"], loop.state["reward_std"]), kl_ctl.value, dist)
+            # 2. optimise
+            stats = ppo_update(exp, m, pcfg, dist)
+            train_s = t0() - exp.gen_s - exp.score_s
+            # 3. KL controller, metrics, gold monitoring (rank 0's rollouts)
+            seq_kl = dist.mean(float((exp.kl * exp.mask).sum(1).mean()))  # the same beta on every rank
             beta = kl_ctl.value
             kl_ctl.update(seq_kl, B)
-            state["step"] += 1
-            n_tok = float(mask.sum())
-            metrics = dist.mean_dict({
-                "ppo/reward": float(raw.mean()), "ppo/score": float(score.mean()), "ppo/kl": seq_kl, "ppo/beta": beta,
-                "ppo/response_length": float(mask.sum(1).mean()), "ppo/no_eos_rate": float((~ro.has_eos).float().mean()),
-                "ppo/return": float(masked_mean(ret, mask)), **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
-                "perf/episodes_per_s": B / t0(), "perf/gen_tokens_per_s": n_tok * dist.world / max(t_gen, 1e-9),
-                "perf/gen_s": t_gen, "perf/score_s": t_score, "perf/train_s": t_train,
-            })
-            if dist.main and (update % pcfg.gold_log_every == 0 or state["step"] == pcfg.updates):  # rank 0's rollouts
-                golds = [gold_score(rows[i].prompt, t) for i, t in zip(idx, decode_responses(tok, ro))]
+            loop.state["kl_ctl"] = kl_ctl.state_dict()
+            step = loop.advance(B, gen=exp.gen_s, score=exp.score_s, train=train_s)
+            metrics = ppo_metrics(exp, stats, seq_kl, beta, {"total": t0(), "train": train_s}, dist)
+            if dist.main and (update % pcfg.gold_log_every == 0 or step == pcfg.updates):
+                golds = [ctx.judge.score(rows[i].prompt, t) for i, t in zip(idx, decode_responses(m.tok, exp.rollout))]
                 if all(g is not None for g in golds):
                     metrics["ppo/gold_score"] = sum(golds) / len(golds)
-            tracker.log_metrics(metrics, step=state["step"])
-            bar.update(1)
-            bar.set_postfix(rm=f"{metrics['ppo/reward']:.2f}", kl=f"{seq_kl:.2f}", beta=f"{beta:.3f}",
-                            gold=f"{metrics.get('ppo/gold_score', float('nan')):.2f}")
-            if state["step"] % pcfg.checkpoint_every == 0:
-                state["kl_ctl"] = kl_ctl.state_dict()
-                save_checkpoint(store, "ppo", state["step"], {"policy": policy, "value": value}, state, cfg, dist)
-                tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
-            clock.tick(B, gen=t_gen, score=t_score, train=t_train)
-            maybe_inject_fault(state["step"], "ppo")
-        bar.close()
+            # 4. log / checkpoint
+            loop.end_step(metrics, rm=f"{metrics['ppo/reward']:.2f}", kl=f"{seq_kl:.2f}", beta=f"{beta:.3f}",
+                          gold=f"{metrics.get('ppo/gold_score', float('nan')):.2f}")
 
-        model_uri = save_trained(policy, tok, store, "ppo/model", tracker, "policy")
-        result = {"wall_s": timer(), "tracking_s": tracker.seconds, "updates": state["step"], "resumed_from": state.get("resumed_from"), "final_beta": kl_ctl.value, "processes": dist.world,
-                  "episodes_per_s": clock.rate(), "throughput": clock.summary("episodes"),
-                  "last_metrics": metrics, "model_uri": model_uri,
-                  "mlflow_run_id": tracker.run_id}
-    if dist.main:
-        write_result(store, "ppo", result)
-    return result
+        model_uri = save_trained(m.policy, m.tok, ctx.store, "ppo/model", ctx.tracker, "policy")
+    return StageResult({"wall_s": timer(), "tracking_s": ctx.tracker.seconds, **loop.result("episodes"),
+                        "updates": loop.step, "final_beta": kl_ctl.value, "last_metrics": metrics,
+                        "model_uri": model_uri, "mlflow_run_id": ctx.tracker.run_id})

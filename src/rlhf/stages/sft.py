@@ -9,45 +9,27 @@ Each batch is a random sample of demonstrations; its sequences are packed into f
 rows with block-diagonal attention (`sft.packing`), so no compute goes to padding and
 the loss is the padded batch's.
 
-Steps:
-  1. model + tokenizer (pretrained, or built from config with prep's tokenizer)
-  2. tokenise demonstrations
-  3. optimiser + schedule; resume from the newest complete checkpoint
-  4. train: step, evaluate every `eval_every`, early-stop, checkpoint every `checkpoint_every`
-  5. save the best weights, log the model
-
-On several GPUs (distributed.py) each process trains on its slice of every batch
-through a DeepSpeed engine, evaluates the whole held-out set, and rank 0 logs and saves.
+On several GPUs (train/distributed.py) each process trains on its slice of every
+batch through a DeepSpeed engine, evaluates the whole held-out set, and rank 0 logs
+and saves. Stepping, checkpoints and resume belong to `rlhf.train.loop`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from rlhf.config import PipelineConfig
-from rlhf.train.distributed import Trainable, check_divisible, save_trained, setup
-from rlhf.adapters.settings import maybe_inject_fault
+from rlhf.data.prepared import PrepData
 from rlhf.math import sft_loss
 from rlhf.models import Segment, build_causal_lm, load_causal_lm, load_tokenizer, pack
 from rlhf.models.loading import apply_lora
-from rlhf.stages.common import (
-    PrepData, StepClock, Timer, batch_order, lr_lambda, pad_right, progress, resume_checkpoint, save_checkpoint,
-    seed_everything, tokenize_pair, write_result,
-)
-
-
-def encode(tok, rows) -> list[tuple[list[int], int]]:
-    return [tokenize_pair(tok, r.prompt, r.completion) for r in rows]
-
-
-def collate(batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids, attn = pad_right([b[0] for b in batch], pad_id)  # (B, T)
-    loss_mask = attn.clone()
-    for i, (_, plen) in enumerate(batch):
-        loss_mask[i, :plen] = 0  # (B, T) 1 on completion + EOS
-    return ids.to(device), attn.to(device), loss_mask.to(device)
+from rlhf.stages.contract import StageContext, StageResult
+from rlhf.stages.scoring import collate_demonstrations, encode_demonstrations, heldout_loss
+from rlhf.train.distributed import check_divisible, setup
+from rlhf.train.loop import Batches, Evaluation, Loop, StepLoss, fit
+from rlhf.train.packing import packed_layout_works
+from rlhf.train.progress import Timer
+from rlhf.train.seed import seed_everything
+from rlhf.train.trainable import make_trainable, save_trained
 
 
 def collate_packed(batch, pad_id: int, device) -> tuple[dict, torch.Tensor, int]:
@@ -68,132 +50,89 @@ def batch_loss(model, batch, pad_id: int, device, packed: bool) -> tuple[torch.T
     if packed:
         inputs, lm, n = collate_packed(batch, pad_id, device)
         return sft_loss(model(**inputs).logits, inputs["input_ids"], lm)[0], n
-    ids, attn, lm = collate(batch, pad_id, device)
+    ids, attn, lm = collate_demonstrations(batch, pad_id, device)
     return sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, lm)[0], int(attn.sum())
 
 
-def packing_works(model, batch, pad_id: int, device, dist) -> bool:
-    """Whether this model honours packed rows' block masks (custom 4D masks are a
-    transformers feature some attention implementations ignore): the packed and the
-    padded loss of one batch must agree, on every rank."""
-    with torch.no_grad():
-        try:
-            a, _ = batch_loss(model, batch, pad_id, device, True)
-            b, _ = batch_loss(model, batch, pad_id, device, False)
-            ok = bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))
-        except (RuntimeError, ValueError, TypeError) as e:
-            print(f"sft: packed batches unavailable ({type(e).__name__}: {e}); padding instead")
-            ok = False
-    return dist.sum(float(not ok)) == 0 if dist.world > 1 else ok
+class SFTSteps:
+    """What SFT adds to the loop: its batch loss and its early-stopping evaluation."""
 
+    def __init__(self, model, held, pad_id: int, device, dist, scfg, state: dict, best: dict):
+        self.model, self.held, self.pad_id, self.device, self.dist = model, held, pad_id, device, dist
+        self.scfg, self.state, self.best, self.packed = scfg, state, best, None
 
-@torch.no_grad()
-def heldout_loss(model, data, pad_id: int, device, batch_size: int = 128) -> float:
-    """Mean response-token NLL over a dataset (the SFT loss, aggregated by tokens)."""
-    model.eval()
-    nll, n = 0.0, 0.0
-    for i in range(0, len(data), batch_size):
-        ids, attn, lm = collate(data[i:i + batch_size], pad_id, device)
-        _, stats = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, lm)
-        nll += stats["nll_sum"].item()
-        n += stats["tokens"].item()
-    model.train()
-    return nll / max(n, 1.0)
+    def loss(self, batch) -> StepLoss:
+        if self.packed is None:  # first step of this process: does the model take packed rows?
+            self.packed = self.scfg.packing and packed_layout_works(
+                "sft: packed batches", lambda: [batch_loss(self.model, batch, self.pad_id, self.device, True)[0]],
+                lambda: [batch_loss(self.model, batch, self.pad_id, self.device, False)[0]], self.dist,
+                rtol=1e-4, atol=1e-5, fallback="padding instead")
+        loss, n_tok = batch_loss(self.model, batch, self.pad_id, self.device, self.packed)
+        units = self.dist.sum(n_tok) if self.dist.world > 1 else n_tok
+        return StepLoss(loss, units, postfix={"best": f"{self.state['best_loss']:.3f}"})
 
-
-def run(cfg: PipelineConfig, store, tracker, quiet: bool = False, prep_store=None) -> dict:
-    timer = Timer()
-    dist = setup(cfg)
-    device = dist.device
-    scfg = cfg.sft
-    prep = PrepData(prep_store or store)
-    with tracker.stage_run("sft", cfg.model_dump(), store=store):
-        # 1. model + tokenizer
-        seed_everything(cfg.seed)
-        if cfg.model.name_or_path:
-            tok = load_tokenizer(cfg.model.name_or_path, cfg.model, store)
-            model = load_causal_lm(cfg.model.name_or_path, cfg.model, store)
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out loss; keep the best weights; stop after `patience` evaluations without gain."""
+        ev = heldout_loss(self.model, self.held, self.pad_id, self.device)
+        self.state["curve"].append([step, ev])
+        if ev < self.state["best_loss"] - 1e-4:
+            self.state.update(best_loss=ev, best_step=step, bad_evals=0)
+            self.best.clear()
+            self.best.update(self.model.state_dict())
         else:
-            tok = load_tokenizer(str(prep.tokenizer_dir), cfg.model)
-            model = build_causal_lm(cfg.model, tok, cfg.seed)
-        model = apply_lora(model, cfg.model)
+            self.state["bad_evals"] += 1
+            self.state["stopped"] = self.state["bad_evals"] >= self.scfg.patience
+        return {"sft/eval_loss": ev}
+
+
+def run(ctx: StageContext) -> StageResult:
+    timer, scfg = Timer(), ctx.config
+    dist = setup(ctx.runtime, ctx.settings)
+    prep = PrepData(ctx.prep_store)
+    with ctx.tracker.stage_run("sft", ctx.params, store=ctx.store):
+        # 1. model + tokenizer (pretrained, or built from config with prep's tokenizer)
+        seed_everything(ctx.seed)
+        if ctx.model.name_or_path:
+            tok = load_tokenizer(ctx.model.name_or_path, ctx.model, ctx.store)
+            model = load_causal_lm(ctx.model.name_or_path, ctx.model, ctx.store)
+        else:
+            tok = load_tokenizer(str(prep.tokenizer_dir), ctx.model)
+            model = build_causal_lm(ctx.model, tok, ctx.seed)
+        model = apply_lora(model, ctx.model)
 
         # 2. data
-        train = encode(tok, prep.rows("sft_train"))
-        held = encode(tok, prep.rows("sft_eval"))
-        steps_per_epoch = math.ceil(len(train) / scfg.batch_size)
-        total = scfg.max_epochs * steps_per_epoch
+        train = encode_demonstrations(tok, prep.rows("sft_train"))
+        held = encode_demonstrations(tok, prep.rows("sft_eval"))
+        batches = Batches(train, scfg.batch_size, ctx.seed, [len(t[0]) for t in train], scfg.group_by_length, dist)
+        total = scfg.max_epochs * batches.steps_per_epoch
         if scfg.max_steps:
             total = min(total, scfg.max_steps)
 
-        # 3. optimiser, schedule (DeepSpeed across GPUs), resume
+        # 3. optimiser + schedule (DeepSpeed across GPUs); resume from the newest checkpoint
         check_divisible({"sft.batch_size": scfg.batch_size}, dist.world)
-        model = Trainable(model, dist, cfg.distributed, lr=scfg.lr, weight_decay=scfg.weight_decay,
-                          grad_clip=scfg.grad_clip, batch_size=scfg.batch_size,
-                          schedule=lr_lambda(scfg.warmup_steps, total, scfg.lr_schedule)).train()
+        model = make_trainable(model, dist, ctx.runtime.distributed, scfg, total_steps=total, batch_size=scfg.batch_size)
         best = model.state_dict()
-        state = {"step": 0, "best_loss": float("inf"), "best_step": 0, "bad_evals": 0, "curve": [], "stopped": False}
-        resumed = resume_checkpoint(store, "sft", {"model": model, "best": best}, cfg, dist)
-        if resumed:
-            state.update(resumed)
-        if state["step"] == 0:
-            loss0 = heldout_loss(model, held, tok.pad_token_id, device)
-            state["curve"].append([0, loss0])
-            tracker.log_metrics({"sft/eval_loss": loss0}, step=0)
+        loop = Loop("sft", total=total, checkpoint_every=scfg.checkpoint_every, models={"model": model, "best": best},
+                    state={"best_loss": float("inf"), "best_step": 0, "bad_evals": 0, "curve": [], "stopped": False},
+                    store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
+                    quiet=ctx.quiet)
+        if not loop.resume():
+            loss0 = heldout_loss(model, held, tok.pad_token_id, dist.device)
+            loop.state["curve"].append([0, loss0])
+            ctx.tracker.log_metrics({"sft/eval_loss": loss0}, step=0)
 
-        # 4. train
-        bar = progress(total, "sft", quiet or not dist.main)
-        bar.update(state["step"])
-        tokens, t_last = 0, Timer()
-        clock = StepClock()  # steady-state throughput for the result (first 2 steps are warm-up)
-        lengths, orders, packed = [len(t[0]) for t in train], {}, None
-        while state["step"] < total and not state["stopped"]:
-            epoch, i = divmod(state["step"], steps_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: batch_order(lengths, scfg.batch_size, cfg.seed, epoch, scfg.group_by_length)}
-            order = orders[epoch]
-            batch = [train[j] for j in order[i * scfg.batch_size:(i + 1) * scfg.batch_size]]
-            batch = dist.shard(batch)  # this rank's slice
-            if packed is None:  # first step of this process: does the model take packed rows?
-                packed = scfg.packing and packing_works(model, batch, tok.pad_token_id, device, dist)
-            loss, n_tok = batch_loss(model, batch, tok.pad_token_id, device, packed)
-            gnorm = model.step(loss)
-            state["step"] += 1
-            step = state["step"]
-            tokens += n_tok
-            clock.tick(dist.sum(n_tok) if dist.world > 1 else n_tok)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{state['best_loss']:.3f}")
-            metrics = {"sft/loss": dist.mean(loss.item()), "sft/grad_norm": gnorm, "sft/lr": model.lr(),
-                       "sft/epoch": step / steps_per_epoch}
-            if step % scfg.eval_every == 0 or step == total:
-                ev = heldout_loss(model, held, tok.pad_token_id, device)
-                state["curve"].append([step, ev])
-                metrics["sft/eval_loss"] = ev
-                metrics["perf/tokens_per_s"] = dist.sum(tokens) / max(t_last(), 1e-9)
-                tokens, t_last = 0, Timer()
-                if ev < state["best_loss"] - 1e-4:
-                    state.update(best_loss=ev, best_step=step, bad_evals=0)
-                    best = model.state_dict()
-                else:
-                    state["bad_evals"] += 1
-                    state["stopped"] = state["bad_evals"] >= scfg.patience
-            tracker.log_metrics(metrics, step=step)
-            if step % scfg.checkpoint_every == 0 or state["stopped"]:
-                save_checkpoint(store, "sft", step, {"model": model, "best": best}, state, cfg, dist)
-                tracker.flush()  # metrics up to a checkpoint survive a crash, like the weights
-            maybe_inject_fault(state["step"], "sft")
-        bar.close()
+        # 4. train: step, evaluate every `eval_every`, early-stop, checkpoint every `checkpoint_every`
+        steps = SFTSteps(model, held, tok.pad_token_id, dist.device, dist, scfg, loop.state, best)
+        fit(loop, model, batches, steps.loss, prefix="sft", log_epoch=True, evaluation=Evaluation(
+            due=lambda step: step % scfg.eval_every == 0 or step == total, run=steps.evaluate, unit="tokens"))
 
         # 5. save the best weights (rank 0; under ZeRO-3 every rank helps gather them)
+        state = loop.state
         if state["best_step"] > 0:
             model.load_state_dict(best)
-        model_uri = save_trained(model, tok, store, "sft/model", tracker, "policy")
-        result = {"wall_s": timer(), "tracking_s": tracker.seconds, "steps": state["step"], "resumed_from": state.get("resumed_from"), "best_step": state["best_step"],
-                  "best_eval_loss": state["best_loss"], "early_stopped": state["stopped"],
-                  "tokens_per_s": clock.rate(), "throughput": clock.summary("tokens"), "processes": dist.world,
-                  "eval_curve": state["curve"], "model_uri": model_uri, "mlflow_run_id": tracker.run_id}
-        tracker.log_metrics({"sft/best_eval_loss": state["best_loss"]}, step=state["step"])
-    if dist.main:
-        write_result(store, "sft", result)
-    return result
+        model_uri = save_trained(model, tok, ctx.store, "sft/model", ctx.tracker, "policy")
+        ctx.tracker.log_metrics({"sft/best_eval_loss": state["best_loss"]}, step=state["step"])
+    return StageResult({
+        "wall_s": timer(), "tracking_s": ctx.tracker.seconds, **loop.result("tokens"), "best_step": state["best_step"],
+        "best_eval_loss": state["best_loss"], "early_stopped": state["stopped"], "eval_curve": state["curve"],
+        "model_uri": model_uri, "mlflow_run_id": ctx.tracker.run_id})

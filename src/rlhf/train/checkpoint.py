@@ -1,4 +1,8 @@
-"""Resumable checkpoints that are never half-written.
+"""Resumable checkpoints that are never half-written, for plain torch and DeepSpeed.
+
+Two layers: a checkpoint folder on local disk (`save` / `load`, below), and a
+stage's checkpoints in the artifact store (`save_checkpoint` / `resume_checkpoint`),
+which every rank of a job calls and which handle DeepSpeed's ZeRO partitions.
 
 A checkpoint is a folder `step-00000120/` holding model weights (safetensors), the
 optimiser/scheduler states and RNG states (torch.save, loaded back with
@@ -11,16 +15,22 @@ checkpoint as the newest complete one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from rlhf.config import PipelineConfig
+from rlhf.train.distributed import Dist
+from rlhf.train.trainable import Trainable
 
 MARKER = "COMPLETE"
 
@@ -113,3 +123,166 @@ def load(path: Path, *, models: dict[str, torch.nn.Module | dict]) -> tuple[dict
     set_rng_state(objects.pop("rng"))
     state = json.loads((path / "state.json").read_text())
     return objects, state
+
+
+# ----------------------------------------------------------------------------- a stage's checkpoints in the store
+
+
+def config_fingerprint(cfg: PipelineConfig) -> str:
+    """Hash of everything that shapes training (not tracking, threads or eval settings)."""
+    # the process count is checked on its own (a clearer message); these two change no number
+    d = cfg.model_dump(exclude={"tracking": True, "num_threads": True, "device": True, "eval": True, "gate": True,
+                                "distributed": {"num_processes", "gradient_checkpointing", "zero3_generation"}})
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CheckpointMismatch(RuntimeError):
+    pass
+
+
+KEEP_CHECKPOINTS = 2
+
+
+def _checkpoints(store, stage: str) -> list[str]:
+    """Committed checkpoint prefixes of a stage, oldest first."""
+    base = f"{stage}/checkpoints"
+    return [f"{base}/{d}" for d in store.list_dirs(base)
+            if d.startswith("step-") and ".node-" not in d and store.is_committed(f"{base}/{d}")]
+
+
+def _split(models: dict) -> tuple[dict, dict, dict]:
+    """Trainables (with or without a DeepSpeed engine) and plain weights of a checkpoint."""
+    engines = {k: m for k, m in models.items() if isinstance(m, Trainable) and m.engine is not None}
+    plain = {k: (m.module if isinstance(m, Trainable) else m) for k, m in models.items() if k not in engines}
+    objects_of = {k: m for k, m in models.items() if isinstance(m, Trainable) and m.engine is None}
+    return engines, plain, objects_of
+
+
+def save_checkpoint(store, stage: str, step: int, models: dict, state: dict, fingerprint: str, dist: Dist | None = None) -> None:
+    """Write a checkpoint, commit it to the store, prune old ones. Every rank calls it.
+
+    `models` maps names to `Trainable`s (weights, optimiser and schedule), modules or
+    plain state dicts. Checkpoints live in the artifact store, not on the worker's
+    disk, so a retried pipeline task on another machine finds them; the store's commit
+    marker is what makes one count, so a kill mid-upload leaves the previous one newest.
+
+    One process: one folder (safetensors, objects.pt, state.json) written locally and
+    moved into the store. DeepSpeed: each model's `engine.save_checkpoint` (every rank
+    writes its ZeRO partition, plus its RNG state) into a folder shared by the node's
+    ranks; each node but the first uploads its part as `step-N.node-K`, then rank 0
+    uploads node 0's part with our own files as `step-N`, committed last."""
+    engines, plain, objects_of = _split(models)
+    state = {**state, "config_fingerprint": fingerprint, "world_size": dist.world if dist else 1}
+    if not engines:
+        objects = {f"{k}.{o}": v for k, t in objects_of.items() for o, v in t.objects().items()}
+        with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
+            path = save(Path(tmp), step, models=plain, objects=objects, state=state)
+            store.put_dir(path, f"{stage}/checkpoints/{path.name}", move=True)
+    else:
+        name = f"step-{step:08d}"
+        local = scratch_dir(store.uri(""), stage, dist) / name
+        if dist.node_main:
+            shutil.rmtree(local, ignore_errors=True)
+            local.mkdir(parents=True)
+        dist.barrier()
+        for k, t in engines.items():
+            t.engine.save_checkpoint(str(local / f"ds-{k}"), tag="ckpt", save_latest=False)
+        torch.save(rng_state(), local / f"rng-rank-{dist.rank:05d}.pt")
+        nodes = _nodes(dist)  # collective: every rank
+        if dist.main:
+            save(local / "main", step, models=plain, objects={}, state={**state, "nodes": nodes}, keep=1)
+        dist.barrier()
+        if dist.node_main and not dist.main:
+            store.put_dir(local, f"{stage}/checkpoints/{name}.node-{dist.node}")
+        dist.barrier()
+        if dist.main:
+            store.put_dir(local, f"{stage}/checkpoints/{name}")
+        dist.barrier()
+        if dist.node_main:
+            shutil.rmtree(local, ignore_errors=True)
+    if dist is None or dist.main:
+        for old in _checkpoints(store, stage)[:-KEEP_CHECKPOINTS]:
+            for part in [old, *(f"{old}.node-{n}" for n in range(1, 1 + _nodes_of(store, old)))]:
+                store.delete(part)
+    if dist is not None:
+        dist.barrier()
+
+
+def _nodes(dist) -> int:
+    if dist.world == 1:
+        return 1
+    t = torch.tensor([dist.node], device=dist._comm_device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item()) + 1
+
+
+def _nodes_of(store, prefix: str) -> int:
+    """Node parts beside a checkpoint (DeepSpeed on several nodes), read from its state."""
+    key = f"{prefix}/main/{prefix.rsplit('/', 1)[-1]}/state.json"
+    return json.loads(store.read_bytes(key)).get("nodes", 1) - 1 if store.exists(key) else 0
+
+
+def resume_checkpoint(store, stage: str, models: dict, fingerprint: str, dist: Dist | None = None) -> dict | None:
+    """Load the stage's newest committed checkpoint into `models` (see save_checkpoint);
+    return its state, or None when there is none. Every rank calls it.
+
+    Refuses checkpoints written under a different training config or process count:
+    resuming them would silently mix two runs (ZeRO partitions depend on the count)."""
+    engines, plain, objects_of = _split(models)
+    found = _checkpoints(store, stage)
+    if not found:
+        return None
+    world = dist.world if dist else 1
+    if not engines:
+        path = store.get_dir(found[-1])  # verified against its sha256 manifest
+        _check_resumable(store, found[-1], _written_state(path), fingerprint, world)
+        objects, state = load(path, models=plain)
+        for k, t in objects_of.items():
+            t.load_objects({o.split(".", 1)[1]: v for o, v in objects.items() if o.startswith(f"{k}.")})
+    else:
+        local = scratch_dir(store.uri(""), stage, dist) / "resume"
+        if dist.node_main:
+            shutil.rmtree(local, ignore_errors=True)
+            store.get_dir(found[-1], local)
+            for n in range(1, 1 + _nodes_of(store, found[-1])):  # other nodes' ZeRO partitions
+                store.get_dir(f"{found[-1]}.node-{n}", local)
+        dist.barrier()
+        _check_resumable(store, found[-1], _written_state(local), fingerprint, world)
+        main = next((local / "main").glob("step-*"))
+        objects, state = load(main, models=plain)
+        for k, t in engines.items():
+            t.engine.load_checkpoint(str(local / f"ds-{k}"), tag="ckpt")
+        set_rng_state(torch.load(local / f"rng-rank-{dist.rank:05d}.pt", weights_only=True))
+        dist.barrier()
+        if dist.node_main:
+            shutil.rmtree(local, ignore_errors=True)
+    for key in ("config_fingerprint", "world_size", "nodes"):
+        state.pop(key, None)
+    state["resumed_from"] = state["step"]
+    return state
+
+
+def _written_state(path: Path) -> dict:
+    """state.json of a checkpoint folder, one-process or DeepSpeed layout (main/step-N/)."""
+    found = [path / "state.json", *sorted((path / "main").glob("step-*/state.json"))]
+    return next((json.loads(f.read_text()) for f in found if f.is_file()), {})
+
+
+def _check_resumable(store, prefix: str, written: dict, fingerprint: str, world: int) -> None:
+    if written.get("config_fingerprint") != fingerprint:
+        raise CheckpointMismatch(
+            f"{store.uri(prefix)} was written with a different configuration; to start this stage over, delete "
+            f"{store.uri(prefix.rsplit('/', 1)[0])} (or use a new --output folder); to resume it, rerun with the "
+            "original config")
+    if written.get("world_size", 1) != world:
+        raise CheckpointMismatch(
+            f"{store.uri(prefix)} was written by {written.get('world_size', 1)} training processes and this run has "
+            f"{world}; resume with the same distributed.num_processes / GPU count, or delete "
+            f"{store.uri(prefix.rsplit('/', 1)[0])} to start the stage over")
+
+
+def scratch_dir(store_uri: str, stage: str, dist: Dist) -> Path:
+    """A folder every rank of this node agrees on (same path, no coordination), for
+    DeepSpeed checkpoint files on their way to or from the store."""
+    key = hashlib.sha256(f"{store_uri}|{stage}".encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"rlhf-dist-{key}-node{dist.node}"

@@ -1,4 +1,4 @@
-"""Generation and scoring shared by PPO and evaluation.
+"""Generation and scoring shared by PPO, evaluation and simulated labelling.
 
 Layout of a rollout: `[query (left-padded, P) | response (R, right-padded after EOS)]`.
 The response mask covers tokens up to and including the first EOS. A response that
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.math import entropy_from_logits
+from rlhf.math import entropy_from_logits, gather_logprobs
 from rlhf.models import position_ids_from_mask, sequence_scores, token_values
-from rlhf.stages.common import pad_left
+from rlhf.models.batching import pad_left
 
 
 @dataclass
@@ -68,10 +68,8 @@ def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, tempe
         )
         if logprobs:
             logits = torch.stack(out.logits, 1).float()  # (B, R, V) raw, before temperature
-            if sample and temperature != 1.0:
-                logits = logits / temperature
             out = out.sequences
-            lp = torch.gather(torch.log_softmax(logits, -1), 2, out[:, P:, None]).squeeze(-1)  # (B, R)
+            lp = gather_logprobs(logits, out[:, P:], temperature if sample else 1.0)  # (B, R)
     model.train(was_training)
     # clones are normal tensors again (inference tensors cannot enter a training forward)
     if lp is not None:
@@ -93,11 +91,9 @@ def response_logprobs(model, ro: Rollout, temperature: float = 1.0, with_entropy
     logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
                    position_ids=position_ids_from_mask(ro.attention_mask)).logits  # (B, L, V)
     logits = logits[:, ro.prompt_len - 1:-1]  # (B, R, V) predicts response tokens
-    if temperature != 1.0:
-        logits = logits / temperature
-    lp = torch.gather(torch.log_softmax(logits.float(), -1), 2, ro.responses[..., None]).squeeze(-1)  # (B, R)
+    lp = gather_logprobs(logits, ro.responses, temperature)  # (B, R)
     if with_entropy:
-        return lp, entropy_from_logits(logits)
+        return lp, entropy_from_logits(logits / temperature if temperature != 1.0 else logits)
     return lp
 
 

@@ -1,0 +1,157 @@
+"""The loop driver beneath every training stage.
+
+A stage says what a batch is and what its loss is; `Loop` owns the rest of stepping:
+the step counter and its stopping condition, resume from the newest checkpoint, the
+progress bar, steady-state throughput, metric logging, periodic checkpoints (with a
+tracker flush, so metrics up to a checkpoint survive a crash like the weights do),
+fault injection, and the loop's part of the result record.
+
+`fit` is the whole loop of a supervised stage (SFT, reward model): order -> batch ->
+loss -> optimizer step -> metrics -> periodic evaluation -> log/checkpoint. PPO, whose
+"step" is a rollout and several optimizer steps, drives `Loop` directly.
+
+Gradient accumulation and mixed precision belong here (and in `Trainable`), once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf.train.checkpoint import resume_checkpoint, save_checkpoint
+from rlhf.train.distributed import Dist
+from rlhf.train.faults import Faults
+from rlhf.train.progress import StepClock, Timer, progress
+from rlhf.train.schedule import batch_order
+from rlhf.train.trainable import Trainable
+
+
+class Loop:
+    """Step bookkeeping of one stage. Iterate it for the index of each step to run;
+    call `advance` after the optimizer step and `end_step` once its metrics are known."""
+
+    def __init__(self, stage: str, *, total: int, checkpoint_every: int, models: dict, state: dict, store, tracker,
+                 dist: Dist, faults: Faults, fingerprint: str, quiet: bool):
+        self.stage, self.total, self.checkpoint_every = stage, total, checkpoint_every
+        self.models, self.state = models, {"step": 0, **state}
+        self.store, self.tracker, self.dist, self.faults, self.fingerprint = store, tracker, dist, faults, fingerprint
+        self.quiet = quiet or not dist.main
+        self.clock = StepClock()  # steady-state throughput (the first 2 steps of the process are warm-up)
+        self.bar = None
+
+    @property
+    def step(self) -> int:
+        """Steps done (optimizer steps; PPO updates)."""
+        return self.state["step"]
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total or bool(self.state.get("stopped"))
+
+    def resume(self) -> bool:
+        """Load the newest committed checkpoint into the models and the state, if any."""
+        resumed = resume_checkpoint(self.store, self.stage, self.models, self.fingerprint, self.dist)
+        if resumed:
+            self.state.update(resumed)
+        return bool(resumed)
+
+    def __iter__(self) -> Iterator[int]:
+        self.bar = progress(self.total, self.stage, self.quiet)
+        self.bar.update(self.step)
+        while not self.done:
+            yield self.step
+        self.bar.close()
+
+    def advance(self, units: float, **parts: float) -> int:
+        """Count the step that just ran (its global work `units` for throughput, and its
+        time split); returns the new step number."""
+        self.state["step"] += 1
+        self.clock.tick(units, **parts)
+        return self.step
+
+    def end_step(self, metrics: dict[str, float], **postfix: str) -> None:
+        """Log the step's metrics; checkpoint when due (or when the stage stopped early)."""
+        self.bar.update(1)
+        self.bar.set_postfix(**postfix)
+        self.tracker.log_metrics(metrics, step=self.step)
+        if self.step % self.checkpoint_every == 0 or self.state.get("stopped"):
+            save_checkpoint(self.store, self.stage, self.step, self.models, self.state, self.fingerprint, self.dist)
+            self.tracker.flush()
+        self.faults.after_step(self.step, self.stage)
+
+    def result(self, unit: str) -> dict:
+        """The loop's part of the stage result."""
+        return {"steps": self.step, "resumed_from": self.state.get("resumed_from"), f"{unit}_per_s": self.clock.rate(),
+                "throughput": self.clock.summary(unit), "processes": self.dist.world}
+
+
+@dataclass
+class StepLoss:
+    """What a supervised stage's loss function returns for one batch."""
+
+    loss: torch.Tensor
+    units: float
+    """Work in this batch over every rank (tokens, pairs), for throughput."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Further per-step metrics (already averaged over ranks)."""
+    postfix: dict[str, str] = field(default_factory=dict)
+    """Progress-bar extras."""
+
+
+@dataclass
+class Evaluation:
+    """Periodic evaluation inside `fit`: when it is due, and what it logs."""
+
+    due: Callable[[int], bool]
+    run: Callable[[int], dict[str, float]]
+    unit: str
+    """Throughput over the steps since the last evaluation is logged as perf/<unit>_per_s."""
+
+
+@dataclass
+class Batches:
+    """Consecutive batches of an order fixed by (seed, epoch): the data position is the
+    step count, so a resumed loop sees the same batches. Each rank takes its slice."""
+
+    data: list
+    batch_size: int
+    seed: int
+    lengths: list[int]
+    group_by_length: bool
+    dist: Dist
+    _orders: dict = field(default_factory=dict)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    def __call__(self, step: int) -> list:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: batch_order(self.lengths, self.batch_size, self.seed, epoch, self.group_by_length)}
+        order = self._orders[epoch]
+        return self.dist.shard([self.data[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size]])
+
+
+def fit(loop: Loop, model: Trainable, batches: Batches, loss_fn: Callable[[list], StepLoss], *, prefix: str,
+        evaluation: Evaluation, log_epoch: bool = False) -> None:
+    """Train `model` until the loop is done: each step takes a batch, its loss, one
+    optimizer step; metrics `<prefix>/loss|grad_norm|lr` (and `<prefix>/epoch`) plus the
+    stage's own; the evaluation when due, with the throughput since the last one."""
+    window_units, window = 0.0, Timer()
+    for step in loop:
+        out = loss_fn(batches(step))
+        gnorm = model.step(out.loss)
+        step = loop.advance(out.units)
+        window_units += out.units
+        metrics = {f"{prefix}/loss": loop.dist.mean(out.loss.item()), **out.metrics,
+                   f"{prefix}/grad_norm": gnorm, f"{prefix}/lr": model.lr()}
+        if log_epoch:
+            metrics[f"{prefix}/epoch"] = step / batches.steps_per_epoch
+        if evaluation.due(step):
+            metrics.update(evaluation.run(step))
+            metrics[f"perf/{evaluation.unit}_per_s"] = window_units / max(window(), 1e-9)
+            window_units, window = 0.0, Timer()
+        loop.end_step(metrics, loss=f"{out.loss.item():.3f}", **out.postfix)
