@@ -79,7 +79,7 @@ def _launch_trainjob(task: dsl.PipelineTask, stage: str, profile: Profile) -> St
     the Secrets and env (it reads the store). Returns that placement."""
     from rlhf.ops.trainjob import trainjob_spec
 
-    job = trainjob_spec(profile, stage)
+    job = trainjob_spec(profile, stage, c.IMAGE)
     task.set_env_variable("RLHF_TRAINJOB", job.model_dump_json())
     task.set_env_variable("RLHF_IMAGE", job.image)
     return StageSpec(node_selector=profile.defaults.node_selector, tolerations=profile.defaults.tolerations,

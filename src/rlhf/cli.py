@@ -64,7 +64,7 @@ def _cmd_run(args, cfg: PipelineConfig, settings: Settings) -> int:
     if args.stack:
         from rlhf.ops.stack import Stack
 
-        stack = Stack(settings.stack_dir)
+        stack = Stack(settings=settings)
         stack.up()
         env = stack.env()
         settings = Settings.from_env({**os.environ, **env})

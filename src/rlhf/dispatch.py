@@ -78,7 +78,7 @@ def dispatch(req: StageRequest, cfg: PipelineConfig, settings: Settings) -> dict
     if settings.rank != 0:
         return result
     store.write_json(f"{req.name}/result.json", result)
-    if req.name in ("eval", "promote"):
+    if spec.updates_summary:
         write_summary(store, ctx.prep_store, cfg)
     return _with_artifact(spec, store, result)
 
@@ -100,7 +100,7 @@ def build_context(spec: StageSpec, req: StageRequest, cfg: PipelineConfig, store
         tags["rlhf.data_hashes"] = json.dumps(report["hashes"], sort_keys=True)[:5000]
     tracker = (make_tracker(cfg, settings, parent_run_id=req.parent_run_id or None, tags=tags) if req.tracking
                else NullTracker())
-    if spec.name == "sft" and req.parent_run_id and settings.rank == 0:  # the data behind the pipeline run
+    if spec.logs_data_report and req.parent_run_id and settings.rank == 0:  # the data behind the pipeline run
         tracker.log_parent_dict(req.parent_run_id, report, "prep_report.json")
     return StageContext(
         name=spec.name, config=getattr(cfg, spec.section), model=cfg.model, seed=cfg.seed,
@@ -122,7 +122,8 @@ def _with_artifact(spec: StageSpec, store, result: dict) -> dict:
 def write_summary(store, prep_store, cfg: PipelineConfig) -> dict:
     """The run's summary.json, from the stages' results: key results, eval's numbers and
     gate, the registry outcome once promote ran, and every stage's wall time."""
-    where = {"prep": prep_store, "sft": store, "reward": store, "ppo": store}
+    where = {name: (store if spec.reads_prep else prep_store) for name, spec in STAGES.items()
+             if spec.trains or not spec.reads_prep and not spec.updates_summary}  # prep and the trainers
     stages = {name: s.read_json(f"{name}/result.json") for name, s in where.items() if s.exists(f"{name}/result.json")}
     ev = store.read_json("eval/result.json")
     summary = {

@@ -392,10 +392,11 @@ class S3Store(_JsonMixin):
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
-        from rlhf.adapters.settings import Settings
-
         self.bucket, self.prefix = split_s3_uri(str(root))
-        self.settings = settings or Settings.from_env()
+        if settings is None:
+            raise TypeError("S3Store needs the process settings (endpoint, region, credentials, retries): "
+                            "pass the Settings read at the process entry point")
+        self.settings = settings
         self.endpoint = self.settings.s3_endpoint_url
         config = Config(
             # total_max_attempts counts the first try; botocore's `max_attempts` key would

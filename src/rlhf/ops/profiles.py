@@ -33,9 +33,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rlhf.config import ConfigError, read_yaml_mapping
+from rlhf.stages.table import STAGES as ENGINE_STAGES
 
-STAGES = ("start", "prep", "sft", "reward", "ppo", "eval", "promote", "finish")
-MULTI_NODE_STAGES = ("sft", "reward", "ppo")
+STAGES = ("start", *ENGINE_STAGES, "finish")
+"""Every step of the pipeline: the engine's stages between the run's start and finish steps."""
+MULTI_NODE_STAGES = tuple(name for name, spec in ENGINE_STAGES.items() if spec.trains)
 """The stages that can run on several nodes (a Kubeflow Trainer job, see trainjob.py)."""
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|[KMGTPE]i?|[kMGTPE])?$")
 _SECRETISH = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE)", re.I)

@@ -179,7 +179,8 @@ class Stack:
     def __init__(self, dir: str | Path | None = None, *, s3_port: int | None = None,
                  mlflow_port: int | None = None, ports: str | None = None,
                  settings: Settings | None = None, startup_timeout: float = 120.0, grace_s: float = 10.0):
-        settings = settings or Settings.from_env()
+        if dir is None and settings is None:
+            raise StackError("Stack needs its folder: pass dir, or the settings (RLHF_STACK_DIR / RLHF_HOME)")
         self.dir = Path(dir or settings.stack_dir).expanduser().resolve()
         self.free_ports = ports == "free"
         if ports not in (None, "free"):

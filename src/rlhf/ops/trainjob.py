@@ -114,13 +114,14 @@ class TrainJobSpec(BaseModel):
         return self.accelerator_count or 1
 
 
-def trainjob_spec(profile: Profile, stage: str) -> TrainJobSpec:
-    """The Trainer job of `stage` under `profile` (its `stages.<stage>` over `defaults`)."""
+def trainjob_spec(profile: Profile, stage: str, default_image: str | None = None) -> TrainJobSpec:
+    """The Trainer job of `stage` under `profile` (its `stages.<stage>` over `defaults`);
+    the image is the profile's, else `default_image` (the compile-time RLHF_IMAGE)."""
     if stage not in MULTI_NODE_STAGES:
         raise ValueError(f"stage {stage!r} cannot run on several nodes (only {', '.join(MULTI_NODE_STAGES)})")
     s = profile.for_stage(stage)
     return TrainJobSpec(
-        stage=stage, nodes=s.nodes, runtime=s.trainer_runtime, image=profile.image or Settings.from_env().image,
+        stage=stage, nodes=s.nodes, runtime=s.trainer_runtime, image=profile.image or default_image or Settings.image,
         accelerator_type=(s.accelerator_type or "nvidia.com/gpu") if s.accelerator_count else None,
         accelerator_count=s.accelerator_count, cpu=s.cpu_request or s.cpu_limit,
         memory=s.memory_request or s.memory_limit, node_selector=s.node_selector, tolerations=s.tolerations,

@@ -164,7 +164,7 @@ def run(ctx: StageContext) -> StageResult:
     timer, ecfg, gate = Timer(), ctx.config, ctx.section("gate")
     device = setup(ctx.runtime, ctx.settings).device
     prep = PrepData(ctx.prep_store)
-    with ctx.tracker.stage_run("eval", ctx.params, store=ctx.store):
+    with ctx.tracker.stage_run(ctx.name, ctx.params, store=ctx.store):
         # 1. load
         sft_dir, pol_dir = str(ctx.store.get_dir("sft/model")), str(ctx.store.get_dir("ppo/model"))
         tok = load_tokenizer(sft_dir, ctx.model)

@@ -172,11 +172,19 @@ def ppo_metrics(exp: Experience, stats: dict, seq_kl: float, beta: float, wall: 
     })
 
 
+@torch.no_grad()
+def reward_norm(m: PPOModels, prompts: list[list[int]], pcfg, dist: Dist) -> tuple[float, float]:
+    """Mean and std of the reward model's score on samples of the initial policy (SFT),
+    which normalise every later score (Ziegler et al. 2019)."""
+    s = rewards(m.reward, m.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature)).float()  # (N,)
+    return score_stats(s, mean_reduce=dist.mean_dict if dist.world > 1 else None)
+
+
 def run(ctx: StageContext) -> StageResult:
     timer, pcfg = Timer(), ctx.config
     dist = setup(ctx.runtime, ctx.settings)
     prep = PrepData(ctx.prep_store)
-    with ctx.tracker.stage_run("ppo", ctx.params, store=ctx.store):
+    with ctx.tracker.stage_run(ctx.name, ctx.params, store=ctx.store):
         # models, prompts, KL controller; resume (or measure the RM score on SFT samples)
         seed_everything(ctx.seed + 2)
         B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
@@ -187,19 +195,15 @@ def run(ctx: StageContext) -> StageResult:
         sampler = PromptSampler(len(rows), ctx.seed + 2)
         kl_ctl = (AdaptiveKLController(pcfg.kl.init_coef, pcfg.kl.target, pcfg.kl.horizon) if pcfg.kl.adaptive
                   else FixedKLController(pcfg.kl.init_coef))
-        loop = Loop("ppo", total=pcfg.updates, checkpoint_every=pcfg.checkpoint_every,
+        loop = Loop(ctx.name, total=pcfg.updates, checkpoint_every=pcfg.checkpoint_every,
                     models={"policy": m.policy, "value": m.value}, state={"reward_mean": 0.0, "reward_std": 1.0},
                     store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                     quiet=ctx.quiet)
         if loop.resume():
             kl_ctl.load_state_dict(loop.state["kl_ctl"])
         elif pcfg.normalize_reward:  # statistics of the RM score on SFT samples (policy == SFT now)
-            idx = dist.shard(sampler.indices(0, min(4 * B, len(rows))))
-            ro = m.rollout([prompt_ids[i] for i in idx], pcfg.max_new_tokens, pcfg.temperature)
-            with torch.no_grad():
-                s = rewards(m.reward, ro).float()
-            loop.state["reward_mean"], loop.state["reward_std"] = score_stats(
-                s, mean_reduce=dist.mean_dict if dist.world > 1 else None)
+            first = [prompt_ids[i] for i in dist.shard(sampler.indices(0, min(4 * B, len(rows))))]
+            loop.state["reward_mean"], loop.state["reward_std"] = reward_norm(m, first, pcfg, dist)
 
         metrics: dict[str, float] = {}
         for update in loop:

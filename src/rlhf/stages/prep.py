@@ -62,7 +62,7 @@ def read_sources(ctx: StageContext, tmp: Path) -> tuple[dict, dict, dict]:
 
 def run(ctx: StageContext) -> StageResult:
     timer, dcfg, builtin = Timer(), ctx.config, ctx.task is not None
-    with ctx.tracker.stage_run("prep", ctx.params), tempfile.TemporaryDirectory() as tmp_:
+    with ctx.tracker.stage_run(ctx.name, ctx.params), tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
         # 1-3. sources, read + normalise (raises DataError, writing nothing, over the reject rate), dedupe
         sources, rows, reports = read_sources(ctx, tmp)

@@ -100,7 +100,7 @@ def run(ctx: StageContext) -> StageResult:
         raise RegistryError("promotion needs an MLflow tracking store (the registry); it is off in this run")
     if store.exists("promote/result.json"):  # done before: re-running changes nothing
         return StageResult(store.read_json("promote/result.json"))
-    with ctx.tracker.stage_run("promote", {"promote": ctx.options.get("move_alias", True), "registered_model": base},
+    with ctx.tracker.stage_run(ctx.name, {"promote": ctx.options.get("move_alias", True), "registered_model": base},
                                store=store):
         # 1. inputs: eval's result (with its gate) and each stage's logged model
         evaluation = store.read_json("eval/result.json")

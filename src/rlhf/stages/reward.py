@@ -97,12 +97,27 @@ class RewardSteps:
         return StepLoss(loss, len(batch) * self.dist.world, metrics, {"acc": f"{stats['accuracy'].item():.2f}"})
 
 
+def labelled_samples(ctx: StageContext, prep: PrepData, tok, sft_dir: str, dist) -> dict[str, list]:
+    """Comparisons of two SFT samples per prompt from the task's simulated labelers:
+    `policy_comparisons` from train prompts, a held-out share from eval prompts. Rank 0
+    samples and commits them; the other ranks read them back."""
+    n = ctx.config.policy_comparisons
+    args = (ctx.task, lambda: load_causal_lm(sft_dir, ctx.model).to(dist.device).eval(), tok,
+            {s: [r.prompt for r in prep.rows(f"prompt_{s}")] for s in ("train", "eval")},
+            {"train": n, "eval": max(200, int(n * prep.eval_fraction))})
+    kw = dict(seed=ctx.seed, max_new_tokens=ctx.config.comparison_max_new_tokens, store=ctx.store, device=dist.device)
+    if dist.main:
+        policy_comparisons(*args, **kw)
+    dist.barrier()
+    return policy_comparisons(*args, **kw)
+
+
 def run(ctx: StageContext) -> StageResult:
     timer, rcfg = Timer(), ctx.config
     dist = setup(ctx.runtime, ctx.settings)
     device = dist.device
     prep = PrepData(ctx.prep_store)
-    with ctx.tracker.stage_run("reward", ctx.params, store=ctx.store):
+    with ctx.tracker.stage_run(ctx.name, ctx.params, store=ctx.store):
         # 1. model from SFT + scalar head
         seed_everything(ctx.seed + 1)
         sft_dir = str(ctx.store.get_dir("sft/model"))
@@ -113,15 +128,7 @@ def run(ctx: StageContext) -> StageResult:
         train_rows, eval_rows = prep.rows("preference_train"), prep.rows("preference_eval")
         policy_eval_rows = []
         if ctx.task is not None and rcfg.policy_comparisons:
-            n = rcfg.policy_comparisons
-            args = (ctx.task, lambda: load_causal_lm(sft_dir, ctx.model).to(device).eval(), tok,
-                    {s: [r.prompt for r in prep.rows(f"prompt_{s}")] for s in ("train", "eval")},
-                    {"train": n, "eval": max(200, int(n * prep.eval_fraction))})
-            kw = dict(seed=ctx.seed, max_new_tokens=rcfg.comparison_max_new_tokens, store=ctx.store, device=device)
-            if dist.main:  # sampled and committed once; the other ranks read them back
-                policy_comparisons(*args, **kw)
-            dist.barrier()
-            comp = policy_comparisons(*args, **kw)
+            comp = labelled_samples(ctx, prep, tok, sft_dir, dist)
             train_rows, policy_eval_rows = train_rows + comp["train"], comp["eval"]
             seed_everything(ctx.seed + 1)
         eval_sets = {"": eval_rows + policy_eval_rows, "_offline": eval_rows, "_policy_samples": policy_eval_rows}
@@ -136,7 +143,7 @@ def run(ctx: StageContext) -> StageResult:
         # 3. optimiser + schedule (DeepSpeed across GPUs); resume; train
         check_divisible({"reward.batch_size": rcfg.batch_size}, dist.world)
         model = make_trainable(model, dist, ctx.runtime.distributed, rcfg, total_steps=total, batch_size=rcfg.batch_size)
-        loop = Loop("reward", total=total, checkpoint_every=rcfg.checkpoint_every, models={"model": model}, state={},
+        loop = Loop(ctx.name, total=total, checkpoint_every=rcfg.checkpoint_every, models={"model": model}, state={},
                     store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                     quiet=ctx.quiet)
         loop.resume()

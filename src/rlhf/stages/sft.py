@@ -89,7 +89,7 @@ def run(ctx: StageContext) -> StageResult:
     timer, scfg = Timer(), ctx.config
     dist = setup(ctx.runtime, ctx.settings)
     prep = PrepData(ctx.prep_store)
-    with ctx.tracker.stage_run("sft", ctx.params, store=ctx.store):
+    with ctx.tracker.stage_run(ctx.name, ctx.params, store=ctx.store):
         # 1. model + tokenizer (pretrained, or built from config with prep's tokenizer)
         seed_everything(ctx.seed)
         if ctx.model.name_or_path:
@@ -112,7 +112,7 @@ def run(ctx: StageContext) -> StageResult:
         check_divisible({"sft.batch_size": scfg.batch_size}, dist.world)
         model = make_trainable(model, dist, ctx.runtime.distributed, scfg, total_steps=total, batch_size=scfg.batch_size)
         best = model.state_dict()
-        loop = Loop("sft", total=total, checkpoint_every=scfg.checkpoint_every, models={"model": model, "best": best},
+        loop = Loop(ctx.name, total=total, checkpoint_every=scfg.checkpoint_every, models={"model": model, "best": best},
                     state={"best_loss": float("inf"), "best_step": 0, "bad_evals": 0, "curve": [], "stopped": False},
                     store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                     quiet=ctx.quiet)

@@ -28,15 +28,20 @@ class StageSpec:
     """Reads the committed output of data prep."""
     also_reads: tuple[str, ...] = ()
     """Config sections of other stages it reads (eval computes the gate's verdict)."""
+    updates_summary: bool = False
+    """After it, the dispatcher (re)writes the run's summary.json from the stages' results."""
+    logs_data_report: bool = False
+    """Its MLflow run logs prep's data report to the pipeline's parent run (the first trainer)."""
 
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("prep", "rlhf.stages.prep", "data", reads_prep=False),
-    StageSpec("sft", "rlhf.stages.sft", "sft", trains=True, model_key="sft/model", registers="sft"),
+    StageSpec("sft", "rlhf.stages.sft", "sft", trains=True, model_key="sft/model", registers="sft",
+              logs_data_report=True),
     StageSpec("reward", "rlhf.stages.reward", "reward", trains=True, model_key="reward/model", registers="reward"),
     StageSpec("ppo", "rlhf.stages.ppo", "ppo", trains=True, model_key="ppo/model", registers="policy"),
-    StageSpec("eval", "rlhf.stages.evaluate", "eval", also_reads=("gate",)),
-    StageSpec("promote", "rlhf.stages.promote", "gate", standalone=False, reads_prep=False),
+    StageSpec("eval", "rlhf.stages.evaluate", "eval", also_reads=("gate",), updates_summary=True),
+    StageSpec("promote", "rlhf.stages.promote", "gate", standalone=False, reads_prep=False, updates_summary=True),
 )}
 
 STAGE_OF_KIND = {s.registers: s.name for s in STAGES.values() if s.registers}
