@@ -108,12 +108,14 @@ def workload_config(w, stage: str, steps: int, overrides: list[str]):
 def run_stage(w, stage: str, steps: int, overrides: list[str], root: Path) -> dict:
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-    from rlhf.stages import ppo, reward, sft
+    from rlhf.adapters.settings import Settings
     from rlhf.adapters.store import LocalStore
-    from rlhf.adapters.tracking import NullTracker
+    from rlhf.dispatch import StageRequest, build_context
+    from rlhf.stages import ppo, reward, sft
+    from rlhf.stages.table import STAGES as TABLE
 
     cfg = workload_config(w, stage, steps, overrides)
-    store, tok, tracker = LocalStore(root), w.tokenizer(), NullTracker()
+    store, tok = LocalStore(root), w.tokenizer()
     write_prep(w, store, tok)
     if stage == "rm":
         torch.manual_seed(w.SEED)
@@ -127,8 +129,12 @@ def run_stage(w, stage: str, steps: int, overrides: list[str], root: Path) -> di
         rm_cfg = w.model_config()
         rm_cfg.num_labels = 1
         put_model(store, "reward/model", LlamaForSequenceClassification(rm_cfg), tok)
-    module = {"sft": sft, "rm": reward, "ppo": ppo}[stage]
-    result = module.run(cfg, store, tracker, quiet=True)
+    name, module = {"sft": ("sft", sft), "rm": ("reward", reward), "ppo": ("ppo", ppo)}[stage]
+    # the context the dispatcher gives a stage, with tracking in memory (the losses are read back from it)
+    ctx = build_context(TABLE[name], StageRequest(name, str(root), str(root), tracking=False), cfg, store,
+                        Settings.from_env())
+    tracker = ctx.tracker
+    result = module.run(ctx).values
     thr = result["throughput"]
     out = {"timed_steps": thr["timed_steps"], "wall_s": thr["timed_s"]}
     if stage in ("sft", "rm"):

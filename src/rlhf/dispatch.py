@@ -97,7 +97,7 @@ def build_context(spec: StageSpec, req: StageRequest, cfg: PipelineConfig, store
             raise StoreError(f"the dataset {prep_store.uri('prep')} is gone (deleted, or a cached prep step from "
                              "another store): rerun with caching off for the data prep step")
         report = json.loads(prep_store.read_bytes("prep/report.json"))
-        tags["rlhf.data_hashes"] = json.dumps(report["hashes"], sort_keys=True)[:5000]
+        tags["rlhf.data_hashes"] = json.dumps(report.get("hashes", {}), sort_keys=True)[:5000]
     tracker = (make_tracker(cfg, settings, parent_run_id=req.parent_run_id or None, tags=tags) if req.tracking
                else NullTracker())
     if spec.logs_data_report and req.parent_run_id and settings.rank == 0:  # the data behind the pipeline run

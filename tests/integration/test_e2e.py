@@ -127,16 +127,29 @@ def test_lora_sft_saves_merged_weights(tmp_path):
 
 
 def test_stages_take_swapped_adapters(tmp_path):
-    """A stage is run(cfg, store, tracker): the no-op tracker records what it was given."""
-    from rlhf.config import load_config
-    from rlhf.stages import prep, sft
+    """A stage is run(ctx): swap the context's tracker for the in-memory one and it
+    records what the stage gave it."""
+    from dataclasses import replace
+
+    from rlhf.adapters.settings import Settings
     from rlhf.adapters.store import LocalStore
     from rlhf.adapters.tracking import NullTracker
+    from rlhf.config import load_config
+    from rlhf.dispatch import StageRequest, build_context
+    from rlhf.stages import prep, sft
+    from rlhf.stages.table import STAGES
 
     cfg = load_config("tiny", overrides=["num_threads=1"])
-    store, tracker = LocalStore(tmp_path), NullTracker()
-    prep.run(cfg, store, tracker, quiet=True)
-    result = sft.run(cfg, store, tracker, quiet=True)
+    settings = Settings.from_env({"RLHF_HOME": str(tmp_path)})
+    store, tracker = LocalStore(tmp_path, settings), NullTracker()
+
+    def ctx(name):
+        c = build_context(STAGES[name], StageRequest(name, str(tmp_path), str(tmp_path), tracking=False), cfg,
+                          store, settings)
+        return replace(c, tracker=tracker)
+
+    prep.run(ctx("prep"))
+    result = sft.run(ctx("sft")).values
     assert tracker.params["sft"]["batch_size"] == cfg.sft.batch_size
     losses = [m["sft/loss"] for _, m in tracker.metrics if "sft/loss" in m]
     assert len(losses) == result["steps"]

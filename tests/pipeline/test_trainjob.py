@@ -53,8 +53,9 @@ stages:
     node_selector: {pool: h100}
     tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
 """
-REQUEST = {"kind": "pipeline", "args": {"name": "ppo", "config_json": "{}", "run_root": "s3://bucket/runs/r1",
-                                        "parent_run_id": "abc", "dataset_root": "s3://bucket/runs/_datasets/k"}}
+REQUEST = {"name": "ppo", "run_root": "s3://bucket/runs/r1", "dataset_root": "s3://bucket/runs/_datasets/k",
+           "parent_run_id": "abc", "options": {}, "quiet": True, "tracking": True, "config_json": "{}"}
+"""The one request shape of a stage's worker processes (rlhf.dispatch.StageRequest plus the config)."""
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Warm step processes (rlhf.pipelines.warm): a step started through the server behaves
+"""Warm step processes (rlhf.pipelines.local.warm): a step started through the server behaves
 like the cold `python -m ...` kfp.local would start: same output, exit status (signals
 included), environment and working directory; and it really starts with the stack loaded."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.pipelines import warm
+from rlhf.pipelines.local import warm
 
 PYTHON = sys.executable  # the fixture points sys.executable at the client while the server runs
 pytestmark = pytest.mark.skipif(not warm.available(), reason="needs fork and no NVIDIA device")

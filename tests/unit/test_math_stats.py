@@ -26,14 +26,7 @@ from rlhf.math import (
     token_logprobs,
 )
 
-DTYPES = [torch.float32, torch.float64]
-
-
-def close(actual, expected, atol=1e-6, rtol=1e-5):
-    """assert_close that accepts Python numbers/lists as the expected value."""
-    actual = torch.as_tensor(actual)
-    expected = torch.as_tensor(expected, dtype=actual.dtype)
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+from test_math import DTYPES, close  # noqa: E402  (the same helpers as the rest of rlhf.math's tests)
 
 
 def one_process(d):

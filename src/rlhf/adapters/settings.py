@@ -89,7 +89,7 @@ class Settings:
     error message for the launcher (set by `distributed.launch`)."""
     warm_steps: bool = True
     """RLHF_WARM_STEPS=0 makes `rlhf run` start every step in a fresh Python, as kfp.local
-    does, instead of forking it from a preloaded one (rlhf.pipelines.warm)."""
+    does, instead of forking it from a preloaded one (rlhf.pipelines.local.warm)."""
     trainjob: str | None = None
     """RLHF_TRAINJOB: JSON spec of the Kubeflow Trainer job that runs this stage on several
     nodes; compiled onto the step by a profile with `nodes > 1` (no secret values)."""

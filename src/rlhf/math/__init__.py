@@ -2,7 +2,8 @@
 reward normalisation.
 
 Imports only torch and the standard library; tensors and masks in, tensors
-(and a stats dict for losses) out.
+(and a stats dict for losses) out. Sums over processes come in through a `reduce`
+callback, never a process group. See docs/architecture.md.
 """
 
 from rlhf.math.advantages import gae, shaped_rewards

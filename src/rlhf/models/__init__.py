@@ -1,4 +1,8 @@
-"""Model loading, tokenizers, and reward/value heads."""
+"""Models: loading (hub id, local path, s3://), tokenizers and chat templates,
+reward/value heads and packing, batching (`batching.py`), generation (`rollout.py`).
+
+May import: `rlhf.math`, `rlhf.config`. See docs/architecture.md.
+"""
 
 from rlhf.models.heads import (
     Segment, last_token_index, pack, pair_scores, pair_segment, position_ids_from_mask, sequence_scores, token_values,

@@ -36,7 +36,7 @@ from rlhf.models.rollout import decode_responses, generate, response_logprobs, r
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.gate import gate_decision
 from rlhf.stages.scoring import encode_demonstrations, heldout_loss, score_responses
-from rlhf.train.distributed import setup
+from rlhf.train.distributed import setup_one_process
 from rlhf.train.progress import Timer
 from rlhf.train.seed import seed_everything
 
@@ -162,7 +162,7 @@ def comparison_summary(prompts: list[str], out: dict, judge, ecfg, seed: int) ->
 
 def run(ctx: StageContext) -> StageResult:
     timer, ecfg, gate = Timer(), ctx.config, ctx.section("gate")
-    device = setup(ctx.runtime, ctx.settings).device
+    device = setup_one_process(ctx.runtime)
     prep = PrepData(ctx.prep_store)
     with ctx.tracker.stage_run(ctx.name, ctx.params, store=ctx.store):
         # 1. load

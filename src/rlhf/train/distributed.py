@@ -153,6 +153,18 @@ def setup(cfg, settings: Settings) -> Dist:
     return Dist(settings.rank, world, settings.local_rank, settings.node_rank, device, ds)
 
 
+def setup_one_process(cfg) -> torch.device:
+    """Threads, TF32 and the device of a stage that always runs in one process (eval):
+    no process group, whatever `distributed` says."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.use_deterministic_algorithms(False)
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def check_divisible(batch_sizes: dict[str, int], world: int) -> None:
     bad = {k: v for k, v in batch_sizes.items() if v % world}
     if bad:

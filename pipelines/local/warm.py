@@ -109,7 +109,7 @@ def warm_steps():
     client.write_text(CLIENT)
     real, previous = PYTHON, sys.executable
     with open(log, "wb") as log_f:
-        server = subprocess.Popen([real, "-m", "rlhf.pipelines.warm", str(sock)], stdin=subprocess.DEVNULL,
+        server = subprocess.Popen([real, "-m", "rlhf.pipelines.local.warm", str(sock)], stdin=subprocess.DEVNULL,
                                   stdout=log_f, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30

@@ -4,6 +4,10 @@ Every step runs as a subprocess of this Python, exactly the component code a clu
 runs in the training image. Settings reach the steps through the environment (as on
 a cluster, where they come from Secrets and ConfigMaps), never through pipeline
 parameters: the tracking URI of the embedded default is set here when none is.
+
+The local runner lives here with its warm-step server (`warm.py`: each step forks
+from a preloaded process), apart from the DAG (`rlhf.pipelines.dag`), which a cluster
+compiles without either.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[st
     from kfp import local
 
     from rlhf.pipelines import rlhf_pipeline
-    from rlhf.pipelines.warm import available as warm_available, warm_steps
+    from rlhf.pipelines.local.warm import available as warm_available, warm_steps
     from rlhf.adapters.store import open_store
 
     artifact_root, run_name = split_output(output)
