@@ -50,7 +50,8 @@ class StageRequest:
     @classmethod
     def of_worker(cls, d: dict) -> tuple["StageRequest", PipelineConfig]:
         """A worker's request; its config is validated here, once for this process."""
-        return cls(**{k: v for k, v in d.items() if k != "config_json"}), PipelineConfig.model_validate_json(d["config_json"])
+        req = cls(**{k: v for k, v in d.items() if k != "config_json"})
+        return req, PipelineConfig.model_validate_json(d["config_json"])
 
 
 def dispatch(req: StageRequest, cfg: PipelineConfig, settings: Settings) -> dict:

@@ -30,8 +30,9 @@ def launcher_for(name: str, cfg: PipelineConfig, settings: Settings) -> str | No
 
 
 def launch(request: dict, nproc: int, settings: Settings) -> None:
-    """Run `runs.stage(**request)` in `nproc` processes on this node with torchrun and
-    wait; rank 0 writes the stage's result to the store as usual. A failure raises
+    """Run the stage of `request` (`rlhf.dispatch.StageRequest.for_workers`) in `nproc`
+    processes on this node with torchrun and wait; each process dispatches it again as
+    its rank (`rlhf.ops.worker`), and rank 0 writes the stage's result to the store. A failure raises
     DistributedError with the first failing rank's error message."""
     with tempfile.TemporaryDirectory(prefix="rlhf-launch-") as tmp:
         env = child_process_env({"RLHF_STAGE_REQUEST": json.dumps(request), "RLHF_WORKER_ERROR_DIR": tmp})

@@ -87,7 +87,8 @@ def champion_comparison(ecfg, n_prompts: int, seed: int, champ: dict, prompts: l
     covered = prompts[:-(-n // ecfg.batch_size) * ecfg.batch_size]  # eval's batches that hold the first n prompts
     texts = [t for ro in decode_same_way(cmodel, ctok, covered, ecfg, seed, device) for t in decode_responses(ctok, ro)]
     ps, mine, texts = prompts[:n], policy_texts[:n], texts[:n]
-    gold_mine, gold_champ = [judge.score(p, t) for p, t in zip(ps, mine)], [judge.score(p, t) for p, t in zip(ps, texts)]
+    gold_mine = [judge.score(p, t) for p, t in zip(ps, mine)]
+    gold_champ = [judge.score(p, t) for p, t in zip(ps, texts)]
     judges = []  # (name, policy scores, champion scores)
     if all(g is not None for g in gold_mine + gold_champ):
         judges.append(("gold", np.array(gold_mine), np.array(gold_champ)))
@@ -103,7 +104,8 @@ def champion_comparison(ecfg, n_prompts: int, seed: int, champ: dict, prompts: l
            "champion/compared_by": "+".join(j[0] for j in judges)}
     for name, a, c in judges:
         cmp = compare(a, c)
-        out.update({f"champion/{name}_score_champion": float(c.mean()), f"champion/{name}_score_policy": float(a.mean()),
+        out.update({f"champion/{name}_score_champion": float(c.mean()),
+                    f"champion/{name}_score_policy": float(a.mean()),
                     f"champion/{name}_win_rate": cmp["win_rate"], f"champion/{name}_tie_rate": cmp["tie_rate"]})
     worst = min(judges, key=lambda j: compare(j[1], j[2])["win_rate"])
     cmp = compare(worst[1], worst[2])
@@ -117,7 +119,8 @@ def sample_both(sft, policy, rm, tok, prompts: list[str], ecfg, seed: int, devic
     """Both models' answers (same prompts, decoding and seeds), RM scores, lengths, and
     the policy samples' KL to SFT."""
     out = {"sft": {"text": [], "rm": [], "len": []}, "policy": {"text": [], "rm": [], "len": [], "kl": []}}
-    runs = {name: decode_same_way(model, tok, prompts, ecfg, seed, device) for name, model in (("sft", sft), ("policy", policy))}
+    runs = {"sft": decode_same_way(sft, tok, prompts, ecfg, seed, device),
+            "policy": decode_same_way(policy, tok, prompts, ecfg, seed, device)}
     for _ in range(0, len(prompts), ecfg.batch_size):
         for name in ("sft", "policy"):  # sft first, then the policy, batch by batch
             ro = next(runs[name])
@@ -150,11 +153,13 @@ def comparison_summary(prompts: list[str], out: dict, judge, ecfg, seed: int) ->
         summary.update({
             "eval/gold_score_sft": float(g_sft.mean()), "eval/gold_score_policy": float(g_pol.mean()),
             "eval/exact_sft": float((g_sft == 1.0).mean()), "eval/exact_policy": float((g_pol == 1.0).mean()),
-            "eval/gold_delta": float(delta.mean()), "eval/gold_delta_ci95": list(bootstrap_ci(delta, ecfg.bootstrap, seed)),
+            "eval/gold_delta": float(delta.mean()),
+            "eval/gold_delta_ci95": list(bootstrap_ci(delta, ecfg.bootstrap, seed)),
             **{f"eval/{k}_vs_sft": v for k, v in compare(g_pol, g_sft).items()},
         })
     else:
-        summary.update({f"eval/{k}_vs_sft": summary[f"eval/rm_{k}_vs_sft"] for k in ("win_rate", "tie_rate", "decisive_win_rate")})
+        summary.update({f"eval/{k}_vs_sft": summary[f"eval/rm_{k}_vs_sft"]
+                        for k in ("win_rate", "tie_rate", "decisive_win_rate")})
         summary.update({"eval/gold_score_sft": None, "eval/gold_score_policy": None, "eval/gold_delta": None,
                         "eval/gold_delta_ci95": None})
     return summary, golds
@@ -194,9 +199,10 @@ def run(ctx: StageContext) -> StageResult:
         summary["gate/passed"], summary["gate/reasons"] = gate_decision(summary, gate)
 
         # 6. log: the samples table and every number
-        table = [{"prompt": p, "sft": s, "policy": q, "rm_sft": rs, "rm_policy": rq, "gold_sft": gs, "gold_policy": gq}
-                 for p, s, q, rs, rq, gs, gq in zip(prompts, out["sft"]["text"], out["policy"]["text"],
-                                                    out["sft"]["rm"], out["policy"]["rm"], golds["sft"], golds["policy"])]
+        columns = (prompts, out["sft"]["text"], out["policy"]["text"], out["sft"]["rm"], out["policy"]["rm"],
+                   golds["sft"], golds["policy"])
+        table = [dict(zip(("prompt", "sft", "policy", "rm_sft", "rm_policy", "gold_sft", "gold_policy"), row))
+                 for row in zip(*columns)]
         ctx.tracker.log_table(table[: ecfg.table_rows], "eval_samples.json")
         ctx.tracker.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
         summary["eval/wall_s"] = timer()

@@ -74,7 +74,8 @@ class PPOModels:
     synced: bool
     """ZeRO-3 "synced" generation: layers gathered in lockstep instead of the whole policy."""
 
-    def rollout(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, logprobs: bool = False) -> Rollout:
+    def rollout(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                logprobs: bool = False) -> Rollout:
         with (contextlib.nullcontext() if self.synced else self.policy.gathered()):  # whole policy on each GPU
             return generate(self.policy.module, self.tok, prompts, max_new_tokens, temperature,
                             self.policy.dist.device, self.synced, logprobs=logprobs)
@@ -114,28 +115,31 @@ def load_models(ctx: StageContext, dist: Dist, opt_steps: int) -> PPOModels:
     return PPOModels(policy, value, ref, reward_model, tok, policy.zero3 and dcfg.zero3_generation == "synced")
 
 
-def make_experience(m: PPOModels, prompts: list[list[int]], pcfg, norm: tuple[float, float], beta: float,
+def make_experience(models: PPOModels, prompts: list[list[int]], pcfg, norm: tuple[float, float], beta: float,
                     dist: Dist) -> Experience:
     """Sample, score, shape rewards, GAE; whiten advantages over every rank's slice."""
     t0 = Timer()
-    ro = m.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature, logprobs=pcfg.logprobs_from_generation)
+    rollout = models.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature, logprobs=pcfg.logprobs_from_generation)
     gen_s = t0()
-    mask = ro.response_mask.float()  # (B, R)
+    mask = rollout.response_mask.float()  # (B, R)
     with torch.no_grad():
-        old_lp = ro.logprobs if ro.logprobs is not None else response_logprobs(m.policy, ro, pcfg.temperature)
-        ref_lp = response_logprobs(m.ref, ro, pcfg.temperature)  # (B, R)
-        old_v = response_values(m.value.module, ro)  # (B, R)
-        raw = rewards(m.reward, ro)  # (B,)
-    score = normalize_scores(raw, *norm, ro.has_eos, clip=pcfg.reward_clip, missing_eos_penalty=pcfg.missing_eos_penalty)
+        old_logprobs = rollout.logprobs  # (B, R) kept by generation, or one more policy forward:
+        if old_logprobs is None:
+            old_logprobs = response_logprobs(models.policy, rollout, pcfg.temperature)
+        ref_logprobs = response_logprobs(models.ref, rollout, pcfg.temperature)  # (B, R)
+        old_values = response_values(models.value.module, rollout)  # (B, R)
+        raw = rewards(models.reward, rollout)  # (B,)
+    score = normalize_scores(raw, *norm, rollout.has_eos, clip=pcfg.reward_clip,
+                             missing_eos_penalty=pcfg.missing_eos_penalty)  # (B,)
     score_s = t0() - gen_s
-    rew, kl = shaped_rewards(score, old_lp, ref_lp, mask, beta, pcfg.kl.estimator)  # (B, R)
-    adv, ret = gae(rew, old_v, mask, pcfg.gamma, pcfg.lam)
+    per_token, kl = shaped_rewards(score, old_logprobs, ref_logprobs, mask, beta, pcfg.kl.estimator)  # (B, R)
+    adv, ret = gae(per_token, old_values, mask, pcfg.gamma, pcfg.lam)
     if pcfg.whiten_advantages:
         adv = masked_whiten(adv, mask, reduce=dist.sum_dict if dist.world > 1 else None)
-    return Experience(ro, mask, old_lp, ref_lp, old_v, raw, score, kl, adv, ret, gen_s, score_s)
+    return Experience(rollout, mask, old_logprobs, ref_logprobs, old_values, raw, score, kl, adv, ret, gen_s, score_s)
 
 
-def ppo_update(exp: Experience, m: PPOModels, pcfg, dist: Dist) -> dict[str, float]:
+def ppo_update(exp: Experience, models: PPOModels, pcfg, dist: Dist) -> dict[str, float]:
     """`ppo_epochs` passes over shuffled minibatches: one policy and one value step each
     (clipped surrogate, clipped value loss); returns each statistic's mean."""
     stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy",
@@ -146,12 +150,12 @@ def ppo_update(exp: Experience, m: PPOModels, pcfg, dist: Dist) -> dict[str, flo
         for start in range(0, batch, minibatch):
             j = perm[start:start + minibatch]
             sub, mask = exp.rollout.select(j), exp.mask[j]
-            logprobs, entropy = response_logprobs(m.policy, sub, pcfg.temperature, with_entropy=True)
+            logprobs, entropy = response_logprobs(models.policy, sub, pcfg.temperature, with_entropy=True)
             pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.old_logprobs[j], exp.advantages[j], mask, pcfg.clip_eps)
-            m.policy.step(pg_loss)
-            values = response_values(m.value.module, sub)
+            models.policy.step(pg_loss)
+            values = response_values(models.value.module, sub)
             vf_loss, vf_stats = ppo_value_loss(values, exp.values[j], exp.returns[j], mask, pcfg.value_clip_eps)
-            m.value.step(vf_loss)
+            models.value.step(vf_loss)
             for k, val in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pg_stats["clipfrac"]),
                            ("approx_kl", pg_stats["approx_kl"]), ("entropy", masked_mean(entropy.detach(), mask)),
                            ("vf_clipfrac", vf_stats["vf_clipfrac"])):
@@ -173,11 +177,11 @@ def ppo_metrics(exp: Experience, stats: dict, seq_kl: float, beta: float, wall: 
 
 
 @torch.no_grad()
-def reward_norm(m: PPOModels, prompts: list[list[int]], pcfg, dist: Dist) -> tuple[float, float]:
+def reward_norm(models: PPOModels, prompts: list[list[int]], pcfg, dist: Dist) -> tuple[float, float]:
     """Mean and std of the reward model's score on samples of the initial policy (SFT),
     which normalise every later score (Ziegler et al. 2019)."""
-    s = rewards(m.reward, m.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature)).float()  # (N,)
-    return score_stats(s, mean_reduce=dist.mean_dict if dist.world > 1 else None)
+    scores = rewards(models.reward, models.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature)).float()  # (N,)
+    return score_stats(scores, mean_reduce=dist.mean_dict if dist.world > 1 else None)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -189,31 +193,32 @@ def run(ctx: StageContext) -> StageResult:
         seed_everything(ctx.seed + 2)
         B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
         check_divisible({"ppo.rollout_batch_size": B, "ppo.minibatch_size": mb}, dist.world)
-        m = load_models(ctx, dist, opt_steps=pcfg.updates * pcfg.ppo_epochs * (B // mb))
+        models = load_models(ctx, dist, opt_steps=pcfg.updates * pcfg.ppo_epochs * (B // mb))
         rows = prep.rows("prompt_train")
-        prompt_ids = [m.tok(r.prompt)["input_ids"] for r in rows]
+        prompt_ids = [models.tok(r.prompt)["input_ids"] for r in rows]
         sampler = PromptSampler(len(rows), ctx.seed + 2)
         kl_ctl = (AdaptiveKLController(pcfg.kl.init_coef, pcfg.kl.target, pcfg.kl.horizon) if pcfg.kl.adaptive
                   else FixedKLController(pcfg.kl.init_coef))
         loop = Loop(ctx.name, total=pcfg.updates, checkpoint_every=pcfg.checkpoint_every,
-                    models={"policy": m.policy, "value": m.value}, state={"reward_mean": 0.0, "reward_std": 1.0},
+                    models={"policy": models.policy, "value": models.value},
+                    state={"reward_mean": 0.0, "reward_std": 1.0},
                     store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                     quiet=ctx.quiet)
         if loop.resume():
             kl_ctl.load_state_dict(loop.state["kl_ctl"])
         elif pcfg.normalize_reward:  # statistics of the RM score on SFT samples (policy == SFT now)
             first = [prompt_ids[i] for i in dist.shard(sampler.indices(0, min(4 * B, len(rows))))]
-            loop.state["reward_mean"], loop.state["reward_std"] = reward_norm(m, first, pcfg, dist)
+            loop.state["reward_mean"], loop.state["reward_std"] = reward_norm(models, first, pcfg, dist)
 
         metrics: dict[str, float] = {}
         for update in loop:
             t0 = Timer()
             # 1. rollout and score this rank's prompts; advantages
             idx = dist.shard(sampler.indices(update * B, B))
-            exp = make_experience(m, [prompt_ids[i] for i in idx], pcfg,
+            exp = make_experience(models, [prompt_ids[i] for i in idx], pcfg,
                                   (loop.state["reward_mean"], loop.state["reward_std"]), kl_ctl.value, dist)
             # 2. optimise
-            stats = ppo_update(exp, m, pcfg, dist)
+            stats = ppo_update(exp, models, pcfg, dist)
             train_s = t0() - exp.gen_s - exp.score_s
             # 3. KL controller, metrics, gold monitoring (rank 0's rollouts)
             seq_kl = dist.mean(float((exp.kl * exp.mask).sum(1).mean()))  # the same beta on every rank
@@ -223,14 +228,15 @@ def run(ctx: StageContext) -> StageResult:
             step = loop.advance(B, gen=exp.gen_s, score=exp.score_s, train=train_s)
             metrics = ppo_metrics(exp, stats, seq_kl, beta, {"total": t0(), "train": train_s}, dist)
             if dist.main and (update % pcfg.gold_log_every == 0 or step == pcfg.updates):
-                golds = [ctx.judge.score(rows[i].prompt, t) for i, t in zip(idx, decode_responses(m.tok, exp.rollout))]
+                texts = decode_responses(models.tok, exp.rollout)
+                golds = [ctx.judge.score(rows[i].prompt, text) for i, text in zip(idx, texts)]
                 if all(g is not None for g in golds):
                     metrics["ppo/gold_score"] = sum(golds) / len(golds)
             # 4. log / checkpoint
             loop.end_step(metrics, rm=f"{metrics['ppo/reward']:.2f}", kl=f"{seq_kl:.2f}", beta=f"{beta:.3f}",
                           gold=f"{metrics.get('ppo/gold_score', float('nan')):.2f}")
 
-        model_uri = save_trained(m.policy, m.tok, ctx.store, "ppo/model", ctx.tracker, "policy")
+        model_uri = save_trained(models.policy, models.tok, ctx.store, "ppo/model", ctx.tracker, "policy")
     return StageResult({"wall_s": timer(), "tracking_s": ctx.tracker.seconds, **loop.result("episodes"),
                         "updates": loop.step, "final_beta": kl_ctl.value, "last_metrics": metrics,
                         "model_uri": model_uri, "mlflow_run_id": ctx.tracker.run_id})

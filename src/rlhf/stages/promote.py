@@ -124,6 +124,7 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult({
         "wall_s": timer(), "promoted": promoted, "registered_model": policy.name,
         "policy_model_uri": f"models:/{policy.name}@{CHAMPION}" if promoted else policy.uri,
-        "policy_version_uri": policy.uri, "registered_versions": {model_name(base, k): v.version for k, v in versions.items()},
+        "policy_version_uri": policy.uri,
+        "registered_versions": {model_name(base, k): v.version for k, v in versions.items()},
         "champion_version": champion.version if champion else None, "gate_passed": passed, "gate_reasons": reasons,
         "mlflow_run_id": ctx.tracker.run_id})

@@ -77,7 +77,8 @@ class RewardSteps:
     """What the reward model adds to the loop: the pairwise loss of a batch."""
 
     def __init__(self, model, pad_id: int, device, dist, rcfg):
-        self.model, self.pad_id, self.device, self.dist, self.rcfg, self.packed = model, pad_id, device, dist, rcfg, None
+        self.model, self.pad_id, self.device, self.dist, self.rcfg = model, pad_id, device, dist, rcfg
+        self.packed = None
 
     def scores(self, batch, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected in one forward: packed over their shared prefix, or padded rows."""
@@ -142,12 +143,16 @@ def run(ctx: StageContext) -> StageResult:
 
         # 3. optimiser + schedule (DeepSpeed across GPUs); resume; train
         check_divisible({"reward.batch_size": rcfg.batch_size}, dist.world)
-        model = make_trainable(model, dist, ctx.runtime.distributed, rcfg, total_steps=total, batch_size=rcfg.batch_size)
+        model = make_trainable(model, dist, ctx.runtime.distributed, rcfg, total_steps=total,
+                               batch_size=rcfg.batch_size)
         loop = Loop(ctx.name, total=total, checkpoint_every=rcfg.checkpoint_every, models={"model": model}, state={},
                     store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                     quiet=ctx.quiet)
         loop.resume()
-        accuracy = lambda step: heldout_accuracy(model.module, *eval_sets[""], tok.pad_token_id, device, ctx.judge)  # noqa: E731
+
+        def accuracy(step: int) -> dict[str, float]:
+            return heldout_accuracy(model.module, *eval_sets[""], tok.pad_token_id, device, ctx.judge)
+
         fit(loop, model, batches, RewardSteps(model, tok.pad_token_id, device, dist, rcfg).loss, prefix="rm",
             evaluation=Evaluation(due=lambda step: step % batches.steps_per_epoch == 0 or step == total,
                                   run=accuracy, unit="pairs"))

@@ -110,9 +110,11 @@ def run(ctx: StageContext) -> StageResult:
 
         # 3. optimiser + schedule (DeepSpeed across GPUs); resume from the newest checkpoint
         check_divisible({"sft.batch_size": scfg.batch_size}, dist.world)
-        model = make_trainable(model, dist, ctx.runtime.distributed, scfg, total_steps=total, batch_size=scfg.batch_size)
+        model = make_trainable(model, dist, ctx.runtime.distributed, scfg, total_steps=total,
+                               batch_size=scfg.batch_size)
         best = model.state_dict()
-        loop = Loop(ctx.name, total=total, checkpoint_every=scfg.checkpoint_every, models={"model": model, "best": best},
+        loop = Loop(ctx.name, total=total, checkpoint_every=scfg.checkpoint_every,
+                    models={"model": model, "best": best},
                     state={"best_loss": float("inf"), "best_step": 0, "bad_evals": 0, "curve": [], "stopped": False},
                     store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                     quiet=ctx.quiet)

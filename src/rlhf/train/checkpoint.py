@@ -158,7 +158,8 @@ def _split(models: dict) -> tuple[dict, dict, dict]:
     return engines, plain, objects_of
 
 
-def save_checkpoint(store, stage: str, step: int, models: dict, state: dict, fingerprint: str, dist: Dist | None = None) -> None:
+def save_checkpoint(store, stage: str, step: int, models: dict, state: dict, fingerprint: str,
+                    dist: Dist | None = None) -> None:
     """Write a checkpoint, commit it to the store, prune old ones. Every rank calls it.
 
     `models` maps names to `Trainable`s (weights, optimiser and schedule), modules or

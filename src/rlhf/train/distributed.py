@@ -146,7 +146,8 @@ def setup(cfg, settings: Settings) -> Dist:
             # process); training reduces through gloo, so go without it.
             import importlib
 
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # (`deepspeed.comm.torch` the attribute is torch)
+            # (the module `deepspeed.comm.torch`: the attribute of that name is torch itself)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         if not torch.distributed.is_initialized():  # torchrun set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                        auto_mpi_discovery=False)

@@ -77,7 +77,8 @@ class Trainable:
     without DeepSpeed. Call it like the model (the forward goes through the engine);
     `.module` is the plain transformers model (generation, heads, saving)."""
 
-    def __init__(self, model: torch.nn.Module, dist: Dist, dcfg: DistributedConfig, *, lr: float, grad_clip: float | None,
+    def __init__(self, model: torch.nn.Module, dist: Dist, dcfg: DistributedConfig, *, lr: float,
+                 grad_clip: float | None,
                  batch_size: int, weight_decay: float = 0.0, eps: float = 1e-8,
                  schedule: Callable[[int], float] | None = None):
         self.dist, self.grad_clip, self.zero3 = dist, grad_clip, dist.deepspeed and dcfg.zero_stage == 3
