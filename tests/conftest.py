@@ -22,3 +22,8 @@ def _rlhf_home(tmp_path, monkeypatch):
     """Each test gets its own RLHF_HOME: the embedded MLflow database and registry live
     there, so tests never see each other's runs or models."""
     monkeypatch.setenv("RLHF_HOME", str(tmp_path))
+    yield
+    # mlflow.set_tracking_uri() (a test pointing MLflow at its database, or a tracker in this process) also
+    # exports MLFLOW_TRACKING_URI for subprocesses; the next test's runs must not go there
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
