@@ -144,7 +144,7 @@ class RewardConfig(OptimConfig):
     group_by_length: bool = Field(False, description="Batch pairs of similar length together (less padding, but batches are no longer random samples).")
     margin: float | None = Field(None, description="Optional fixed margin in the pairwise loss.")
     policy_comparisons: int = Field(12000, ge=0, description="Built-in task only: comparisons of two SFT samples per prompt, labelled by the simulated labelers (as InstructGPT's labelers ranked SFT outputs), added to the preference data.")
-    comparison_max_new_tokens: int = Field(24, gt=0, description="Most tokens in each SFT sample of those comparisons (keep it at ppo.max_new_tokens: the reward model should judge responses as long as the policy's).")
+    comparison_max_new_tokens: int | None = Field(None, gt=0, description="Most tokens in each SFT sample of those comparisons; empty = ppo.max_new_tokens (the reward model then judges responses as long as the policy's). Filled in when the config is validated.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
 
@@ -285,6 +285,14 @@ class PipelineConfig(_Model):
                              "(or both left empty for the built-in task)")
         return self
 
+    @model_validator(mode="after")
+    def _resolve_defaults(self):
+        """Defaults that follow another section, resolved once here so that each stage reads
+        only its own section."""
+        if self.reward.comparison_max_new_tokens is None:
+            self.reward.comparison_max_new_tokens = self.ppo.max_new_tokens
+        return self
+
     @property
     def uses_builtin_task(self) -> bool:
         return self.data.sft_path is None and self.data.preference_path is None
@@ -308,8 +316,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": {"num_demonstrations": 200, "num_comparisons": 200, "num_prompts": 200, "max_items": 5},
         "model": {"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
         "sft": {"max_epochs": 1, "batch_size": 16, "eval_every": 5, "checkpoint_every": 5, "warmup_steps": 2},
-        "reward": {"epochs": 1, "batch_size": 16, "checkpoint_every": 5, "warmup_steps": 2, "policy_comparisons": 64,
-                   "comparison_max_new_tokens": 8},
+        "reward": {"epochs": 1, "batch_size": 16, "checkpoint_every": 5, "warmup_steps": 2, "policy_comparisons": 64},
         "ppo": {"updates": 3, "rollout_batch_size": 16, "minibatch_size": 8, "ppo_epochs": 1, "max_new_tokens": 8, "checkpoint_every": 2, "gold_log_every": 1},
         "eval": {"num_prompts": 16, "max_new_tokens": 8, "bootstrap": 100, "table_rows": 5},
         "tracking": {"log_models": True},

@@ -364,3 +364,25 @@ def test_cli_config_show_missing_file(capsys, tmp_path):
 def test_user_data_paths_must_come_together():
     with pytest.raises(ConfigError, match="data.sft_path and data.preference_path"):
         load_config("tiny", overrides=["data.sft_path=x.jsonl"])
+
+
+def test_comparison_length_follows_ppo_unless_set():
+    """Reward's labelled SFT samples are as long as PPO's responses, resolved at validation
+    so the reward stage reads only its own section."""
+    assert load_config("tiny").reward.comparison_max_new_tokens == 8
+    assert load_config("demo", overrides=["ppo.max_new_tokens=12"]).reward.comparison_max_new_tokens == 12
+    cfg = load_config("demo", overrides=["ppo.max_new_tokens=12", "reward.comparison_max_new_tokens=5"])
+    assert cfg.reward.comparison_max_new_tokens == 5
+    with pytest.raises(ConfigError, match="comparison_max_new_tokens"):
+        load_config("demo", overrides=["reward.comparison_max_new_tokens=0"])
+
+
+def test_optimiser_fields_come_from_one_model():
+    from rlhf.config import OptimConfig, PPOConfig, RewardConfig, SFTConfig
+
+    for section in (SFTConfig, RewardConfig, PPOConfig):
+        assert issubclass(section, OptimConfig)
+        assert set(OptimConfig.model_fields) <= set(section.model_fields)
+    cfg = load_config("demo")
+    assert (cfg.sft.lr, cfg.reward.lr, cfg.ppo.lr) == (1.5e-3, 5e-4, 2e-5)  # each stage keeps its own defaults
+    assert cfg.ppo.warmup_steps == 0 and cfg.ppo.lr_schedule == "constant" and cfg.sft.lr_schedule == "cosine"
