@@ -31,8 +31,8 @@ import torch
 
 from rlhf.data.prepared import PrepData
 from rlhf.math import (
-    AdaptiveKLController, FixedKLController, gae, masked_mean, masked_whiten, normalize_scores, ppo_policy_loss,
-    ppo_value_loss, score_stats, shaped_rewards,
+    AdaptiveKLController, FixedKLController, gae, masked_mean, masked_sum, masked_whiten, normalize_scores,
+    ppo_policy_loss, ppo_value_loss, score_stats, shaped_rewards,
 )
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.models.loading import apply_lora
@@ -221,7 +221,7 @@ def run(ctx: StageContext) -> StageResult:
             stats = ppo_update(exp, models, pcfg, dist)
             train_s = t0() - exp.gen_s - exp.score_s
             # 3. KL controller, metrics, gold monitoring (rank 0's rollouts)
-            seq_kl = dist.mean(float((exp.kl * exp.mask).sum(1).mean()))  # the same beta on every rank
+            seq_kl = dist.mean(float(masked_sum(exp.kl, exp.mask, dim=1).mean()))  # the same beta on every rank
             beta = kl_ctl.value
             kl_ctl.update(seq_kl, B)
             loop.state["kl_ctl"] = kl_ctl.state_dict()
