@@ -115,6 +115,7 @@ class OptimConfig(_Model):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient norm clip; empty = no clipping.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine: linear warm-up, then cosine decay to 0.1x peak; linear: warm-up, then linear decay to 0 (the Hugging Face Trainer default); constant: warm-up, then flat.")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step: each process's share of a batch is split into this many forwards whose gradients add up (losses weighted by their tokens or pairs, so the step equals one large batch's). The batch size stays the optimizer batch; it must divide by processes x grad_accum_steps.")
 
 
 class SFTConfig(OptimConfig):
@@ -130,6 +131,11 @@ class SFTConfig(OptimConfig):
     patience: int = Field(3, gt=0, description="Stop after this many evaluations without held-out improvement; the best weights are kept.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        exact_div(self.batch_size, self.grad_accum_steps, "sft.batch_size / sft.grad_accum_steps")
+        return self
 
 
 class RewardConfig(OptimConfig):
@@ -148,6 +154,11 @@ class RewardConfig(OptimConfig):
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
 
+    @model_validator(mode="after")
+    def _check(self):
+        exact_div(self.batch_size, self.grad_accum_steps, "reward.batch_size / reward.grad_accum_steps")
+        return self
+
 
 class KLConfig(_Model):
     """KL penalty against the SFT (reference) policy."""
@@ -164,7 +175,9 @@ class PPOConfig(OptimConfig):
 
     updates: int = Field(80, gt=0, description="PPO updates (each: one rollout batch, then optimisation).")
     rollout_batch_size: int = Field(128, gt=0, description="Episodes generated per update.")
-    minibatch_size: int = Field(32, gt=0, description="Episodes per optimizer step.")
+    minibatch_size: int = Field(32, gt=0, description="Episodes per optimizer step (split into grad_accum_steps micro-batches).")
+    generation_batch_size: int | None = Field(None, gt=0, description="Prompts generated together (one KV cache) by each process; empty = its whole share of the rollout batch at once.")
+    forward_batch_size: int | None = Field(None, gt=0, description="Episodes per no-grad forward while scoring a rollout (old log-probs, reference, value and reward model): with it set, PPO's peak memory follows it and the generation batch instead of rollout_batch_size. Empty = the training micro-batch (minibatch_size / processes / grad_accum_steps). Splitting these forwards does not change their results (bitwise, on CPU, measured).")
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch.")
     lr: float = Field(2e-5, gt=0, description="Policy AdamW learning rate.")
     value_lr: float = Field(3e-4, gt=0, description="Value model AdamW learning rate.")
@@ -191,6 +204,7 @@ class PPOConfig(OptimConfig):
     @model_validator(mode="after")
     def _check(self):
         exact_div(self.rollout_batch_size, self.minibatch_size, "ppo.rollout_batch_size / ppo.minibatch_size")
+        exact_div(self.minibatch_size, self.grad_accum_steps, "ppo.minibatch_size / ppo.grad_accum_steps")
         return self
 
 
@@ -247,7 +261,7 @@ class DistributedConfig(_Model):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 partitions optimizer states and gradients, 3 also the parameters.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states and step on the CPU (DeepSpeed's CPU Adam).")
     offload_params: bool = Field(False, description="ZeRO-3 only: parameters live on the CPU between uses.")
-    bf16: bool | None = Field(None, description="DeepSpeed bf16 mixed precision; empty = on when the GPU supports it.")
+    bf16: bool | None = Field(None, description="Older spelling of train.precision (true = bf16, false = fp32); empty = train.precision decides. Setting both to different values is an error.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass of trained models (less memory, ~30% more compute).")
     compile: bool = Field(False, description="torch.compile the trained models' forward and backward (inductor, dynamic shapes; DeepSpeed's engine.compile under DeepSpeed). Off by default: on 2 CPU cores it made SFT steps 8% faster but cost 25-85 s of compiling per process (benchmarks/RESULTS.md), a loss for short runs; worth trying for long GPU runs.")
     zero3_generation: Literal["gather", "synced"] = Field("gather", description="PPO rollouts under ZeRO-3: gather the whole policy on every GPU while generating (fast; the policy must fit one GPU), or generate with layer-by-layer gathering in lockstep (synced_gpus).")
@@ -259,6 +273,12 @@ class DistributedConfig(_Model):
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("distributed.offload_optimizer needs distributed.zero_stage 1, 2 or 3")
         return self
+
+
+class TrainConfig(_Model):
+    """How every trained stage computes, on the plain-torch path and under DeepSpeed."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="fp32; bf16 or fp16 mixed precision: the forward and backward under autocast with fp32 master weights (plus a dynamic loss scaler for fp16) on the plain-torch path, DeepSpeed's bf16 / fp16 under DeepSpeed; the frozen models (reference, reward) are kept in that precision. auto: bf16 on a GPU that supports it, fp32 otherwise.")
 
 
 class PipelineConfig(_Model):
@@ -277,6 +297,7 @@ class PipelineConfig(_Model):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-GPU training (DeepSpeed).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Numerics of every trained stage.")
 
     @model_validator(mode="after")
     def _check_data_paths(self):
@@ -291,6 +312,11 @@ class PipelineConfig(_Model):
         only its own section."""
         if self.reward.comparison_max_new_tokens is None:
             self.reward.comparison_max_new_tokens = self.ppo.max_new_tokens
+        if self.distributed.bf16 is not None:
+            legacy = "bf16" if self.distributed.bf16 else "fp32"
+            if self.train.precision not in ("auto", legacy):
+                raise ValueError(f"distributed.bf16={self.distributed.bf16} contradicts train.precision="
+                                 f"{self.train.precision}: drop distributed.bf16 (train.precision replaces it)")
         return self
 
     @property

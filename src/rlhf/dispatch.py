@@ -105,7 +105,8 @@ def build_context(spec: StageSpec, req: StageRequest, cfg: PipelineConfig, store
         tracker.log_parent_dict(req.parent_run_id, report, "prep_report.json")
     return StageContext(
         name=spec.name, config=getattr(cfg, spec.section), model=cfg.model, seed=cfg.seed,
-        runtime=Runtime(cfg.device, cfg.num_threads, cfg.distributed), store=store, prep_store=prep_store,
+        runtime=Runtime(cfg.device, cfg.num_threads, cfg.distributed, cfg.train.precision), store=store,
+        prep_store=prep_store,
         tracker=tracker, judge=build_judge(cfg), task=build_task(cfg), settings=settings,
         faults=Faults.from_settings(settings), fingerprint=config_fingerprint(cfg), params=cfg.model_dump(),
         registered_model=cfg.tracking.registered_model, parent_run_id=req.parent_run_id or None, quiet=req.quiet,

@@ -117,13 +117,35 @@ def test_user_data_end_to_end(tmp_path, style):
     assert (tmp_path / "out/ppo/model/_COMMITTED").is_file()
 
 
-def test_lora_sft_saves_merged_weights(tmp_path):
-    extra = ["--set", "model.lora.enabled=true", "--set", "model.lora.r=4", "--set", "tracking.log_models=false"]
-    for stage in ("prep", "sft"):
-        assert main(["stage", stage, *TINY, *extra, "--output", str(tmp_path), "--quiet"]) == 0
-    weights = load_file(str(tmp_path / "sft/model/model.safetensors"))
-    assert not any("lora" in k for k in weights), "adapters must be merged before saving"
-    assert any(k.endswith("q_proj.weight") for k in weights)
+def test_lora_in_every_stage_registers_merged_models_plain_mlflow_loads(tmp_path):
+    """`model.lora.enabled`: SFT, the reward model, the PPO policy and its value model
+    train adapters; every saved and registered model has them merged, so plain
+    transformers and plain MLflow load it."""
+    import os
+    import subprocess
+    import sys
+
+    name = "lora-e2e"
+    env = {**os.environ, "RLHF_HOME": str(tmp_path), "RLHF_QUIET": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run([sys.executable, "-m", "rlhf.cli", "run", *TINY, "--set", "model.lora.enabled=true",
+                        "--set", "model.lora.r=4", "--set", "gate.min_win_rate=0.0", "--set",
+                        f"tracking.registered_model={name}", "--output", str(tmp_path / "run")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for key in ("sft/model", "reward/model", "ppo/model"):
+        weights = load_file(str(tmp_path / "run" / key / "model.safetensors"))
+        assert not any("lora" in k for k in weights), f"{key}: adapters must be merged before saving"
+        assert any(k.endswith("q_proj.weight") for k in weights)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    aliases = mlflow.MlflowClient().get_registered_model(f"{name}-policy").aliases
+    assert str(aliases.get("champion")) == "1", aliases
+    gen = mlflow.transformers.load_model(f"models:/{name}-policy@champion")
+    assert gen("sort: 3 1 2", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("sort: 3 1 2")
+    scorer = mlflow.transformers.load_model(f"models:/{name}-reward/1")
+    assert isinstance(scorer(["sort: 3 1 2 1 2 3"], function_to_apply="none")[0]["score"], float)
+    sft = mlflow.transformers.load_model(f"models:/{name}-sft/1")
+    assert not any("lora" in k for k in sft.model.state_dict())
 
 
 def test_stages_take_swapped_adapters(tmp_path):

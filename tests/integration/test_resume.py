@@ -23,6 +23,7 @@ TINY = ["--preset", "tiny", "--set", "num_threads=1",
         "--set", "reward.epochs=2", "--set", "reward.checkpoint_every=5",
         "--set", "ppo.updates=6", "--set", "ppo.checkpoint_every=2",
         "--set", "tracking.log_models=false"]
+LORA = ["--set", "model.lora.enabled=true", "--set", "model.lora.r=4"]
 KILL_AT = {"sft": 13, "reward": 12, "ppo": 3}
 PREVIOUS = {"sft": ["prep"], "reward": ["prep", "sft"], "ppo": ["prep", "sft", "reward"]}
 
@@ -34,13 +35,25 @@ def rlhf(*args, env_extra=None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """prep, sft, reward once; each test copies what its stage needs."""
-    root = tmp_path_factory.mktemp("base")
-    for stage in ("prep", "sft", "reward"):
-        r = rlhf("stage", stage, *TINY, "--output", str(root))
-        assert r.returncode == 0, r.stderr[-3000:]
-    return root
+def bases(tmp_path_factory):
+    """prep, sft, reward once per variant (full weights, LoRA); each test copies what its stage needs."""
+    made: dict[bool, Path] = {}
+
+    def get(lora: bool) -> Path:
+        if lora not in made:
+            root = tmp_path_factory.mktemp("base-lora" if lora else "base")
+            for stage in ("prep", "sft", "reward"):
+                r = rlhf("stage", stage, *TINY, *(LORA if lora else []), "--output", str(root))
+                assert r.returncode == 0, r.stderr[-3000:]
+            made[lora] = root
+        return made[lora]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def base(bases) -> Path:
+    return bases(False)
 
 
 def _copy_inputs(base: Path, dest: Path, stage: str) -> None:
@@ -53,22 +66,25 @@ def _weights(out: Path, stage: str) -> dict[str, torch.Tensor]:
     return load_file(str(out / stage / "model" / "model.safetensors"))
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
-def test_kill9_then_resume_is_bitwise_equal(base, tmp_path, stage):
+def test_kill9_then_resume_is_bitwise_equal(bases, tmp_path, stage, lora):
+    """Also with LoRA adapters (and, in PPO, the reference as the policy without them)."""
+    base, args = bases(lora), [*TINY, *(LORA if lora else [])]
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     _copy_inputs(base, clean, stage)
     _copy_inputs(base, crashed, stage)
 
-    r = rlhf("stage", stage, *TINY, "--output", str(clean))
+    r = rlhf("stage", stage, *args, "--output", str(clean))
     assert r.returncode == 0, r.stderr[-3000:]
 
-    r = rlhf("stage", stage, *TINY, "--output", str(crashed), env_extra={"RLHF_FAULT_KILL_AT_STEP": str(KILL_AT[stage])})
+    r = rlhf("stage", stage, *args, "--output", str(crashed), env_extra={"RLHF_FAULT_KILL_AT_STEP": str(KILL_AT[stage])})
     assert r.returncode == -signal.SIGKILL, f"expected SIGKILL, got {r.returncode}: {r.stderr[-2000:]}"
     ckpts = sorted(p.name for p in (crashed / stage / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
     assert ckpts, "no complete checkpoint before the kill"
     assert not (crashed / stage / "model" / "_COMMITTED").exists(), "a killed stage must not leave a committed model"
 
-    r = rlhf("stage", stage, *TINY, "--output", str(crashed))
+    r = rlhf("stage", stage, *args, "--output", str(crashed))
     assert r.returncode == 0, r.stderr[-3000:]
 
     a, b = _weights(clean, stage), _weights(crashed, stage)

@@ -32,12 +32,22 @@ def _head(model) -> torch.nn.Module:
     raise TypeError(f"{type(model).__name__} has no scalar head (expected .score or .classifier)")
 
 
+def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer backbone and the scalar head of a sequence classifier, also when it
+    is wrapped in peft LoRA adapters: peft's `.base_model` is its own wrapper (whose
+    forward runs the classifier), so unwrap it first; the adapters sit inside the
+    backbone's layers and the head is peft's trainable copy, so both still apply."""
+    inner = model.get_base_model() if hasattr(model, "peft_config") else model
+    return inner.base_model, _head(inner)
+
+
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Head applied at every position: (B, T) values."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from_mask(attention_mask))
+    backbone, head = backbone_and_head(model)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask))
     hidden = out.last_hidden_state  # (B, T, H)
-    return _head(model)(hidden).squeeze(-1).float()  # (B, T)
+    return head(hidden).squeeze(-1).float()  # (B, T)
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -132,9 +142,10 @@ def pair_scores(model, pairs, pad_id: int, device, share_prefix: bool = True,
             segments += [Segment(c), Segment(r)]
             ends.append(((len(segments) - 2, len(c) - 1), (len(segments) - 1, len(r) - 1)))
     b = pack(segments, pad_id, packed)
-    out = model.base_model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                           position_ids=b["position_ids"].to(device))
-    values = _head(model)(out.last_hidden_state).squeeze(-1).float()  # (R, L)
+    backbone, head = backbone_and_head(model)
+    out = backbone(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                   position_ids=b["position_ids"].to(device))
+    values = head(out.last_hidden_state).squeeze(-1).float()  # (R, L)
 
     def gather(side: int) -> torch.Tensor:
         at = [(b["where"][seg][0], b["where"][seg][1] + i) for seg, i in (e[side] for e in ends)]

@@ -31,9 +31,39 @@ class Rollout:
     def responses(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_len:]  # (B, R)
 
-    def select(self, idx: torch.Tensor) -> "Rollout":
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: torch.Tensor | slice) -> "Rollout":
         return Rollout(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx],
                        self.has_eos[idx], self.prompt_len, None if self.logprobs is None else self.logprobs[idx])
+
+    def parts(self, size: int | None) -> list["Rollout"]:
+        """Consecutive slices of at most `size` episodes (one slice for None)."""
+        size = size or len(self)
+        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    @staticmethod
+    def concat(parts: list["Rollout"], pad_id: int) -> "Rollout":
+        """Rollouts generated in separate batches as one: queries left-padded to the
+        longest, responses right-padded to the longest (masks 0 on the padding)."""
+        if len(parts) == 1:
+            return parts[0]
+        P, R = max(p.prompt_len for p in parts), max(p.responses.shape[1] for p in parts)
+
+        def widen(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (left, right), value=value)
+
+        ids, attn, resp_mask, lps = [], [], [], []
+        for p in parts:
+            left, right = P - p.prompt_len, R - p.responses.shape[1]
+            ids.append(widen(p.input_ids, left, right, pad_id))
+            attn.append(widen(p.attention_mask, left, right, 0))
+            resp_mask.append(widen(p.response_mask, 0, right, 0))
+            if p.logprobs is not None:
+                lps.append(widen(p.logprobs, 0, right, 0.0))
+        return Rollout(torch.cat(ids), torch.cat(attn), torch.cat(resp_mask), torch.cat([p.has_eos for p in parts]),
+                       P, torch.cat(lps) if len(lps) == len(parts) else None)
 
 
 @torch.no_grad()

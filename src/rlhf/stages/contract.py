@@ -27,6 +27,8 @@ class Runtime:
     device: str
     num_threads: int | None
     distributed: DistributedConfig
+    precision: str = "auto"
+    """`train.precision`: auto, fp32, bf16 or fp16 (`rlhf.train.trainable.resolve_precision`)."""
 
 
 @dataclass

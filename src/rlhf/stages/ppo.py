@@ -24,7 +24,6 @@ ZeRO-3 rollouts gather the policy (or generate with synced_gpus).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +33,15 @@ from rlhf.math import (
     AdaptiveKLController, FixedKLController, gae, masked_mean, masked_sum, masked_whiten, normalize_scores,
     ppo_policy_loss, ppo_value_loss, score_stats, shaped_rewards,
 )
-from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf.models.loading import apply_lora
-from rlhf.models.rollout import Rollout, decode_responses, generate, response_logprobs, response_values, rewards
+from rlhf.models.rollout import Rollout, decode_responses, response_logprobs, response_values, rewards
 from rlhf.stages.contract import StageContext, StageResult
+from rlhf.stages.ppo_models import PPOModels, forward_batch_size, load_models, score_rollout
 from rlhf.train.distributed import Dist, check_divisible, setup
-from rlhf.train.loop import Loop
+from rlhf.train.loop import Loop, StepLoss, accumulate
 from rlhf.train.progress import Timer
 from rlhf.train.schedule import epoch_order
 from rlhf.train.seed import seed_everything
-from rlhf.train.trainable import Trainable, frozen, make_trainable, save_trained
+from rlhf.train.trainable import save_trained
 
 
 class PromptSampler:
@@ -60,25 +58,6 @@ class PromptSampler:
                 self._orders = {epoch: epoch_order(self.n, self.seed, epoch)}
             out.append(self._orders[epoch][i])
         return out
-
-
-@dataclass
-class PPOModels:
-    """The four models of PPO and how the policy samples."""
-
-    policy: Trainable
-    value: Trainable
-    ref: torch.nn.Module
-    reward: torch.nn.Module
-    tok: object
-    synced: bool
-    """ZeRO-3 "synced" generation: layers gathered in lockstep instead of the whole policy."""
-
-    def rollout(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                logprobs: bool = False) -> Rollout:
-        with (contextlib.nullcontext() if self.synced else self.policy.gathered()):  # whole policy on each GPU
-            return generate(self.policy.module, self.tok, prompts, max_new_tokens, temperature,
-                            self.policy.dist.device, self.synced, logprobs=logprobs)
 
 
 @dataclass
@@ -99,36 +78,16 @@ class Experience:
     score_s: float
 
 
-def load_models(ctx: StageContext, dist: Dist, opt_steps: int) -> PPOModels:
-    """Policy and reference from SFT, reward model frozen, value from the reward model."""
-    pcfg, dcfg, mcfg = ctx.config, ctx.runtime.distributed, ctx.model
-    sft_dir, rm_dir = str(ctx.store.get_dir("sft/model")), str(ctx.store.get_dir("reward/model"))
-    tok = load_tokenizer(sft_dir, mcfg)
-    mb = pcfg.minibatch_size
-    policy = make_trainable(apply_lora(load_causal_lm(sft_dir, mcfg), mcfg), dist, dcfg, pcfg, total_steps=opt_steps,
-                            batch_size=mb, eps=1e-5)
-    ref = frozen(load_causal_lm(sft_dir, mcfg), dist, dcfg)
-    reward_model = frozen(load_reward_model(rm_dir, mcfg, tok.pad_token_id), dist, dcfg)
-    value_src = rm_dir if pcfg.value_init == "reward" else sft_dir
-    value = make_trainable(load_reward_model(value_src, mcfg, tok.pad_token_id), dist, dcfg, pcfg,
-                           total_steps=opt_steps, batch_size=mb, lr=pcfg.value_lr, eps=1e-5)
-    return PPOModels(policy, value, ref, reward_model, tok, policy.zero3 and dcfg.zero3_generation == "synced")
-
-
 def make_experience(models: PPOModels, prompts: list[list[int]], pcfg, norm: tuple[float, float], beta: float,
                     dist: Dist) -> Experience:
     """Sample, score, shape rewards, GAE; whiten advantages over every rank's slice."""
     t0 = Timer()
-    rollout = models.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature, logprobs=pcfg.logprobs_from_generation)
-    gen_s = t0()
+    with models.policy.autocast():
+        rollout = models.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature,
+                                 logprobs=pcfg.logprobs_from_generation, batch_size=pcfg.generation_batch_size)
+        gen_s = t0()
+        old_logprobs, ref_logprobs, old_values, raw = score_rollout(models, rollout, pcfg)  # (B, R) x3, (B,)
     mask = rollout.response_mask.float()  # (B, R)
-    with torch.no_grad():
-        old_logprobs = rollout.logprobs  # (B, R) kept by generation, or one more policy forward:
-        if old_logprobs is None:
-            old_logprobs = response_logprobs(models.policy, rollout, pcfg.temperature)
-        ref_logprobs = response_logprobs(models.ref, rollout, pcfg.temperature)  # (B, R)
-        old_values = response_values(models.value.module, rollout)  # (B, R)
-        raw = rewards(models.reward, rollout)  # (B,)
     score = normalize_scores(raw, *norm, rollout.has_eos, clip=pcfg.reward_clip,
                              missing_eos_penalty=pcfg.missing_eos_penalty)  # (B,)
     score_s = t0() - gen_s
@@ -141,25 +100,36 @@ def make_experience(models: PPOModels, prompts: list[list[int]], pcfg, norm: tup
 
 def ppo_update(exp: Experience, models: PPOModels, pcfg, dist: Dist) -> dict[str, float]:
     """`ppo_epochs` passes over shuffled minibatches: one policy and one value step each
-    (clipped surrogate, clipped value loss); returns each statistic's mean."""
+    (clipped surrogate, clipped value loss; `accumulate` splits a minibatch into
+    `grad_accum_steps` micro-batches, losses weighted by their response tokens);
+    returns each statistic's mean."""
     stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy",
                                                      "vf_clipfrac")}
     batch, minibatch = pcfg.rollout_batch_size // dist.world, pcfg.minibatch_size // dist.world  # this rank's share
+
+    def tokens(idx: list[int]) -> float:
+        return float(exp.mask[idx].sum())
+
+    def policy_loss(idx: list[int]) -> StepLoss:
+        sub, mask = exp.rollout.select(idx), exp.mask[idx]
+        logprobs, entropy = response_logprobs(models.policy, sub, pcfg.temperature, with_entropy=True)
+        loss, st = ppo_policy_loss(logprobs, exp.old_logprobs[idx], exp.advantages[idx], mask, pcfg.clip_eps)
+        return StepLoss(loss, len(idx), {"clipfrac": float(st["clipfrac"]), "approx_kl": float(st["approx_kl"]),
+                                         "entropy": float(masked_mean(entropy.detach(), mask))})
+
+    def value_loss(idx: list[int]) -> StepLoss:
+        values = response_values(models.value.module, exp.rollout.select(idx))
+        loss, st = ppo_value_loss(values, exp.values[idx], exp.returns[idx], exp.mask[idx], pcfg.value_clip_eps)
+        return StepLoss(loss, len(idx), {"vf_clipfrac": float(st["vf_clipfrac"])})
+
     for _ in range(pcfg.ppo_epochs):
         perm = torch.randperm(batch)
         for start in range(0, batch, minibatch):
-            j = perm[start:start + minibatch]
-            sub, mask = exp.rollout.select(j), exp.mask[j]
-            logprobs, entropy = response_logprobs(models.policy, sub, pcfg.temperature, with_entropy=True)
-            pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.old_logprobs[j], exp.advantages[j], mask, pcfg.clip_eps)
-            models.policy.step(pg_loss)
-            values = response_values(models.value.module, sub)
-            vf_loss, vf_stats = ppo_value_loss(values, exp.values[j], exp.returns[j], mask, pcfg.value_clip_eps)
-            models.value.step(vf_loss)
-            for k, val in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pg_stats["clipfrac"]),
-                           ("approx_kl", pg_stats["approx_kl"]), ("entropy", masked_mean(entropy.detach(), mask)),
-                           ("vf_clipfrac", vf_stats["vf_clipfrac"])):
-                stats[k].append(float(val.detach()) if torch.is_tensor(val) else float(val))
+            j = perm[start:start + minibatch].tolist()
+            _, pg = accumulate(models.policy, j, policy_loss, tokens)
+            _, vf = accumulate(models.value, j, value_loss, tokens)
+            for k, val in {"pg_loss": float(pg.loss), "vf_loss": float(vf.loss), **pg.metrics, **vf.metrics}.items():
+                stats[k].append(val)
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
@@ -180,7 +150,10 @@ def ppo_metrics(exp: Experience, stats: dict, seq_kl: float, beta: float, wall: 
 def reward_norm(models: PPOModels, prompts: list[list[int]], pcfg, dist: Dist) -> tuple[float, float]:
     """Mean and std of the reward model's score on samples of the initial policy (SFT),
     which normalise every later score (Ziegler et al. 2019)."""
-    scores = rewards(models.reward, models.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature)).float()  # (N,)
+    with models.policy.autocast():
+        rollout = models.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature, batch_size=pcfg.generation_batch_size)
+        parts = rollout.parts(forward_batch_size(pcfg, dist))
+        scores = torch.cat([rewards(models.reward, part) for part in parts])  # (N,)
     return score_stats(scores, mean_reduce=dist.mean_dict if dist.world > 1 else None)
 
 
@@ -192,7 +165,7 @@ def run(ctx: StageContext) -> StageResult:
         # models, prompts, KL controller; resume (or measure the RM score on SFT samples)
         seed_everything(ctx.seed + 2)
         B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
-        check_divisible({"ppo.rollout_batch_size": B, "ppo.minibatch_size": mb}, dist.world)
+        check_divisible({"ppo.rollout_batch_size": B, "ppo.minibatch_size": mb}, dist.world, pcfg.grad_accum_steps)
         models = load_models(ctx, dist, opt_steps=pcfg.updates * pcfg.ppo_epochs * (B // mb))
         rows = prep.rows("prompt_train")
         prompt_ids = [models.tok(r.prompt)["input_ids"] for r in rows]

@@ -142,9 +142,9 @@ def run(ctx: StageContext) -> StageResult:
             total = min(total, rcfg.max_steps)
 
         # 3. optimiser + schedule (DeepSpeed across GPUs); resume; train
-        check_divisible({"reward.batch_size": rcfg.batch_size}, dist.world)
+        check_divisible({"reward.batch_size": rcfg.batch_size}, dist.world, rcfg.grad_accum_steps)
         model = make_trainable(model, dist, ctx.runtime.distributed, rcfg, total_steps=total,
-                               batch_size=rcfg.batch_size)
+                               batch_size=rcfg.batch_size, precision=ctx.runtime.precision)
         loop = Loop(ctx.name, total=total, checkpoint_every=rcfg.checkpoint_every, models={"model": model}, state={},
                     store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                     quiet=ctx.quiet)
@@ -160,7 +160,8 @@ def run(ctx: StageContext) -> StageResult:
         # 4. held-out accuracy (labels and judge), on every evaluation set
         final = {}
         for suffix, (rows, pairs) in eval_sets.items():
-            metrics = heldout_accuracy(model.module, rows, pairs, tok.pad_token_id, device, ctx.judge)
+            with model.autocast():
+                metrics = heldout_accuracy(model.module, rows, pairs, tok.pad_token_id, device, ctx.judge)
             final.update({f"{k}{suffix}": v for k, v in metrics.items()})
         ctx.tracker.log_metrics(final, step=loop.step)
 

@@ -45,6 +45,11 @@ def collate_packed(batch, pad_id: int, device) -> tuple[dict, torch.Tensor, int]
     return inputs, loss_mask.to(device), sum(len(ids) for ids, _ in batch)
 
 
+def loss_tokens(batch) -> int:
+    """Tokens the SFT loss of `batch` averages over (completion + EOS; never a first token)."""
+    return sum(len(ids) - max(plen, 1) for ids, plen in batch)
+
+
 def batch_loss(model, batch, pad_id: int, device, packed: bool) -> tuple[torch.Tensor, int]:
     """SFT loss of a batch (packed or padded) and its real token count."""
     if packed:
@@ -109,9 +114,9 @@ def run(ctx: StageContext) -> StageResult:
             total = min(total, scfg.max_steps)
 
         # 3. optimiser + schedule (DeepSpeed across GPUs); resume from the newest checkpoint
-        check_divisible({"sft.batch_size": scfg.batch_size}, dist.world)
+        check_divisible({"sft.batch_size": scfg.batch_size}, dist.world, scfg.grad_accum_steps)
         model = make_trainable(model, dist, ctx.runtime.distributed, scfg, total_steps=total,
-                               batch_size=scfg.batch_size)
+                               batch_size=scfg.batch_size, precision=ctx.runtime.precision)
         best = model.state_dict()
         loop = Loop(ctx.name, total=total, checkpoint_every=scfg.checkpoint_every,
                     models={"model": model, "best": best},
@@ -119,13 +124,14 @@ def run(ctx: StageContext) -> StageResult:
                     store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                     quiet=ctx.quiet)
         if not loop.resume():
-            loss0 = heldout_loss(model, held, tok.pad_token_id, dist.device)
+            with model.autocast():
+                loss0 = heldout_loss(model, held, tok.pad_token_id, dist.device)
             loop.state["curve"].append([0, loss0])
             ctx.tracker.log_metrics({"sft/eval_loss": loss0}, step=0)
 
         # 4. train: step, evaluate every `eval_every`, early-stop, checkpoint every `checkpoint_every`
         steps = SFTSteps(model, held, tok.pad_token_id, dist.device, dist, scfg, loop.state, best)
-        fit(loop, model, batches, steps.loss, prefix="sft", log_epoch=True, evaluation=Evaluation(
+        fit(loop, model, batches, steps.loss, prefix="sft", log_epoch=True, weigh=loss_tokens, evaluation=Evaluation(
             due=lambda step: step % scfg.eval_every == 0 or step == total, run=steps.evaluate, unit="tokens"))
 
         # 5. save the best weights (rank 0; under ZeRO-3 every rank helps gather them)

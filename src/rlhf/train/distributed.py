@@ -166,9 +166,12 @@ def setup_one_process(cfg) -> torch.device:
     return torch.device("cpu")
 
 
-def check_divisible(batch_sizes: dict[str, int], world: int) -> None:
-    bad = {k: v for k, v in batch_sizes.items() if v % world}
+def check_divisible(batch_sizes: dict[str, int], world: int, grad_accum: int = 1) -> None:
+    """Each process takes an equal slice of every batch, in `grad_accum` equal micro-batches."""
+    bad = {k: v for k, v in batch_sizes.items() if v % (world * grad_accum)}
     if bad:
         fields = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise DistributedError(f"{fields} must divide by the {world} training processes (each takes an equal slice "
-                               "of every batch): change the batch size or distributed.num_processes")
+        accum = f" x {grad_accum} micro-batches (grad_accum_steps)" if grad_accum > 1 else ""
+        raise DistributedError(f"{fields} must divide by the {world} training processes{accum} (each takes an equal "
+                               "slice of every batch): change the batch size, distributed.num_processes or "
+                               "grad_accum_steps")

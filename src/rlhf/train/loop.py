@@ -10,7 +10,11 @@ fault injection, and the loop's part of the result record.
 loss -> optimizer step -> metrics -> periodic evaluation -> log/checkpoint. PPO, whose
 "step" is a rollout and several optimizer steps, drives `Loop` directly.
 
-Gradient accumulation and mixed precision belong here (and in `Trainable`), once.
+Gradient accumulation and mixed precision live here and in `Trainable`, once:
+`accumulate` is one optimizer step over a batch in `grad_accum` micro-batches, each
+forward under the model's autocast, each loss (a mean over its micro-batch) scaled by
+the micro-batch's share of the batch's tokens or pairs, so the gradients add up to
+those of the whole batch's mean loss; SFT, the reward model and PPO all step through it.
 """
 
 from __future__ import annotations
@@ -89,15 +93,54 @@ class Loop:
 
 @dataclass
 class StepLoss:
-    """What a supervised stage's loss function returns for one batch."""
+    """What a stage's loss function returns for one (micro-)batch."""
 
     loss: torch.Tensor
+    """The mean loss over the (micro-)batch's tokens or pairs."""
     units: float
     """Work in this batch over every rank (tokens, pairs), for throughput."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Further per-step metrics (already averaged over ranks)."""
     postfix: dict[str, str] = field(default_factory=dict)
     """Progress-bar extras."""
+
+
+def micro_batches(items: list, n: int) -> list[list]:
+    """`items` in `n` consecutive, nearly equal, non-empty parts (fewer if there are fewer items)."""
+    n = max(1, min(n, len(items)))
+    size, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def accumulate(model: Trainable, items: list, loss_fn: Callable[[list], StepLoss],
+               weigh: Callable[[list], float]) -> tuple[float, StepLoss]:
+    """One optimizer step of `model` over `items` (this rank's share of a batch) in
+    `model.grad_accum` micro-batches. `weigh(part)` is what the loss of a part averages
+    over (its loss tokens, its pairs); each part's mean loss is scaled by its weight's
+    share of the whole, so the step's gradient is that of the batch's mean loss. With one
+    micro-batch the scale is exactly 1. Returns the gradient norm and the batch's loss,
+    units and metrics (weighted means of the parts')."""
+    parts = micro_batches(items, model.grad_accum)
+    weights = [float(weigh(p)) for p in parts]
+    total = sum(weights) or 1.0
+    loss, units, metrics, postfix = None, 0.0, {}, {}
+    for part, w in zip(parts, weights):
+        with model.autocast():
+            out = loss_fn(part)
+        share = w / total
+        model.backward(out.loss, share)
+        part_loss = out.loss.detach().float() * share if share != 1.0 else out.loss.detach().float()
+        loss = part_loss if loss is None else loss + part_loss
+        units += out.units
+        for k, v in out.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + (v * share if share != 1.0 else v)
+        postfix = out.postfix
+    return model.optimizer_step(), StepLoss(loss, units, metrics, postfix)
 
 
 @dataclass
@@ -136,14 +179,15 @@ class Batches:
 
 
 def fit(loop: Loop, model: Trainable, batches: Batches, loss_fn: Callable[[list], StepLoss], *, prefix: str,
-        evaluation: Evaluation, log_epoch: bool = False) -> None:
+        evaluation: Evaluation, log_epoch: bool = False, weigh: Callable[[list], float] = len) -> None:
     """Train `model` until the loop is done: each step takes a batch, its loss, one
-    optimizer step; metrics `<prefix>/loss|grad_norm|lr` (and `<prefix>/epoch`) plus the
-    stage's own; the evaluation when due, with the throughput since the last one."""
+    optimizer step (`accumulate`: micro-batches whose losses average over `weigh`);
+    metrics `<prefix>/loss|grad_norm|lr` (and `<prefix>/epoch`) plus the stage's own;
+    the evaluation when due (under the model's autocast), with the throughput since the
+    last one."""
     window_units, window = 0.0, Timer()
     for step in loop:
-        out = loss_fn(batches(step))
-        gnorm = model.step(out.loss)
+        gnorm, out = accumulate(model, batches(step), loss_fn, weigh)
         step = loop.advance(out.units)
         window_units += out.units
         metrics = {f"{prefix}/loss": loop.dist.mean(out.loss.item()), **out.metrics,
@@ -151,7 +195,8 @@ def fit(loop: Loop, model: Trainable, batches: Batches, loss_fn: Callable[[list]
         if log_epoch:
             metrics[f"{prefix}/epoch"] = step / batches.steps_per_epoch
         if evaluation.due(step):
-            metrics.update(evaluation.run(step))
+            with model.autocast():
+                metrics.update(evaluation.run(step))
             metrics[f"perf/{evaluation.unit}_per_s"] = window_units / max(window(), 1e-9)
             window_units, window = 0.0, Timer()
         loop.end_step(metrics, loss=f"{out.loss.item():.3f}", **out.postfix)

@@ -17,19 +17,27 @@ from rlhf.config import DistributedConfig
 from rlhf.train.distributed import Dist
 
 
-def bf16_enabled(dcfg: DistributedConfig, device: torch.device) -> bool:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, dcfg: DistributedConfig, device: torch.device) -> str:
+    """fp32, bf16 or fp16 from `train.precision` (auto: bf16 on a GPU that supports it,
+    fp32 elsewhere); the older `distributed.bf16`, when set, decides auto."""
+    if precision != "auto":
+        return precision
     if dcfg.bf16 is not None:
-        return dcfg.bf16
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if dcfg.bf16 else "fp32"
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def deepspeed_config(dcfg: DistributedConfig, *, batch_size: int, world: int, grad_clip: float | None, lr: float,
-                     weight_decay: float = 0.0, eps: float = 1e-8, bf16: bool = False) -> dict:
+                     weight_decay: float = 0.0, eps: float = 1e-8, precision: str = "fp32",
+                     grad_accum: int = 1) -> dict:
     """The DeepSpeed config of one trained model, from the stage's settings.
 
-    `batch_size` is the global batch of one optimizer step (split evenly over ranks,
-    no gradient accumulation). Without offload the optimizer is our own torch AdamW
-    (passed to deepspeed.initialize, so one process and N processes run the same
+    `batch_size` is the global batch of one optimizer step, split evenly over ranks and
+    then into `grad_accum` micro-batches. Without offload the optimizer is our own torch
+    AdamW (passed to deepspeed.initialize, so one process and N processes run the same
     update); with optimizer offload DeepSpeed's CPU Adam replaces it (config
     `optimizer` block), as ZeRO-Offload requires."""
     zero: dict[str, Any] = {"stage": dcfg.zero_stage}
@@ -46,12 +54,13 @@ def deepspeed_config(dcfg: DistributedConfig, *, batch_size: int, world: int, gr
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     cfg: dict[str, Any] = {
         "train_batch_size": batch_size,
-        "train_micro_batch_size_per_gpu": batch_size // world,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": batch_size // (world * grad_accum),
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip or 0.0,  # 0: no clipping
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "fp16": {"enabled": False},
+        "bf16": {"enabled": precision == "bf16"},
+        # dynamic loss scaling (loss_scale 0), as torch's GradScaler on the plain path
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -75,18 +84,26 @@ def fused_adamw(device: torch.device) -> dict:
 class Trainable:
     """A model with its AdamW optimiser and LR schedule, stepped the same way with or
     without DeepSpeed. Call it like the model (the forward goes through the engine);
-    `.module` is the plain transformers model (generation, heads, saving)."""
+    `.module` is the plain transformers model (generation, heads, saving).
+
+    One optimizer step is `grad_accum` calls of `backward` (one per micro-batch, each
+    loss scaled by its share of the step's tokens or pairs) and one `optimizer_step`;
+    `step(loss)` is both at once. Forwards run inside `autocast()`: bf16 or fp16 mixed
+    precision on the plain-torch path (fp32 master weights, a dynamic loss scaler for
+    fp16); DeepSpeed keeps its own bf16 / fp16 weights, so there it is a no-op."""
 
     def __init__(self, model: torch.nn.Module, dist: Dist, dcfg: DistributedConfig, *, lr: float,
                  grad_clip: float | None,
                  batch_size: int, weight_decay: float = 0.0, eps: float = 1e-8,
-                 schedule: Callable[[int], float] | None = None):
+                 schedule: Callable[[int], float] | None = None, precision: str = "fp32", grad_accum: int = 1):
         self.dist, self.grad_clip, self.zero3 = dist, grad_clip, dist.deepspeed and dcfg.zero_stage == 3
+        self.precision, self.grad_accum = resolve_precision(precision, dcfg, dist.device), grad_accum
         if dcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = model.to(dist.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
+        self.scaler = None
         if not dist.deepspeed:
             self.engine = None
             self.model = model
@@ -94,12 +111,13 @@ class Trainable:
             self.forward = torch.compile(model, dynamic=True) if dcfg.compile else model
             self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps, **fused_adamw(dist.device))
             self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule) if schedule else None
+            if self.precision == "fp16":
+                self.scaler = torch.amp.GradScaler(dist.device.type)
             return
         import deepspeed
 
-        self.bf16 = bf16_enabled(dcfg, dist.device)
         ds_cfg = deepspeed_config(dcfg, batch_size=batch_size, world=dist.world, grad_clip=grad_clip, lr=lr,
-                                  weight_decay=weight_decay, eps=eps, bf16=self.bf16)
+                                  weight_decay=weight_decay, eps=eps, precision=self.precision, grad_accum=grad_accum)
         client_opt = None if dcfg.offload_optimizer else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
                                                                            eps=eps, **fused_adamw(dist.device))
         make_sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)) if schedule else None
@@ -124,20 +142,47 @@ class Trainable:
     def eval(self) -> "Trainable":
         return self.train(False)
 
-    def step(self, loss: torch.Tensor) -> float:
-        """Backward, clip, optimizer and schedule step; returns the gradient norm."""
+    def autocast(self):
+        """The context of this model's forwards (and of the losses computed from them)."""
+        if self.engine is not None or self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=DTYPES[self.precision])
+
+    def backward(self, loss: torch.Tensor, scale: float = 1.0) -> None:
+        """Add `scale * loss`'s gradient to the step's (one micro-batch of it)."""
+        if scale != 1.0:
+            loss = loss * scale
         if self.engine is None:
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip else float("nan")
-            self.opt.step()
-            if self.sched:
-                self.sched.step()
-            return float(gnorm)
-        self.engine.backward(loss)
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            return
+        # DeepSpeed counts micro-batches itself: step() after each, and only the
+        # accumulation boundary's updates the weights; the loss is already scaled
+        self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
-        gnorm = self.engine.get_global_grad_norm()
-        return float(gnorm) if gnorm is not None else float("nan")
+
+    def optimizer_step(self) -> float:
+        """Clip, optimizer and schedule step after the step's micro-batches; returns the
+        gradient norm before clipping (NaN when not clipping on the plain path)."""
+        if self.engine is not None:
+            gnorm = self.engine.get_global_grad_norm()
+            return float(gnorm) if gnorm is not None else float("nan")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip else float("nan")
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.opt.step()
+        if self.sched:
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(gnorm)
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward, clip, optimizer and schedule step of a one-micro-batch step."""
+        self.backward(loss)
+        return self.optimizer_step()
 
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
@@ -165,12 +210,16 @@ class Trainable:
         out = {"opt": self.opt.state_dict()}
         if self.sched is not None:
             out["sched"] = self.sched.state_dict()
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.state_dict()
         return out
 
     def load_objects(self, objects: dict[str, Any]) -> None:
         self.opt.load_state_dict(objects["opt"])
         if self.sched is not None:
             self.sched.load_state_dict(objects["sched"])
+        if self.scaler is not None and "scaler" in objects:
+            self.scaler.load_state_dict(objects["scaler"])
 
 
 def save_trained(model: Trainable, tok, store, key: str, tracker, kind: str) -> str | None:
@@ -186,24 +235,26 @@ def save_trained(model: Trainable, tok, store, key: str, tracker, kind: str) -> 
     return tracker.log_model(store.get_dir(key), kind) if model.dist.main else None
 
 
-def frozen(model: torch.nn.Module, dist: Dist, dcfg: DistributedConfig) -> torch.nn.Module:
+def frozen(model: torch.nn.Module, dist: Dist, dcfg: DistributedConfig, precision: str = "fp32") -> torch.nn.Module:
     """A model that is only scored with (reference policy, reward model): eval mode, no
-    gradients, replicated on every GPU, in bf16 when the trained models are."""
+    gradients, replicated on every GPU, in bf16 / fp16 when the trained models compute in it."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if dist.deepspeed and bf16_enabled(dcfg, dist.device):
-        model = model.to(torch.bfloat16)
+    dtype = DTYPES[resolve_precision(precision, dcfg, dist.device)]
+    if dtype != torch.float32:
+        model = model.to(dtype)
     return model.to(dist.device)
 
 
 def make_trainable(model: torch.nn.Module, dist: Dist, dcfg: DistributedConfig, optim, *, total_steps: int,
-                   batch_size: int, lr: float | None = None, eps: float = 1e-8) -> Trainable:
+                   batch_size: int, lr: float | None = None, eps: float = 1e-8, precision: str = "fp32") -> Trainable:
     """A `Trainable` in train mode from a stage's `OptimConfig` fields (lr, weight decay,
-    clip, warm-up and schedule over `total_steps` optimizer steps); `lr` overrides the
-    section's (PPO's value model has its own)."""
+    clip, warm-up and schedule over `total_steps` optimizer steps, gradient accumulation)
+    and the run's precision; `lr` overrides the section's (PPO's value model has its own)."""
     from rlhf.train.schedule import lr_lambda
 
     return Trainable(model, dist, dcfg, lr=optim.lr if lr is None else lr, weight_decay=optim.weight_decay, eps=eps,
                      grad_clip=optim.grad_clip, batch_size=batch_size,
-                     schedule=lr_lambda(optim.warmup_steps, total_steps, optim.lr_schedule)).train()
+                     schedule=lr_lambda(optim.warmup_steps, total_steps, optim.lr_schedule), precision=precision,
+                     grad_accum=optim.grad_accum_steps).train()
