@@ -27,3 +27,13 @@ def _rlhf_home(tmp_path, monkeypatch):
     # exports MLFLOW_TRACKING_URI for subprocesses; the next test's runs must not go there
     if "mlflow" in sys.modules:
         sys.modules["mlflow"].set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def stand_ins(tmp_path_factory) -> dict:
+    """Hub-shaped checkpoints built offline (`rlhf.models.stand_in`): a Qwen2 and a
+    Llama 3 architecture, each with its chat template, special tokens and stop ids."""
+    from rlhf.models.stand_in import build_stand_in
+
+    root = tmp_path_factory.mktemp("stand_ins")
+    return {arch: build_stand_in(root / arch, arch) for arch in ("qwen2", "llama")}

@@ -57,18 +57,25 @@ class TaskConfig(_Model):
 # ----------------------------------------------------------------------------- data
 
 
+DEFAULT_MAX_TOTAL_TOKENS = 2048
+"""The cap on `data.max_total_tokens` when it follows the model's context length."""
+
+
 class DataConfig(_Model):
     """Where datasets come from and how they are cleaned. Empty paths mean the built-in task."""
 
     sft_path: str | None = Field(None, description="Demonstrations: JSONL path, s3:// URI or HF dataset name.")
     preference_path: str | None = Field(None, description="Preference pairs: JSONL path, s3:// URI or HF dataset name.")
     prompt_path: str | None = Field(None, description="PPO prompts: JSONL path, s3:// URI or HF dataset name. Defaults to the SFT prompts.")
-    hf_split: str = Field("train", description="Split to read from Hugging Face datasets.")
+    hf_split: str = Field("train", description="Split to read from Hugging Face datasets (one source can say its own: hf://org/name?split=test).")
+    hf_config: str | None = Field(None, description="Configuration (subset) name of Hugging Face datasets, e.g. the 'harmless-base' of a multi-subset dataset; a source can say its own: hf://org/name?config=x.")
+    hf_revision: str | None = Field(None, description="Revision (commit sha recommended, or a branch/tag) of Hugging Face datasets; a source can say its own: hf://org/name?revision=abc123.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of prompts held out for evaluation (split by prompt hash).")
     max_reject_rate: float = Field(0.02, ge=0.0, le=1.0, description="Stage fails, writing nothing, if more than this share of rows is bad.")
     max_chars: int = Field(20000, gt=0, description="Rows longer than this (characters) are rejected as over-long.")
-    max_prompt_tokens: int = Field(96, gt=0, description="Rows whose prompt exceeds this many tokens are filtered (counted).")
-    max_total_tokens: int = Field(160, gt=0, description="Rows whose prompt+response exceeds this many tokens are filtered (counted).")
+    max_prompt_tokens: int | None = Field(None, gt=0, description="Rows whose prompt (as the model sees it, chat template included) exceeds this many tokens are dropped and counted; empty = half of max_total_tokens.")
+    max_total_tokens: int | None = Field(None, gt=0, description="Rows whose prompt + answer (with its end-of-turn token) exceeds this many tokens are dropped and counted; empty = the model's context length (max_position_embeddings), capped at 2048.")
+    max_truncate_rate: float = Field(0.05, ge=0.0, le=1.0, description="Prep fails, writing nothing, when more than this share of a dataset's rows is over-long (dropped by the two limits above), naming the fix; the share is always in the prep report.")
 
 
 # ----------------------------------------------------------------------------- model
@@ -94,6 +101,8 @@ class ModelConfig(_Model):
     num_heads: int = Field(4, gt=0, description="Attention heads of a model built from config.")
     intermediate_size: int = Field(384, gt=0, description="MLP width of a model built from config.")
     max_position_embeddings: int = Field(256, gt=0, description="Longest sequence of a model built from config.")
+    chat_template: Literal["auto", "off"] = Field("auto", description="auto: when the tokenizer has a chat template (an instruct model's), conversations, prompts and answers are rendered with it (apply_chat_template; prompts with add_generation_prompt), answers end at the template's end-of-turn token; off: HH-style text (\\n\\nHuman: ... \\n\\nAssistant:), as for tokenizers that prep trains or that have no template.")
+    wrap_plain_rows: bool = Field(True, description="With a chat template, plain {prompt, completion} rows become one user turn and one assistant turn; false: they stay raw text (prompt + completion + EOS).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Optional LoRA adapters.")
 
     @model_validator(mode="after")
@@ -127,6 +136,7 @@ class SFTConfig(OptimConfig):
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
     packing: bool = Field(True, description="Lay each batch's sequences out in fewer rows (first-fit, rows as long as the batch's longest) with block-diagonal attention and positions restarting per sequence: the same batch and loss (to float rounding), no compute spent on padding. Checked against the padded batch on the first step; models that ignore custom masks fall back.")
     group_by_length: bool = Field(False, description="Batch demonstrations of similar length together (shuffled batches of a length-sorted shuffle, like the Hugging Face Trainer's group_by_length): even less padding, but batches are no longer random samples, which slowed SFT on the demo task (best held-out loss 0.85 instead of 0.72), so off by default.")
+    assistant_turns: Literal["final", "all"] = Field("final", description="With a chat template: the loss covers the assistant tokens of the final turn (final) or of every assistant turn of the conversation (all), each through its end-of-turn token.")
     eval_every: int = Field(100, gt=0, description="Steps between held-out loss evaluations.")
     patience: int = Field(3, gt=0, description="Stop after this many evaluations without held-out improvement; the best weights are kept.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")

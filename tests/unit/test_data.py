@@ -13,6 +13,7 @@ from rlhf.data.processing import (
     data_hash,
     dedupe,
     filter_by_length,
+    text_lengths,
     read_jsonl_rows,
     split_by_hash,
     write_jsonl,
@@ -26,7 +27,12 @@ from rlhf.data.readers import (
     read_rows,
     render_messages,
 )
-from rlhf.data.schema import PreferenceRow, PromptRow, SFTRow
+from rlhf.data.schema import Message, PreferenceRow, PromptRow, SFTRow
+
+
+def M(*turns: dict) -> tuple[Message, ...]:
+    """The `messages` a conversational row keeps: the turns before its final answer."""
+    return tuple(Message(**t) for t in turns)
 
 
 def U(content):
@@ -102,7 +108,7 @@ def test_sft_messages_prompt_plus_completion_is_full_conversation():
     row = normalize_record({"messages": msgs}, "sft")
     assert row == SFTRow(
         prompt="\n\nSystem: sys\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant:",
-        completion=" 4",
+        completion=" 4", messages=M(S("sys"), U("hi"), A("hello"), U("2+2?")),
     )
     assert row.prompt + row.completion == render_messages(msgs, add_generation_prompt=False)
 
@@ -116,21 +122,22 @@ def test_preference_plain():
 def test_preference_conversational_without_prompt():
     obj = {"chosen": [U("q"), A("a1"), U("q2"), A("good")], "rejected": [U("q"), A("a1"), U("q2"), A("bad")]}
     assert normalize_record(obj, "preference") == PreferenceRow(
-        prompt="\n\nHuman: q\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:", chosen=" good", rejected=" bad"
+        prompt="\n\nHuman: q\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:", chosen=" good", rejected=" bad",
+        messages=M(U("q"), A("a1"), U("q2")),
     )
 
 
 def test_preference_conversational_with_prompt_list():
     obj = {"prompt": [S("s"), U("q")], "chosen": [A("good")], "rejected": [A("bad")]}
     assert normalize_record(obj, "preference") == PreferenceRow(
-        prompt="\n\nSystem: s\n\nHuman: q\n\nAssistant:", chosen=" good", rejected=" bad"
+        prompt="\n\nSystem: s\n\nHuman: q\n\nAssistant:", chosen=" good", rejected=" bad", messages=M(S("s"), U("q"))
     )
 
 
 def test_preference_string_prompt_with_message_lists():
     # UltraFeedback-style: full conversations in chosen/rejected, prompt string is redundant
     obj = {"prompt": "q", "chosen": [U("q"), A("good")], "rejected": [U("q"), A("bad")]}
-    expected = PreferenceRow(prompt="\n\nHuman: q\n\nAssistant:", chosen=" good", rejected=" bad")
+    expected = PreferenceRow(prompt="\n\nHuman: q\n\nAssistant:", chosen=" good", rejected=" bad", messages=M(U("q")))
     assert normalize_record(obj, "preference") == expected
     # answer-only sides: the string prompt is the user turn
     assert normalize_record({"prompt": "q", "chosen": [A("good")], "rejected": [A("bad")]}, "preference") == expected
@@ -145,13 +152,14 @@ def test_preference_hh():
         prompt="\n\nHuman: hi\n\nAssistant: hey\n\nHuman: joke?\n\nAssistant:",
         chosen=" Sure, here goes.",
         rejected=" No.",
+        messages=M(U("hi"), A("hey"), U("joke?")),  # HH turns, parsed
     )
 
 
 def test_prompt_formats():
     assert normalize_record({"prompt": "Tell me"}, "prompt") == PromptRow(prompt="Tell me")
     assert normalize_record({"messages": [S("s"), U("Tell me")]}, "prompt") == PromptRow(
-        prompt="\n\nSystem: s\n\nHuman: Tell me\n\nAssistant:"
+        prompt="\n\nSystem: s\n\nHuman: Tell me\n\nAssistant:", messages=M(S("s"), U("Tell me"))
     )
     # sft/preference files work as prompt sources (extra keys ignored)
     assert normalize_record({"prompt": "P", "completion": "C"}, "prompt") == PromptRow(prompt="P")
@@ -218,7 +226,7 @@ def test_normalize_rejects(obj, kind, match):
 
 def test_empty_system_message_is_dropped():
     row = normalize_record({"messages": [S(""), U("q"), A("a")]}, "sft")
-    assert row == SFTRow(prompt="\n\nHuman: q\n\nAssistant:", completion=" a")
+    assert row == SFTRow(prompt="\n\nHuman: q\n\nAssistant:", completion=" a", messages=M(U("q")))
 
 
 def test_max_chars_counts_the_canonical_row():
@@ -394,7 +402,7 @@ def test_hf_source_via_monkeypatched_loader(monkeypatch, tmp_path):
 
     monkeypatch.setattr(readers, "_load_hf", fake_load)
     rows, report = read_rows("Anthropic/hh-rlhf", "preference", max_reject_rate=0.5, hf_split="test")
-    assert rows == [PreferenceRow(prompt="\n\nHuman: q\n\nAssistant:", chosen=" a", rejected=" b")]
+    assert rows == [PreferenceRow(prompt="\n\nHuman: q\n\nAssistant:", chosen=" a", rejected=" b", messages=M(U("q")))]
     assert report.source == "hf://Anthropic/hh-rlhf[test]"
     assert [(b.line, b.reason) for b in report.bad] == [(2, "fields 'chosen' and 'rejected' are identical")]
 
@@ -410,7 +418,7 @@ def test_hf_source_with_datasets_dataset(monkeypatch, tmp_path):
     )
     monkeypatch.setattr(readers, "_load_hf", lambda name, split: ds)
     rows, report = read_rows("my-sft-set", "sft", max_reject_rate=0.5)
-    assert rows == [SFTRow(prompt="\n\nHuman: hi\n\nAssistant:", completion=" hello")]
+    assert rows == [SFTRow(prompt="\n\nHuman: hi\n\nAssistant:", completion=" hello", messages=M(U("hi")))]
     assert report.bad[0].line == 2 and "last message must be from the assistant" in report.bad[0].reason
 
 
@@ -484,9 +492,10 @@ def test_filter_by_length():
         PromptRow(prompt="a b c"),  # kept
         PromptRow(prompt="a b c d e"),  # prompt too long
     ]
-    kept, stats = filter_by_length(rows, count, max_prompt_tokens=3, max_total_tokens=5)
+    # totals count one EOS after the answer, so the limit 6 admits prompt + answer = 5
+    kept, stats = filter_by_length(rows, text_lengths(count), max_prompt_tokens=3, max_total_tokens=6)
     assert kept == [rows[0], rows[3], rows[5]]
-    assert stats == {"kept": 3, "dropped_prompt_too_long": 2, "dropped_total_too_long": 2}
+    assert stats == {"kept": 3, "dropped_prompt_too_long": 2, "dropped_total_too_long": 2, "over_long_rate": 4 / 7}
 
 
 def test_write_read_roundtrip_and_hash(tmp_path):

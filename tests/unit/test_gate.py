@@ -7,7 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from rlhf.config import GateConfig, ModelConfig, load_config
+from rlhf.data.schema import PromptRow
 from rlhf.models import build_causal_lm, train_tokenizer
+from rlhf.models.chat import ChatFormat
 from rlhf.data.tasks.judge import build_judge
 from rlhf.stages.evaluate import champion_comparison
 from rlhf.stages.gate import gate_decision
@@ -72,8 +74,9 @@ def test_champion_judged_by_both_reward_models_without_gold(parts):
         return {"model": rm_champ, "tokenizer": tok}
 
     champ = {"version": "4", "model": champion_lm, "tokenizer": tok, "tags": {"rlhf.reward_model_uri": "models:/r/1"}}
-    out = champion_comparison(cfg.eval, cfg.gate.champion_prompts, cfg.seed, champ, prompts, policy_texts, rm_new, tok,
-                              torch.device("cpu"), build_judge(cfg), load=load)
+    rows = [PromptRow(prompt=p) for p in prompts]
+    out = champion_comparison(cfg.eval, cfg.gate.champion_prompts, cfg.seed, champ, rows, policy_texts, rm_new,
+                              ChatFormat(tok, cfg.model), torch.device("cpu"), build_judge(cfg), load=load)
     assert loaded == ["models:/r/1"]
     assert out["champion/version"] == "4" and out["champion/prompts"] == 6
     assert out["champion/compared_by"] == "reward_model+champion_reward_model"
@@ -92,8 +95,9 @@ def test_champion_judged_by_gold_for_the_builtin_task(parts):
         raise AssertionError("gold needs no reward model")
 
     champ = {"version": "1", "model": champion_lm, "tokenizer": tok, "tags": {"rlhf.reward_model_uri": "models:/r/1"}}
-    out = champion_comparison(cfg.eval, cfg.gate.champion_prompts, cfg.seed, champ, prompts, exact, rm_new, tok,
-                              torch.device("cpu"), build_judge(cfg), load=load)
+    rows = [PromptRow(prompt=p) for p in prompts]
+    out = champion_comparison(cfg.eval, cfg.gate.champion_prompts, cfg.seed, champ, rows, exact, rm_new,
+                              ChatFormat(tok, cfg.model), torch.device("cpu"), build_judge(cfg), load=load)
     assert out["champion/compared_by"] == "gold"
     assert out["champion/gold_score_policy"] == 1.0
     # an untrained champion cannot match exact answers: the policy wins

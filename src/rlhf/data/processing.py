@@ -18,6 +18,7 @@ __all__ = [
     "split_by_hash",
     "dedupe",
     "filter_by_length",
+    "text_lengths",
     "canonical_line",
     "write_jsonl",
     "read_jsonl_rows",
@@ -46,7 +47,7 @@ def split_by_hash(rows: Sequence[Row], eval_fraction: float, salt: str = "") -> 
 
 
 def _key(row: Row) -> tuple:
-    return (type(row).__name__, *row.model_dump().values())
+    return (type(row).__name__, canonical_line(row))
 
 
 def dedupe(rows: Iterable[Row]) -> tuple[list[Row], int]:
@@ -64,26 +65,12 @@ def dedupe(rows: Iterable[Row]) -> tuple[list[Row], int]:
     return kept, dropped
 
 
-def filter_by_length(
-    rows: Iterable[Row],
-    count_tokens: Callable[[str], int],
-    max_prompt_tokens: int,
-    max_total_tokens: int,
-) -> tuple[list[Row], dict[str, int]]:
-    """Drop rows whose prompt or prompt + longest response is too long (in tokens).
+def text_lengths(count_tokens: Callable[[str], int]) -> Callable[[Row], tuple[int, int]]:
+    """`(prompt tokens, total tokens)` of a row as text: the prompt, plus its longest
+    answer and one EOS (the prompt and one EOS for prompt rows)."""
 
-    The total is ``count_tokens(prompt) + max(count_tokens(response))`` (the prompt
-    alone for prompt rows). A row with a too-long prompt counts only under
-    ``dropped_prompt_too_long``.
-    """
-    kept: list[Row] = []
-    too_long_prompt = 0
-    too_long_total = 0
-    for row in rows:
+    def measure(row: Row) -> tuple[int, int]:
         n_prompt = count_tokens(row.prompt)
-        if n_prompt > max_prompt_tokens:
-            too_long_prompt += 1
-            continue
         if isinstance(row, SFTRow):
             n_response = count_tokens(row.completion)
         elif isinstance(row, PreferenceRow):
@@ -92,7 +79,33 @@ def filter_by_length(
             n_response = 0
         else:
             raise TypeError(f"not a canonical row: {type(row).__name__}")
-        if n_prompt + n_response > max_total_tokens:
+        return n_prompt, n_prompt + n_response + 1
+
+    return measure
+
+
+def filter_by_length(
+    rows: Iterable[Row],
+    measure: Callable[[Row], tuple[int, int]],
+    max_prompt_tokens: int,
+    max_total_tokens: int,
+) -> tuple[list[Row], dict[str, int | float]]:
+    """Drop rows whose prompt or whole sequence is too long (in tokens, as
+    `measure(row) -> (prompt, total)` counts them: `text_lengths`, or a chat format's).
+    A row with a too-long prompt counts only under ``dropped_prompt_too_long``;
+    ``over_long_rate`` is the share of rows dropped.
+    """
+    kept: list[Row] = []
+    too_long_prompt = 0
+    too_long_total = 0
+    seen = 0
+    for row in rows:
+        seen += 1
+        n_prompt, n_total = measure(row)
+        if n_prompt > max_prompt_tokens:
+            too_long_prompt += 1
+            continue
+        if n_total > max_total_tokens:
             too_long_total += 1
             continue
         kept.append(row)
@@ -100,12 +113,14 @@ def filter_by_length(
         "kept": len(kept),
         "dropped_prompt_too_long": too_long_prompt,
         "dropped_total_too_long": too_long_total,
+        "over_long_rate": (too_long_prompt + too_long_total) / seen if seen else 0.0,
     }
 
 
 def canonical_line(row: Row) -> str:
-    """The canonical JSON text of a row: sorted keys, compact, UTF-8 kept as is."""
-    return json.dumps(row.model_dump(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """The canonical JSON text of a row: sorted keys, compact, UTF-8 kept as is; a row
+    without messages has no `messages` key (so plain rows hash as they always did)."""
+    return json.dumps(row.model_dump(exclude_none=True), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def _canonical_bytes(rows: Iterable[Row]) -> bytes:

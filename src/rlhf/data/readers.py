@@ -8,6 +8,9 @@ above ``max_reject_rate`` or nothing usable is left; it never writes anything.
 
 Accepted formats
 ----------------
+Conversational rows (and prompts written as HH turns) also keep their turns before the
+final answer as ``messages``, which a model with a chat template renders with it.
+
 sft
     ``{"prompt": str, "completion": str}``, or ``{"messages": [...]}`` whose last
     message is from the assistant (its content, with a leading space, becomes the
@@ -44,6 +47,7 @@ from rlhf.data.schema import (
     ASSISTANT_CUE,
     ROLE_NAMES,
     DataKind,
+    Message,
     PreferenceRow,
     PromptRow,
     Row,
@@ -170,6 +174,31 @@ def _get_messages(obj: dict, key: str) -> list[dict[str, str]]:
     return out
 
 
+def _as_messages(messages: list[dict[str, str]]) -> tuple[Message, ...]:
+    return tuple(Message(role=m["role"], content=m["content"]) for m in messages)
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant|System): ")
+
+
+def hh_messages(prompt: str) -> tuple[Message, ...] | None:
+    """The turns of an HH-style prompt (`\\n\\nHuman: ... \\n\\nAssistant:`), or None when
+    it is not cleanly made of such turns (then it stays text)."""
+    if not prompt.endswith(ASSISTANT_CUE):
+        return None
+    body = prompt[: -len(ASSISTANT_CUE)]
+    parts = _HH_TURN.split(body)
+    if parts[0] != "" or len(parts) < 3:
+        return None
+    roles = {"Human": "user", "Assistant": "assistant", "System": "system"}
+    out = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        if not content.strip():
+            return None
+        out.append(Message(role=roles[speaker], content=content))
+    return tuple(out) if out[-1].role == "user" else None
+
+
 def _split_conversation(messages: list[dict[str, str]], key: str) -> tuple[list[dict[str, str]], str]:
     """Split into (messages before the final assistant turn, final assistant content)."""
     last = messages[-1]
@@ -183,8 +212,10 @@ def _split_conversation(messages: list[dict[str, str]], key: str) -> tuple[list[
 def _normalize_sft(obj: dict) -> SFTRow:
     if _present(obj, "messages"):
         context, answer = _split_conversation(_get_messages(obj, "messages"), "messages")
-        return SFTRow(prompt=render_messages(context, add_generation_prompt=True), completion=" " + answer)
-    return SFTRow(prompt=_get_str(obj, "prompt"), completion=_get_str(obj, "completion"))
+        return SFTRow(prompt=render_messages(context, add_generation_prompt=True), completion=" " + answer,
+                      messages=_as_messages(context))
+    prompt = _get_str(obj, "prompt")
+    return SFTRow(prompt=prompt, completion=_get_str(obj, "completion"), messages=hh_messages(prompt))
 
 
 def _hh_split(text: str, key: str) -> tuple[str, str]:
@@ -235,11 +266,12 @@ def _normalize_preference(obj: dict) -> PreferenceRow:
             prompt=render_messages(c_context, add_generation_prompt=True),
             chosen=" " + c_answer,
             rejected=" " + r_answer,
+            messages=_as_messages(c_context),
         )
     elif prompt is not None:
-        row = PreferenceRow(
-            prompt=_get_str(obj, "prompt"), chosen=_get_str(obj, "chosen"), rejected=_get_str(obj, "rejected")
-        )
+        text = _get_str(obj, "prompt")
+        row = PreferenceRow(prompt=text, chosen=_get_str(obj, "chosen"), rejected=_get_str(obj, "rejected"),
+                            messages=hh_messages(text))
     else:
         # Anthropic HH: the prompt is implicit in both strings.
         chosen, rejected = _get_str(obj, "chosen"), _get_str(obj, "rejected")
@@ -253,7 +285,7 @@ def _normalize_preference(obj: dict) -> PreferenceRow:
         for key, answer in (("chosen", c_answer), ("rejected", r_answer)):
             if not answer.strip():
                 raise RowError(f"field '{key}' has an empty response after the last '\\n\\nAssistant:'")
-        row = PreferenceRow(prompt=c_prompt, chosen=c_answer, rejected=r_answer)
+        row = PreferenceRow(prompt=c_prompt, chosen=c_answer, rejected=r_answer, messages=hh_messages(c_prompt))
 
     if row.chosen == row.rejected:
         raise RowError("fields 'chosen' and 'rejected' are identical")
@@ -268,8 +300,9 @@ def _normalize_prompt(obj: dict) -> PromptRow:
                 "field 'messages': last message is from the assistant; a prompt must end with a user "
                 "or system message"
             )
-        return PromptRow(prompt=render_messages(messages, add_generation_prompt=True))
-    return PromptRow(prompt=_get_str(obj, "prompt"))
+        return PromptRow(prompt=render_messages(messages, add_generation_prompt=True), messages=_as_messages(messages))
+    prompt = _get_str(obj, "prompt")
+    return PromptRow(prompt=prompt, messages=hh_messages(prompt))
 
 
 def normalize_record(obj: Any, kind: DataKind, *, max_chars: int | None = None) -> Row:
@@ -294,13 +327,30 @@ def normalize_record(obj: Any, kind: DataKind, *, max_chars: int | None = None) 
 # -------------------------------------------------------------------- sources
 
 
-def _load_hf(name: str, split: str) -> Iterable[dict]:
+def _load_hf(name: str, split: str, config: str | None = None, revision: str | None = None) -> Iterable[dict]:
     """Load a Hugging Face dataset split (tests replace this function)."""
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise DataError(f"reading Hugging Face dataset {name!r} needs the 'datasets' package") from e
-    return datasets.load_dataset(name, split=split)
+    return datasets.load_dataset(name, config, split=split, revision=revision)
+
+
+_HF_OPTIONS = ("config", "split", "revision")
+
+
+def hf_source(source: str, split: str, config: str | None, revision: str | None) -> tuple[str, dict]:
+    """A dataset name and its load options: `name` or `name?config=x&split=y&revision=z`
+    (the query wins over the run-wide data.hf_* settings)."""
+    name, _, query = source.partition("?")
+    opts = {"split": split, "config": config, "revision": revision}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if key not in _HF_OPTIONS or not eq or not value:
+            raise DataError(f"{source}: unknown or empty dataset option {part!r}; use "
+                            "hf://org/name?config=NAME&split=SPLIT&revision=SHA")
+        opts[key] = unquote(value)
+    return name.strip("/"), opts
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -308,7 +358,7 @@ def _looks_like_hub_id(source: str) -> bool:
         return False
     if source.lower().endswith(_FILE_SUFFIXES):
         return False
-    return bool(_HUB_ID_RE.match(source))
+    return bool(_HUB_ID_RE.match(source.partition("?")[0]))
 
 
 def _iter_jsonl(data: bytes) -> Iterable[tuple[int, Any | RowError]]:
@@ -373,6 +423,8 @@ def read_rows(
     max_chars: int | None = None,
     read_bytes: Callable[[str], bytes] | None = None,
     hf_split: str = "train",
+    hf_config: str | None = None,
+    hf_revision: str | None = None,
 ) -> tuple[list[Row], ReadReport]:
     """Read one data source and normalise it to canonical rows of ``kind``.
 
@@ -420,15 +472,20 @@ def read_rows(
             hf_name = source
 
     if hf_name is not None:
-        label = f"hf://{hf_name}[{hf_split}]"
+        hf_name, opts = hf_source(hf_name, hf_split, hf_config, hf_revision)
+        extra = {k: opts[k] for k in ("config", "revision") if opts[k]}
+        label = f"hf://{hf_name}" + (f"/{opts['config']}" if opts["config"] else "") + f"[{opts['split']}]" + (
+            f"@{opts['revision']}" if opts["revision"] else "")
         try:
-            dataset = _load_hf(hf_name, hf_split)
+            dataset = _load_hf(hf_name, opts["split"], **extra)
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001
             hint = "" if scheme == "hf" else f" (no local file named {source!r} exists either)"
+            what = ", ".join(f"{k} {v!r}" for k, v in opts.items() if v)
             raise DataError(
-                f"cannot load Hugging Face dataset {hf_name!r} split {hf_split!r}{hint}: {type(e).__name__}: {e}"
+                f"cannot load Hugging Face dataset {hf_name!r} ({what}){hint}: {type(e).__name__}: {e}; check the "
+                "name, data.hf_config (the dataset's subset), data.hf_split and data.hf_revision"
             ) from e
         records = ((i + 1, rec) for i, rec in enumerate(dataset))
 

@@ -6,6 +6,10 @@ style so that ``prompt + completion`` is exactly the rendered full conversation:
 
     render_messages([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     == "\\n\\nHuman: Hi\\n\\nAssistant:"
+
+and a conversational row also keeps its ``messages``: the conversation before the
+final answer, which a model with a chat template renders with that template instead
+(`rlhf.models.chat`). The text fields stay what judges and tables read.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 __all__ = [
     "DataKind",
+    "Message",
     "SFTRow",
     "PreferenceRow",
     "PromptRow",
@@ -31,11 +36,23 @@ __all__ = [
 DataKind = Literal["sft", "preference", "prompt"]
 
 
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+Messages = tuple[Message, ...]
+
+
 class SFTRow(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str
     completion: str
+    messages: Messages | None = None
+    """Conversational rows: the turns before the final answer (`completion`)."""
 
 
 class PreferenceRow(BaseModel):
@@ -44,12 +61,16 @@ class PreferenceRow(BaseModel):
     prompt: str
     chosen: str
     rejected: str
+    messages: Messages | None = None
+    """Conversational rows: the turns both answers follow."""
 
 
 class PromptRow(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str
+    messages: Messages | None = None
+    """Conversational rows: the turns the model answers."""
 
 
 Row = Union[SFTRow, PreferenceRow, PromptRow]
@@ -87,5 +108,5 @@ def render_messages(messages: Sequence[Mapping[str, str]], add_generation_prompt
 
 
 def row_chars(row: BaseModel) -> int:
-    """Total characters over all fields of a canonical row."""
-    return sum(len(v) for v in row.model_dump().values())
+    """Total characters over the text fields of a canonical row (messages repeat the prompt)."""
+    return sum(len(v) for v in row.model_dump(exclude={"messages"}).values())

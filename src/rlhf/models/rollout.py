@@ -1,8 +1,14 @@
 """Generation and scoring shared by PPO, evaluation and simulated labelling.
 
 Layout of a rollout: `[query (left-padded, P) | response (R, right-padded after EOS)]`.
-The response mask covers tokens up to and including the first EOS. A response that
-never emits EOS is truncated at `max_new_tokens` and flagged (`has_eos` False).
+The response mask covers tokens up to and including the first stop token (the
+tokenizer's EOS, or any of `generation_config.eos_token_id`: an instruct model's
+end-of-turn). A response that never emits one is truncated at `max_new_tokens` and
+flagged (`has_eos` False).
+
+Sampling uses only what is asked here (temperature, top_k=0, top_p=1): a checkpoint's
+own generation defaults (top_p, top_k, repetition_penalty, ...) would make the
+samples come from another distribution than the policy's log-probs.
 Logits at position t predict token t+1, so response token j (at P+j) is scored by
 logits at P+j-1: log-probs and values for the response are the slice [P-1 : P+R-1].
 """
@@ -12,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from rlhf.math import entropy_from_logits, gather_logprobs
 from rlhf.models import position_ids_from_mask, sequence_scores, token_values
 from rlhf.models.batching import pad_left
+from rlhf.models.chat import stop_ids
 
 
 @dataclass
@@ -86,16 +94,26 @@ def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, tempe
     sample = temperature > 0
     P = q_ids.shape[1]
     lp = None
+    stops = stop_ids(tok, model)
+    # only our settings: none of the checkpoint's own defaults (see the module doc)
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
+                               temperature=temperature if sample else None, top_k=0 if sample else None,
+                               top_p=1.0 if sample else None, pad_token_id=tok.pad_token_id,
+                               eos_token_id=stops if len(stops) > 1 else stops[0], use_cache=True)
+    owner = model.get_base_model() if hasattr(model, "peft_config") else model  # whose defaults generate() reads
+    saved, owner.generation_config = owner.generation_config, gen_cfg
     # inference mode: ~10% less per-op overhead than no_grad in token-by-token decoding (not
     # with synced_gpus, whose ZeRO-3 hooks gather parameters during the forward)
+    try:
+        with torch.inference_mode(not synced_gpus):
+            out = model.generate(
+                input_ids=q_ids, attention_mask=q_mask, generation_config=gen_cfg,
+                **({"synced_gpus": True} if synced_gpus else {}),
+                **({"output_logits": True, "return_dict_in_generate": True} if logprobs else {}),
+            )
+    finally:
+        owner.generation_config = saved
     with torch.inference_mode(not synced_gpus):
-        out = model.generate(
-            input_ids=q_ids, attention_mask=q_mask, max_new_tokens=max_new_tokens, do_sample=sample,
-            temperature=temperature if sample else None, top_k=0 if sample else None, top_p=1.0 if sample else None,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
-            **({"synced_gpus": True} if synced_gpus else {}),
-            **({"output_logits": True, "return_dict_in_generate": True} if logprobs else {}),
-        )
         if logprobs:
             logits = torch.stack(out.logits, 1).float()  # (B, R, V) raw, before temperature
             out = out.sequences
@@ -105,7 +123,7 @@ def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, tempe
     if lp is not None:
         lp = lp.clone()
     resp = out[:, P:].clone()  # (B, R)
-    is_eos = resp == tok.eos_token_id
+    is_eos = torch.isin(resp, torch.tensor(stops, device=resp.device))
     has_eos = is_eos.any(1)
     first_eos = torch.where(has_eos, is_eos.float().argmax(1), torch.full_like(has_eos, resp.shape[1], dtype=torch.long))
     pos = torch.arange(resp.shape[1], device=device)[None]
@@ -139,6 +157,7 @@ def rewards(reward_model, ro: Rollout) -> torch.Tensor:
 
 
 def decode_responses(tok, ro: Rollout) -> list[str]:
+    """Response texts, without the stop token and special tokens."""
     out = []
     for row, m in zip(ro.responses.tolist(), ro.response_mask.tolist()):
         toks = [t for t, keep in zip(row, m) if keep and t != tok.eos_token_id]

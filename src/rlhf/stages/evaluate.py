@@ -32,6 +32,7 @@ from rlhf.adapters.registry import CHAMPION, model_name
 from rlhf.data.prepared import PrepData
 from rlhf.math import sequence_kl
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.models.chat import ChatFormat, chat_format, stop_ids
 from rlhf.models.rollout import decode_responses, generate, response_logprobs, rewards
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.gate import gate_decision
@@ -57,49 +58,52 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
             "decisive_win_rate": float((a > b).sum() / decisive) if decisive else 0.5}
 
 
-def decode_same_way(model, tok, prompts: list[str], ecfg, seed: int, device):
-    """Rollouts of `model` on `prompts` in eval's batches, each batch seeded as eval seeds
-    it, so two models differ only because they are different models."""
-    for b, start in enumerate(range(0, len(prompts), ecfg.batch_size)):
-        ids = [tok(p)["input_ids"] for p in prompts[start:start + ecfg.batch_size]]
+def decode_same_way(model, fmt: ChatFormat, rows: list, ecfg, seed: int, device):
+    """Rollouts of `model` on the prompt `rows` (in `fmt`) in eval's batches, each batch
+    seeded as eval seeds it, so two models differ only because they are different models."""
+    for b, start in enumerate(range(0, len(rows), ecfg.batch_size)):
+        ids = [fmt.prompt_ids(r) for r in rows[start:start + ecfg.batch_size]]
         seed_everything(seed * 7919 + b)
-        yield generate(model, tok, ids, ecfg.max_new_tokens, ecfg.temperature, device)
+        yield generate(model, fmt.tok, ids, ecfg.max_new_tokens, ecfg.temperature, device)
 
 
-def _loaded(parts: dict, device):
+def _loaded(parts: dict, device, mcfg):
+    """A registered model (its own tokenizer, chat template and stop tokens) and its format."""
     model, tok = parts["model"].to(device).eval(), parts["tokenizer"]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    return model, ChatFormat(tok, mcfg, stops=stop_ids(tok, model))
 
 
 @torch.no_grad()
-def champion_comparison(ecfg, n_prompts: int, seed: int, champ: dict, prompts: list[str], policy_texts: list[str],
-                        rm, tok, device, judge, load=None) -> dict:
+def champion_comparison(ecfg, n_prompts: int, seed: int, champ: dict, rows: list, policy_texts: list[str],
+                        rm, fmt: ChatFormat, device, judge, load=None) -> dict:
     """The new policy against the current champion on the first `n_prompts` held-out
     prompts, decoded as in eval. The champion keeps its own tokenizer (it may come from
     another run). Compared by the judge when it scores every answer. Otherwise by reward
     models: this run's favours the policy trained against it, so the champion's own
     reward model (its lineage tag, loaded with `load`) judges too, and the policy's win
     rate is the lower of the two."""
-    n = min(n_prompts, len(prompts))
-    cmodel, ctok = _loaded(champ, device)
-    covered = prompts[:-(-n // ecfg.batch_size) * ecfg.batch_size]  # eval's batches that hold the first n prompts
-    texts = [t for ro in decode_same_way(cmodel, ctok, covered, ecfg, seed, device) for t in decode_responses(ctok, ro)]
-    ps, mine, texts = prompts[:n], policy_texts[:n], texts[:n]
+    n = min(n_prompts, len(rows))
+    cmodel, cfmt = _loaded(champ, device, fmt.mcfg)
+    covered = rows[:-(-n // ecfg.batch_size) * ecfg.batch_size]  # eval's batches that hold the first n prompts
+    texts = [t for ro in decode_same_way(cmodel, cfmt, covered, ecfg, seed, device)
+             for t in decode_responses(cfmt.tok, ro)]
+    rs, mine, texts = rows[:n], policy_texts[:n], texts[:n]
+    ps = [r.prompt for r in rs]
     gold_mine = [judge.score(p, t) for p, t in zip(ps, mine)]
     gold_champ = [judge.score(p, t) for p, t in zip(ps, texts)]
     judges = []  # (name, policy scores, champion scores)
     if all(g is not None for g in gold_mine + gold_champ):
         judges.append(("gold", np.array(gold_mine), np.array(gold_champ)))
     else:
-        judges.append(("reward_model", np.array(score_responses(rm, tok, ps, mine, device)),
-                       np.array(score_responses(rm, tok, ps, texts, device))))
+        judges.append(("reward_model", np.array(score_responses(rm, fmt, rs, mine, device)),
+                       np.array(score_responses(rm, fmt, rs, texts, device))))
         crm_uri = champ.get("tags", {}).get("rlhf.reward_model_uri")
         if crm_uri and load is not None:
-            m, t = _loaded(load(crm_uri), device)
-            judges.append(("champion_reward_model", np.array(score_responses(m, t, ps, mine, device)),
-                           np.array(score_responses(m, t, ps, texts, device))))
+            m, mfmt = _loaded(load(crm_uri), device, fmt.mcfg)
+            judges.append(("champion_reward_model", np.array(score_responses(m, mfmt, rs, mine, device)),
+                           np.array(score_responses(m, mfmt, rs, texts, device))))
     out = {"champion/version": champ["version"], "champion/prompts": n,
            "champion/compared_by": "+".join(j[0] for j in judges)}
     for name, a, c in judges:
@@ -115,16 +119,16 @@ def champion_comparison(ecfg, n_prompts: int, seed: int, champ: dict, prompts: l
 
 
 @torch.no_grad()
-def sample_both(sft, policy, rm, tok, prompts: list[str], ecfg, seed: int, device) -> dict:
+def sample_both(sft, policy, rm, fmt: ChatFormat, rows: list, ecfg, seed: int, device) -> dict:
     """Both models' answers (same prompts, decoding and seeds), RM scores, lengths, and
     the policy samples' KL to SFT."""
     out = {"sft": {"text": [], "rm": [], "len": []}, "policy": {"text": [], "rm": [], "len": [], "kl": []}}
-    runs = {"sft": decode_same_way(sft, tok, prompts, ecfg, seed, device),
-            "policy": decode_same_way(policy, tok, prompts, ecfg, seed, device)}
-    for _ in range(0, len(prompts), ecfg.batch_size):
+    runs = {"sft": decode_same_way(sft, fmt, rows, ecfg, seed, device),
+            "policy": decode_same_way(policy, fmt, rows, ecfg, seed, device)}
+    for _ in range(0, len(rows), ecfg.batch_size):
         for name in ("sft", "policy"):  # sft first, then the policy, batch by batch
             ro = next(runs[name])
-            out[name]["text"] += decode_responses(tok, ro)
+            out[name]["text"] += decode_responses(fmt.tok, ro)
             out[name]["rm"] += rewards(rm, ro).tolist()
             out[name]["len"] += ro.response_mask.sum(1).tolist()
             if name == "policy":
@@ -176,15 +180,16 @@ def run(ctx: StageContext) -> StageResult:
         sft = load_causal_lm(sft_dir, ctx.model).to(device).eval()
         policy = load_causal_lm(pol_dir, ctx.model).to(device).eval()
         rm = load_reward_model(str(ctx.store.get_dir("reward/model")), ctx.model, tok.pad_token_id).to(device).eval()
-        prompts = [r.prompt for r in prep.rows("prompt_eval")][: ecfg.num_prompts]
-        prompts = [p for p in prompts for _ in range(ecfg.samples_per_prompt)]
+        fmt = chat_format(tok, ctx.model, sft_dir)
+        rows = [r for r in prep.rows("prompt_eval")[: ecfg.num_prompts] for _ in range(ecfg.samples_per_prompt)]
+        prompts = [r.prompt for r in rows]
 
         # 2. generate + score, 3. compare
-        out = sample_both(sft, policy, rm, tok, prompts, ecfg, ctx.seed, device)
+        out = sample_both(sft, policy, rm, fmt, rows, ecfg, ctx.seed, device)
         summary, golds = comparison_summary(prompts, out, ctx.judge, ecfg, ctx.seed)
 
         # 4. alignment tax: held-out demonstration loss, policy minus SFT
-        held = encode_demonstrations(tok, prep.rows("sft_eval"))
+        held = encode_demonstrations(fmt, prep.rows("sft_eval"))
         loss_sft = heldout_loss(sft, held, tok.pad_token_id, device)
         loss_pol = heldout_loss(policy, held, tok.pad_token_id, device)
         summary.update({"eval/heldout_loss_sft": loss_sft, "eval/heldout_loss_policy": loss_pol,
@@ -193,8 +198,8 @@ def run(ctx: StageContext) -> StageResult:
         # 5. champion/challenger: the registered champion answers the same prompts; the gate
         champ = ctx.tracker.load_registered(model_name(ctx.registered_model, "policy"), CHAMPION)
         if champ is not None:
-            summary.update(champion_comparison(ecfg, gate.champion_prompts, ctx.seed, champ, prompts,
-                                               out["policy"]["text"], rm, tok, device, ctx.judge,
+            summary.update(champion_comparison(ecfg, gate.champion_prompts, ctx.seed, champ, rows,
+                                               out["policy"]["text"], rm, fmt, device, ctx.judge,
                                                load=ctx.tracker.load_components))
         summary["gate/passed"], summary["gate/reasons"] = gate_decision(summary, gate)
 

@@ -168,7 +168,7 @@ def run(ctx: StageContext) -> StageResult:
         check_divisible({"ppo.rollout_batch_size": B, "ppo.minibatch_size": mb}, dist.world, pcfg.grad_accum_steps)
         models = load_models(ctx, dist, opt_steps=pcfg.updates * pcfg.ppo_epochs * (B // mb))
         rows = prep.rows("prompt_train")
-        prompt_ids = [models.tok(r.prompt)["input_ids"] for r in rows]
+        prompt_ids = [models.fmt.prompt_ids(r) for r in rows]
         sampler = PromptSampler(len(rows), ctx.seed + 2)
         kl_ctl = (AdaptiveKLController(pcfg.kl.init_coef, pcfg.kl.target, pcfg.kl.horizon) if pcfg.kl.adaptive
                   else FixedKLController(pcfg.kl.init_coef))

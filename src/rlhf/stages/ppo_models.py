@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.models.chat import ChatFormat, chat_format
 from rlhf.models.loading import apply_lora
 from rlhf.models.rollout import Rollout, generate, response_logprobs, response_values, rewards
 from rlhf.stages.contract import StageContext
@@ -33,6 +34,8 @@ class PPOModels:
     tok: object
     synced: bool
     """ZeRO-3 "synced" generation: layers gathered in lockstep instead of the whole policy."""
+    fmt: ChatFormat | None = None
+    """How prompts become ids (the SFT model's chat template, or HH text)."""
 
     def rollout(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                 logprobs: bool = False, batch_size: int | None = None) -> Rollout:
@@ -67,7 +70,8 @@ def load_models(ctx: StageContext, dist: Dist, opt_steps: int) -> PPOModels:
     value = make_trainable(apply_lora(load_reward_model(value_src, mcfg, tok.pad_token_id), mcfg, "SEQ_CLS"), dist,
                            dcfg, pcfg, total_steps=opt_steps, batch_size=mb, lr=pcfg.value_lr, eps=1e-5,
                            precision=precision)
-    return PPOModels(policy, value, ref, reward_model, tok, policy.zero3 and dcfg.zero3_generation == "synced")
+    return PPOModels(policy, value, ref, reward_model, tok, policy.zero3 and dcfg.zero3_generation == "synced",
+                     chat_format(tok, mcfg, sft_dir))
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ Steps:
   2. read + normalise every source, with a bad-row report per file
   3. de-duplicate, split train/eval by prompt hash
   4. tokenizer: trained on the run's own text when the model is built from a config
-  5. length filtering in tokens, with counts
+  5. length filtering in tokens, as the model sees them (chat template included), with
+     counts; fails above `data.max_truncate_rate`
   6. commit `prep/` (data, tokenizer, report) in one go: a failure writes nothing
 """
 
@@ -15,9 +16,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from rlhf.data.processing import data_hash, dedupe, filter_by_length, split_by_hash, write_jsonl
+from rlhf.config import DEFAULT_MAX_TOTAL_TOKENS
+from rlhf.data.processing import data_hash, dedupe, filter_by_length, split_by_hash, text_lengths, write_jsonl
 from rlhf.data.readers import DataError, read_rows
-from rlhf.models import load_tokenizer, train_tokenizer
+from rlhf.models import load_tokenizer, resolve_source, train_tokenizer
+from rlhf.models.chat import chat_format
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.train.progress import Timer
 
@@ -47,17 +50,54 @@ def read_sources(ctx: StageContext, tmp: Path) -> tuple[dict, dict, dict]:
     rows, reports = {}, {}
     for kind, src in sources.items():
         rows[kind], rep = read_rows(src, kind, max_reject_rate=dcfg.max_reject_rate, max_chars=dcfg.max_chars,
-                                    read_bytes=ctx.store.read_bytes, hf_split=dcfg.hf_split)
+                                    read_bytes=ctx.store.read_bytes, hf_split=dcfg.hf_split,
+                                    hf_config=dcfg.hf_config, hf_revision=dcfg.hf_revision)
         label = f"builtin:{kind}" if ctx.task is not None else src
         reports[kind] = {"source": label, "total": rep.total, "accepted": rep.accepted,
                          "rejected": len(rep.bad), "bad_rows": [str(b) for b in rep.bad[:100]]}
     if "prompt" not in rows:
         from rlhf.data.schema import PromptRow
 
-        rows["prompt"] = list(dict.fromkeys(PromptRow(prompt=r.prompt) for r in rows["sft"]))
+        rows["prompt"] = list(dict.fromkeys(PromptRow(prompt=r.prompt, messages=r.messages) for r in rows["sft"]))
     for kind in rows:
         rows[kind], reports[kind]["duplicates_dropped"] = dedupe(rows[kind])
     return sources, rows, reports
+
+
+def model_context(path: str, mcfg) -> int | None:
+    """The longest sequence a pretrained model takes (its config's position limit), if it says."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision)
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
+def length_limits(dcfg, context: int | None) -> dict[str, int]:
+    """`data.max_total_tokens` (default: the model's context, capped at
+    DEFAULT_MAX_TOTAL_TOKENS) and `data.max_prompt_tokens` (default: half of it)."""
+    total = dcfg.max_total_tokens or min(context or DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_MAX_TOTAL_TOKENS)
+    return {"max_total_tokens": total, "max_prompt_tokens": dcfg.max_prompt_tokens or total // 2}
+
+
+def check_over_long(kind: str, source: str, counts: dict, limits: dict, max_rate: float) -> None:
+    """DataError (nothing written) when more than `max_rate` of the rows were too long."""
+    rate = counts["over_long_rate"]
+    if rate > max_rate:
+        raise DataError(
+            f"{kind} data from {source}: {rate:.1%} of the rows are over-long and would be dropped "
+            f"({counts['dropped_prompt_too_long']} prompts over data.max_prompt_tokens="
+            f"{limits['max_prompt_tokens']}, {counts['dropped_total_too_long']} prompt + answer over "
+            f"data.max_total_tokens={limits['max_total_tokens']} tokens, chat template included); allowed: "
+            f"data.max_truncate_rate={max_rate}. Fix: raise data.max_total_tokens / data.max_prompt_tokens (up to "
+            "the model's context), shorten the rows, or raise data.max_truncate_rate to drop them; nothing was "
+            "written")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -73,16 +113,23 @@ def run(ctx: StageContext) -> StageResult:
         if ctx.model.name_or_path is None:
             all_rows = rows["sft"] + rows["preference"] + rows["prompt"]
             tok = train_tokenizer(_texts(all_rows), ctx.model.vocab_size, out / "tokenizer")
+            model_dir, context = None, ctx.model.max_position_embeddings
         else:
-            tok = load_tokenizer(ctx.model.name_or_path, ctx.model, ctx.store)
+            model_dir = resolve_source(ctx.model.name_or_path, ctx.store)
+            tok = load_tokenizer(model_dir, ctx.model)
+            context = model_context(model_dir, ctx.model)
 
         # 5. length filter, then split by prompt hash (same salt: a prompt is eval everywhere or nowhere)
+        fmt = chat_format(tok, ctx.model, model_dir if model_dir and Path(model_dir).is_dir() else None)
         count = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+        measure = fmt.lengths if fmt.templated else text_lengths(count)
+        limits = length_limits(dcfg, context)
         splits = {}
         for kind in rows:
-            kept, counts = filter_by_length(rows[kind], count, dcfg.max_prompt_tokens,
-                                            dcfg.max_total_tokens - 1)
+            kept, counts = filter_by_length(rows[kind], measure, limits["max_prompt_tokens"],
+                                            limits["max_total_tokens"])
             reports[kind]["length_filter"] = counts
+            check_over_long(kind, sources.get(kind, "sft prompts"), counts, limits, dcfg.max_truncate_rate)
             train, evl = split_by_hash(kept, dcfg.eval_fraction, salt=str(ctx.seed))
             if not train or not evl:
                 raise DataError(f"{kind} data from {sources.get(kind, 'sft prompts')}: too few rows after filtering "
@@ -99,7 +146,9 @@ def run(ctx: StageContext) -> StageResult:
             "reports": reports,
             "sizes": {k: len(v) for k, v in splits.items()},
             "hashes": {k: data_hash(v) for k, v in splits.items()},
-            "tokenizer": {"trained": ctx.model.name_or_path is None, "vocab_size": len(tok)},
+            "tokenizer": {"trained": ctx.model.name_or_path is None, "vocab_size": len(tok),
+                          "chat_template": fmt.templated},
+            "length_limits": limits,
         }
         (out / "report.json").write_text(json.dumps(report, indent=2))
         ctx.store.put_dir(out, "prep")

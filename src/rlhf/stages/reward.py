@@ -26,7 +26,8 @@ from rlhf.data.prepared import PrepData
 from rlhf.data.tasks.labelling import policy_comparisons
 from rlhf.math import pairwise_reward_loss
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, pair_scores, sequence_scores
-from rlhf.models.batching import pad_right, tokenize_pair
+from rlhf.models.batching import pad_right
+from rlhf.models.chat import ChatFormat, chat_format
 from rlhf.models.loading import apply_lora
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.scoring import score_sequences
@@ -38,8 +39,9 @@ from rlhf.train.seed import seed_everything
 from rlhf.train.trainable import make_trainable, save_trained
 
 
-def encode_pairs(tok, rows) -> list[tuple[list[int], list[int]]]:
-    return [(tokenize_pair(tok, r.prompt, r.chosen)[0], tokenize_pair(tok, r.prompt, r.rejected)[0]) for r in rows]
+def encode_pairs(fmt: ChatFormat, rows) -> list[tuple[list[int], list[int]]]:
+    """Chosen and rejected token ids of each pair (`rlhf.models.chat`)."""
+    return [fmt.pair(r) for r in rows]
 
 
 def separate_scores(model, batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,13 +100,13 @@ class RewardSteps:
         return StepLoss(loss, len(batch) * self.dist.world, metrics, {"acc": f"{stats['accuracy'].item():.2f}"})
 
 
-def labelled_samples(ctx: StageContext, prep: PrepData, tok, sft_dir: str, dist) -> dict[str, list]:
+def labelled_samples(ctx: StageContext, prep: PrepData, fmt: ChatFormat, sft_dir: str, dist) -> dict[str, list]:
     """Comparisons of two SFT samples per prompt from the task's simulated labelers:
     `policy_comparisons` from train prompts, a held-out share from eval prompts. Rank 0
     samples and commits them; the other ranks read them back."""
     n = ctx.config.policy_comparisons
-    args = (ctx.task, lambda: load_causal_lm(sft_dir, ctx.model).to(dist.device).eval(), tok,
-            {s: [r.prompt for r in prep.rows(f"prompt_{s}")] for s in ("train", "eval")},
+    args = (ctx.task, lambda: load_causal_lm(sft_dir, ctx.model).to(dist.device).eval(), fmt,
+            {s: prep.rows(f"prompt_{s}") for s in ("train", "eval")},
             {"train": n, "eval": max(200, int(n * prep.eval_fraction))})
     kw = dict(seed=ctx.seed, max_new_tokens=ctx.config.comparison_max_new_tokens, store=ctx.store, device=dist.device)
     if dist.main:
@@ -123,18 +125,19 @@ def run(ctx: StageContext) -> StageResult:
         seed_everything(ctx.seed + 1)
         sft_dir = str(ctx.store.get_dir("sft/model"))
         tok = load_tokenizer(sft_dir, ctx.model)
+        fmt = chat_format(tok, ctx.model, sft_dir)
         model = apply_lora(load_reward_model(sft_dir, ctx.model, tok.pad_token_id), ctx.model, "SEQ_CLS")
 
         # 2. data: offline pairs, plus labelled comparisons of SFT samples (built-in task)
         train_rows, eval_rows = prep.rows("preference_train"), prep.rows("preference_eval")
         policy_eval_rows = []
         if ctx.task is not None and rcfg.policy_comparisons:
-            comp = labelled_samples(ctx, prep, tok, sft_dir, dist)
+            comp = labelled_samples(ctx, prep, fmt, sft_dir, dist)
             train_rows, policy_eval_rows = train_rows + comp["train"], comp["eval"]
             seed_everything(ctx.seed + 1)
         eval_sets = {"": eval_rows + policy_eval_rows, "_offline": eval_rows, "_policy_samples": policy_eval_rows}
-        eval_sets = {k: (rows, encode_pairs(tok, rows)) for k, rows in eval_sets.items() if rows}
-        train = encode_pairs(tok, train_rows)
+        eval_sets = {k: (rows, encode_pairs(fmt, rows)) for k, rows in eval_sets.items() if rows}
+        train = encode_pairs(fmt, train_rows)
         batches = Batches(train, rcfg.batch_size, ctx.seed + 1, [len(c) + len(r) for c, r in train],
                           rcfg.group_by_length, dist)
         total = rcfg.epochs * batches.steps_per_epoch

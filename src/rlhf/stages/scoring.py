@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.models.batching import pad_right, tokenize_pair
 from rlhf.math import sft_loss
 from rlhf.models import sequence_scores
+from rlhf.models.batching import pad_right
+from rlhf.models.chat import ChatFormat, targets_mask
 
 
-def encode_demonstrations(tok, rows) -> list[tuple[list[int], int]]:
-    """(prompt + completion + EOS token ids, prompt length) of each demonstration."""
-    return [tokenize_pair(tok, r.prompt, r.completion) for r in rows]
+def encode_demonstrations(fmt: ChatFormat, rows) -> list[tuple[list[int], int | list[int]]]:
+    """(token ids, answer targets) of each demonstration (`rlhf.models.chat`)."""
+    return [fmt.demonstration(r) for r in rows]
 
 
 def collate_demonstrations(batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and loss mask (1 on completion + EOS), all (B, T)."""
+    """Right-padded ids, attention mask and loss mask (1 on answer tokens), all (B, T)."""
     ids, attn = pad_right([b[0] for b in batch], pad_id)  # (B, T)
-    loss_mask = attn.clone()
-    for i, (_, plen) in enumerate(batch):
-        loss_mask[i, :plen] = 0  # (B, T) 1 on completion + EOS
+    loss_mask = torch.zeros_like(attn)
+    for i, (seq, targets) in enumerate(batch):
+        loss_mask[i, :len(seq)] = torch.tensor(targets_mask(seq, targets))  # (B, T)
     return ids.to(device), attn.to(device), loss_mask.to(device)
 
 
@@ -51,11 +52,11 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, device, batch_siz
 
 
 @torch.no_grad()
-def score_responses(rm, tok, prompts: list[str], texts: list[str], device, batch_size: int = 128) -> list[float]:
-    """Reward-model score of prompt + response text (retokenised with the RM's tokenizer)."""
+def score_responses(rm, fmt: ChatFormat, rows, texts: list[str], device, batch_size: int = 128) -> list[float]:
+    """Reward-model score of each row's prompt + response text (retokenised in the RM's format)."""
     out = []
-    for i in range(0, len(prompts), batch_size):
-        seqs = [tokenize_pair(tok, p, t)[0] for p, t in zip(prompts[i:i + batch_size], texts[i:i + batch_size])]
-        ids, attn = pad_right(seqs, tok.pad_token_id)
+    for i in range(0, len(rows), batch_size):
+        seqs = [fmt.sequence(r, t)[0] for r, t in zip(rows[i:i + batch_size], texts[i:i + batch_size])]
+        ids, attn = pad_right(seqs, fmt.tok.pad_token_id)
         out += sequence_scores(rm, ids.to(device), attn.to(device)).tolist()
     return out

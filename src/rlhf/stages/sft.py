@@ -21,6 +21,7 @@ import torch
 from rlhf.data.prepared import PrepData
 from rlhf.math import sft_loss
 from rlhf.models import Segment, build_causal_lm, load_causal_lm, load_tokenizer, pack
+from rlhf.models.chat import ChatFormat, stop_ids, targets_mask
 from rlhf.models.loading import apply_lora
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.scoring import collate_demonstrations, encode_demonstrations, heldout_loss
@@ -39,15 +40,15 @@ def collate_packed(batch, pad_id: int, device) -> tuple[dict, torch.Tensor, int]
     crosses from one packed sequence into the next."""
     b = pack([Segment(ids) for ids, _ in batch], pad_id)
     loss_mask = torch.zeros_like(b["input_ids"])
-    for (ids, plen), (r, o) in zip(batch, b["where"]):
-        loss_mask[r, o + max(plen, 1):o + len(ids)] = 1
+    for (ids, targets), (r, o) in zip(batch, b["where"]):
+        loss_mask[r, o:o + len(ids)] = torch.tensor(targets_mask(ids, targets))
     inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
     return inputs, loss_mask.to(device), sum(len(ids) for ids, _ in batch)
 
 
 def loss_tokens(batch) -> int:
-    """Tokens the SFT loss of `batch` averages over (completion + EOS; never a first token)."""
-    return sum(len(ids) - max(plen, 1) for ids, plen in batch)
+    """Tokens the SFT loss of `batch` averages over (the answers'; never a first token)."""
+    return sum(sum(targets_mask(ids, targets)) for ids, targets in batch)
 
 
 def batch_loss(model, batch, pad_id: int, device, packed: bool) -> tuple[torch.Tensor, int]:
@@ -103,11 +104,13 @@ def run(ctx: StageContext) -> StageResult:
         else:
             tok = load_tokenizer(str(prep.tokenizer_dir), ctx.model)
             model = build_causal_lm(ctx.model, tok, ctx.seed)
+        fmt = ChatFormat(tok, ctx.model, stops=stop_ids(tok, model), all_turns=scfg.assistant_turns == "all",
+                         source=ctx.model.name_or_path or "prep's tokenizer")
         model = apply_lora(model, ctx.model)
 
-        # 2. data
-        train = encode_demonstrations(tok, prep.rows("sft_train"))
-        held = encode_demonstrations(tok, prep.rows("sft_eval"))
+        # 2. data (rendered with the chat template when the tokenizer has one)
+        train = encode_demonstrations(fmt, prep.rows("sft_train"))
+        held = encode_demonstrations(fmt, prep.rows("sft_eval"))
         batches = Batches(train, scfg.batch_size, ctx.seed, [len(t[0]) for t in train], scfg.group_by_length, dist)
         total = scfg.max_epochs * batches.steps_per_epoch
         if scfg.max_steps:

@@ -22,12 +22,13 @@ COMPARISONS = "reward/comparisons"
 BATCH = 256
 
 
-def policy_comparisons(task, load_policy, tok, prompts: dict[str, list[str]], counts: dict[str, int], *, seed: int,
+def policy_comparisons(task, load_policy, fmt, prompts: dict[str, list], counts: dict[str, int], *, seed: int,
                        max_new_tokens: int, store, device) -> dict[str, list[PreferenceRow]]:
-    """For each split ("train", "eval"): `counts[split]` prompts drawn from
+    """For each split ("train", "eval"): `counts[split]` prompt rows drawn from
     `prompts[split]`, two samples each (temperature 1) of the policy that
-    `load_policy()` loads, ordered by the task's labeler; identical or empty pairs are
-    dropped. Committed once, then reused (the policy is loaded only to sample)."""
+    `load_policy()` loads (prompts in the chat format `fmt`), ordered by the task's
+    labeler; identical or empty pairs are dropped. Committed once, then reused (the
+    policy is loaded only to sample)."""
     from rlhf.models.rollout import decode_responses, generate
 
     if store.is_committed(COMPARISONS):
@@ -40,13 +41,14 @@ def policy_comparisons(task, load_policy, tok, prompts: dict[str, list[str]], co
         rows = []
         for i in range(0, count, BATCH):
             batch = chosen[i:i + BATCH]
-            ids = [tok(p)["input_ids"] for p in batch]
+            ids = [fmt.prompt_ids(p) for p in batch]
+            tok = fmt.tok
             a = decode_responses(tok, generate(policy, tok, ids, max_new_tokens, 1.0, device))
             b = decode_responses(tok, generate(policy, tok, ids, max_new_tokens, 1.0, device))
             for p, x, y in zip(batch, a, b):
                 if x != y and x.strip() and y.strip():
-                    c, r = task.label(rng, p, x, y)
-                    rows.append(PreferenceRow(prompt=p, chosen=c, rejected=r))
+                    c, r = task.label(rng, p.prompt, x, y)
+                    rows.append(PreferenceRow(prompt=p.prompt, chosen=c, rejected=r, messages=p.messages))
         out[split] = rows
     with tempfile.TemporaryDirectory() as tmp:
         for k, rows in out.items():
