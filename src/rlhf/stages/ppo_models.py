@@ -74,7 +74,6 @@ def load_models(ctx: StageContext, dist: Dist, opt_steps: int) -> PPOModels:
                      chat_format(tok, mcfg, sft_dir))
 
 
-@torch.no_grad()
 def forward_batch_size(pcfg, dist: Dist) -> int:
     """Episodes per no-grad forward: `ppo.forward_batch_size`, by default the training
     micro-batch (a process's share of the minibatch over `grad_accum_steps`), so scoring
@@ -82,6 +81,7 @@ def forward_batch_size(pcfg, dist: Dist) -> int:
     return pcfg.forward_batch_size or max(1, pcfg.minibatch_size // (dist.world * pcfg.grad_accum_steps))
 
 
+@torch.no_grad()
 def score_rollout(models: PPOModels, rollout: Rollout, pcfg) -> tuple[torch.Tensor, ...]:
     """Old log-probs, reference log-probs, values (B, R) and reward-model scores (B,) of
     a rollout, `forward_batch_size` episodes per forward."""
