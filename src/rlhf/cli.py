@@ -3,7 +3,8 @@
     rlhf run [--preset P] [--config F] [--set k=v ...] [--output DIR|s3://...] [--stack]
     rlhf stage prep|sft|reward|ppo|eval|all [--preset P] [--config F] [--set k=v ...] [--output DIR] [--quiet]
     rlhf config show [--preset P] [--config F] [--set k=v ...]
-    rlhf compile [--output pipeline.yaml]
+    rlhf compile [--output pipeline.yaml] [--profile F [--preset P] [--config F] [--set k=v ...]]
+    rlhf plan [--preset P] [--config F] [--set k=v ...] [--profile F] [--model HUB_ID|DIR|s3://...|config.json]
     rlhf submit --host URL [--experiment E] [--profile F] [--param k=v ...]
     rlhf schedule --host URL --cron "0 3 * * *" [--experiment E] [--param k=v ...] [--no-catchup]
     rlhf runs --host URL [--experiment E]
@@ -81,7 +82,40 @@ def _cmd_compile(args, settings: Settings) -> int:
 
     profile = load_profile(args.profile) if args.profile else None
     print(f"wrote {compile_pipeline(args.output, profile)}" + (f" (profile {profile.name})" if profile else ""))
+    if profile is not None:  # will the stages fit the profile's GPUs? (a warning: the run's config may differ)
+        cfg = load_config(args.preset, args.config, args.overrides)
+        rows, _ = _plan(cfg, profile, None, settings)
+        for row in rows:
+            if row["fits"] is False:
+                print(f"warning: {row['stage']}: {row['verdict']} (rlhf plan --profile {args.profile} shows the "
+                      "estimate)", file=sys.stderr)
     return 0
+
+
+def _plan(cfg: PipelineConfig, profile, model: str | None, settings: Settings, seq_len: int | None = None):
+    from rlhf.ops.plan import ModelShape, plan
+
+    source = model or cfg.model.name_or_path
+    try:
+        if source:
+            from rlhf.adapters.store import LocalStore
+
+            shape = ModelShape.from_pretrained(source, LocalStore(settings.home, settings), cfg.model.revision)
+        else:
+            shape = ModelShape.of_built(cfg)
+    except ValueError as e:
+        raise ConfigError(f"rlhf plan: {e}") from None
+    return plan(cfg, shape, profile, seq_len=seq_len)
+
+
+def _cmd_plan(args, cfg: PipelineConfig, settings: Settings) -> int:
+    """Per-stage peak memory per GPU against the profile's accelerators."""
+    from rlhf.ops.profiles import load_profile
+
+    profile = load_profile(args.profile) if args.profile else None
+    rows, report = _plan(cfg, profile, args.model, settings, args.seq_len)
+    print(json.dumps(rows, indent=2) if args.json else report)
+    return 1 if any(r["fits"] is False for r in rows) else 0
 
 
 def _cluster_args(p: argparse.ArgumentParser, *, pipeline: bool = True) -> None:
@@ -184,7 +218,18 @@ def main(argv: list[str] | None = None) -> int:
     pk = sub.add_parser("compile", help="Compile the pipeline to a KFP v2 YAML spec.")
     pk.add_argument("--output", default="pipeline.yaml", help="Where to write the spec.")
     pk.add_argument("--profile", default=None,
-                    help="Cluster profile YAML: node pools, GPUs, resources, /dev/shm, secrets (see profiles/).")
+                    help="Cluster profile YAML: node pools, GPUs, resources, /dev/shm, secrets (see profiles/); "
+                         "warns when a stage's estimated memory (rlhf plan) exceeds its GPUs.")
+    _config_args(pk)
+
+    pp = sub.add_parser("plan", help="Estimate each stage's peak memory per GPU and whether it fits the profile.")
+    _config_args(pp)
+    pp.add_argument("--profile", default=None, help="Cluster profile YAML whose GPUs the estimates are checked against.")
+    pp.add_argument("--model", default=None, help="The model: hub id, local folder, s3:// folder or config.json "
+                                                  "(default: model.name_or_path, or the model built from the config).")
+    pp.add_argument("--seq-len", type=int, default=None, help="Tokens per sequence (default: data.max_total_tokens, "
+                                                              "else the model's context capped at 2048).")
+    pp.add_argument("--json", action="store_true", help="Print the rows as JSON.")
 
     psu = sub.add_parser("submit", help="Upload the pipeline as a new version and start one run on Kubeflow Pipelines.")
     _cluster_args(psu)
@@ -227,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "config":
             print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
             return 0
+        if args.cmd == "plan":
+            return _cmd_plan(args, cfg, settings)
         if args.cmd == "run":
             from rlhf.pipelines.local import PipelineFailed
 

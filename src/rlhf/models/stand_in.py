@@ -72,7 +72,7 @@ ARCHS = {
 }
 
 QWEN2_0_5B = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "num_kv_heads": 2, "intermediate_size": 4864,
-              "vocab_size": 151936, "max_position_embeddings": 32768, "tie_word_embeddings": True}
+              "embedding_rows": 151936, "max_position_embeddings": 32768, "tie_word_embeddings": True}
 """Qwen2-0.5B's shape (its config.json), for the GPU check."""
 
 
@@ -121,8 +121,11 @@ def build_tokenizer(arch: str, vocab_size: int, corpus: list[str]) -> PreTrained
 def build_stand_in(out_dir: str | Path, arch: str = "qwen2", *, hidden_size: int = 64, num_layers: int = 2,
                    num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
                    vocab_size: int = 1000, max_position_embeddings: int = 1024, tie_word_embeddings: bool | None = None,
-                   seed: int = 0, corpus: list[str] | None = None, dtype: str = "float32") -> Path:
-    """Write the stand-in checkpoint to `out_dir` (see the module doc); returns it."""
+                   seed: int = 0, corpus: list[str] | None = None, dtype: str = "float32",
+                   embedding_rows: int | None = None) -> Path:
+    """Write the stand-in checkpoint to `out_dir` (see the module doc); returns it.
+    `embedding_rows`: pad the embedding to this many rows, as hub models do (Qwen2's 151,936
+    rows hold a 151,665-token vocabulary); the tokenizer's size otherwise."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if arch not in ARCHS:
@@ -132,7 +135,7 @@ def build_stand_in(out_dir: str | Path, arch: str = "qwen2", *, hidden_size: int
     spec = ARCHS[arch]
     tok = build_tokenizer(arch, vocab_size, corpus or default_corpus())
     ids = {t: tok.convert_tokens_to_ids(t) for t in spec["special"]}
-    common = dict(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
+    common = dict(vocab_size=max(len(tok), embedding_rows or 0), hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                   intermediate_size=intermediate_size or 4 * hidden_size,
                   max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, initializer_range=0.02,
@@ -183,11 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--intermediate-size", type=int)
     ap.add_argument("--vocab-size", type=int, default=1000)
     ap.add_argument("--max-positions", type=int, default=1024)
+    ap.add_argument("--embedding-rows", type=int, help="pad the embedding to this many rows (hub models do)")
+    ap.add_argument("--qwen2-0.5b", dest="qwen05", action="store_true", help="Qwen2-0.5B's shape (random weights)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    out = build_stand_in(a.out, a.arch, hidden_size=a.hidden_size, num_layers=a.layers, num_heads=a.heads,
-                         num_kv_heads=a.kv_heads, intermediate_size=a.intermediate_size, vocab_size=a.vocab_size,
-                         max_position_embeddings=a.max_positions, seed=a.seed)
+    if a.qwen05:
+        out = build_stand_in(a.out, "qwen2", vocab_size=a.vocab_size, seed=a.seed, **QWEN2_0_5B)
+    else:
+        out = build_stand_in(a.out, a.arch, hidden_size=a.hidden_size, num_layers=a.layers, num_heads=a.heads,
+                             num_kv_heads=a.kv_heads, intermediate_size=a.intermediate_size, vocab_size=a.vocab_size,
+                             max_position_embeddings=a.max_positions, seed=a.seed, embedding_rows=a.embedding_rows)
     print(json.dumps({"path": str(out), "arch": a.arch, "parameters": parameter_count(out)}))
     return 0
 

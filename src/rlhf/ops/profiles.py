@@ -64,6 +64,10 @@ class StageSpec(_Model):
     tolerations: list[Toleration] = Field(default_factory=list, description="Taints the step's pod tolerates.")
     accelerator_type: str | None = Field(None, description="Accelerator resource, e.g. nvidia.com/gpu.")
     accelerator_count: int = Field(0, ge=0, description="Accelerators per pod (0 = none).")
+    accelerator_memory: str | None = Field(None, description="Memory of one accelerator, e.g. 80Gi, for `rlhf plan` "
+                                                             "and the fit check of `rlhf compile`; empty = known from "
+                                                             "the node selector (H100, A100, L4, p4d, p5, ...) if it "
+                                                             "names the GPU.")
     cpu_request: str | None = Field(None, description="CPU request, e.g. '8' or '500m'.")
     cpu_limit: str | None = Field(None, description="CPU limit.")
     memory_request: str | None = Field(None, description="Memory request, e.g. 64Gi.")
@@ -79,12 +83,24 @@ class StageSpec(_Model):
                                          "in the image).")
     timeout_s: int | None = Field(None, gt=0, description="Kill the step after this many seconds.")
 
-    @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit", "shm_size")
+    @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit", "shm_size", "accelerator_memory")
     @classmethod
     def _quantity(cls, v):
         if v is not None and not _QUANTITY.match(str(v)):
             raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 500m, 8, 16Gi)")
         return v
+
+
+_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_bytes(q: str) -> float:
+    """A Kubernetes quantity (16Gi, 80G, 500m) as a number."""
+    m = re.match(r"^([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)$", str(q))
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"{q!r} is not a Kubernetes quantity (e.g. 500m, 8, 16Gi)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 class Profile(_Model):
