@@ -15,6 +15,10 @@
 #   sft     ZeRO-2, bf16, ZeRO-Offload (optimizer on the CPU, DeepSpeed's CPU Adam)
 #   sft     ~335M Llama (hidden 1024, 24 layers, 16 heads, MLP 3072), bf16, longer task
 #           instances (20-40 items), batch 128: tokens/s and MFU (target >= 45% on H100/H200)
+#   q05-*   a Qwen2-0.5B-shaped hub checkpoint (rlhf.models.stand_in: its config, a tokenizer with
+#           the ChatML template, random bf16-trained weights), full and LoRA: one SFT step, one
+#           reward-model step and one PPO update each, the measured peak GPU memory
+#           (torch.cuda.max_memory_allocated) beside `rlhf plan`'s estimate
 # MFU = achieved model FLOPs / the card's dense bf16 peak, with model FLOPs per trained
 # token = 6N + 12*L*h*E[n^2]/E[n] (PaLM, appendix B: N = parameters less the input
 # embedding, L layers, hidden h; the attention term counts each sequence of n tokens over
@@ -108,6 +112,28 @@ else
     echo "sft-350m-mfu FAILED 0s (prep; log: $OUT/prep-mfu.log)" >>"$OUT/rows.txt"; FAILED=$((FAILED + 1))
 fi
 
+# a Qwen2-0.5B-shaped hub checkpoint, full and LoRA: one step of each training stage, peak memory vs rlhf plan
+QDIR="$OUT/qwen2-0.5b"
+if [ "$SMOKE" = 1 ]; then QSHAPE=(); else QSHAPE=(--qwen2-0.5b); fi
+Q=(--set "model.name_or_path=$QDIR" --set train.precision=$([ "$SMOKE" = 1 ] && echo fp32 || echo bf16)
+   --set data.max_total_tokens=256 --set sft.batch_size=16 --set sft.max_steps=1 --set sft.eval_every=1000
+   --set reward.batch_size=16 --set reward.max_steps=1 --set reward.policy_comparisons=0
+   --set ppo.updates=1 --set ppo.rollout_batch_size=32 --set ppo.minibatch_size=16 --set ppo.ppo_epochs=1
+   --set ppo.max_new_tokens=32 --set ppo.generation_batch_size=32 --set ppo.normalize_reward=false)
+if "$PY" -m rlhf.models.stand_in "$QDIR" "${QSHAPE[@]}" >"$OUT/stand-in.log" 2>&1; then
+    for kind in full lora; do
+        QK=("${Q[@]}"); [ "$kind" = lora ] && QK+=(--set model.lora.enabled=true)
+        if "$PY" -m rlhf.cli stage prep "${BASE[@]}" "${QK[@]}" --output "$OUT/q05-$kind" >"$OUT/prep-q05-$kind.log" 2>&1
+        then
+            for stage in sft reward ppo; do row "q05-$kind-$stage" "$OUT/q05-$kind" "$stage" "${QK[@]}"; done
+        else
+            echo "q05-$kind-sft FAILED 0s (prep; log: $OUT/prep-q05-$kind.log)" >>"$OUT/rows.txt"; FAILED=$((FAILED + 1))
+        fi
+    done
+else
+    echo "q05-full-sft FAILED 0s (stand-in; log: $OUT/stand-in.log)" >>"$OUT/rows.txt"; FAILED=$((FAILED + 1))
+fi
+
 "$PY" - "$OUT" "$((SECONDS - T0))" "$SMOKE" <<'EOF'
 import datetime, io, json, os, platform, sys
 from contextlib import redirect_stdout
@@ -117,7 +143,8 @@ out, total, smoke = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 rows = {l.split()[0]: l.split()[1:] for l in (out / "rows.txt").read_text().splitlines()}
 where = {"sft-zero2": "main/sft", "reward-zero2": "main/reward", "ppo-zero2": "main/ppo",
          "ppo-zero3-gather": "z3/ppo", "ppo-zero3-synced": "z3s/ppo", "sft-zero2-offload": "off/sft",
-         "sft-350m-mfu": "mfu/sft"}
+         "sft-350m-mfu": "mfu/sft",
+         **{f"q05-{k}-{s}": f"q05-{k}/{s}" for k in ("full", "lora") for s in ("sft", "reward", "ppo")}}
 PEAKS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
          "L4": 121e12, "A10": 125e12}
 import torch
@@ -147,6 +174,28 @@ def mfu(run_dir: Path, tokens_per_s: float) -> tuple[float, str]:
                                                         f"{achieved / 1e12:.1f} TFLOP/s")
 
 
+def num(x, spec: str, unit: str = "") -> str:
+    """A number, or "-" for None (a throughput needs more than the 2 warm-up steps)."""
+    return "-" if x is None else f"{x:{spec}}{unit}"
+
+
+def plan_vs_peak(out: Path, name: str, r: dict) -> str:
+    """The stage's measured peak GPU memory beside rlhf plan's estimate for its config."""
+    import yaml
+
+    from rlhf.config import PipelineConfig
+    from rlhf.ops.plan import ModelShape, estimate_stage
+
+    _, kind, stage = name.split("-")
+    cfg = PipelineConfig.model_validate(yaml.safe_load((out / f"q05-{kind}" / stage / "config.yaml").read_text()))
+    est = estimate_stage(stage, cfg, ModelShape.from_pretrained(out / "qwen2-0.5b"),
+                         device="cuda" if not smoke else "cpu", world=1)
+    peak = r.get("peak_gpu_memory_gib")
+    if peak is None:
+        return f"plan {est.peak / 2**30:.2f} GiB (no GPU peak measured)"
+    return f"peak {peak:.2f} GiB, plan {est.peak / 2**30:.2f} GiB, plan/peak {est.peak / 2**30 / peak:.2f}"
+
+
 buf = io.StringIO()
 with redirect_stdout(buf):
     print(f"\n{'row':<20} {'status':<7} {'wall':>6} {'steps':>6} {'throughput':>22}  detail")
@@ -155,23 +204,26 @@ with redirect_stdout(buf):
         f = out / rel / "result.json"
         r = json.loads(f.read_text()) if f.is_file() and status == "ok" else {}
         steps, thr, detail = "-", "-", ""
+        kind = name.split("-")[-1] if name.startswith("q05") else name  # q05-full-sft: an sft row
         if name == "sft-350m-mfu" and r:
             u, note = mfu(out / "mfu", r["tokens_per_s"])
             steps, thr = r["steps"], f"{r['tokens_per_s']:,.0f} tokens/s"
             detail = (f"MFU {u:.1%} ({note}, peak {peak / 1e12:.0f} TFLOP/s)" if peak else
                       f"MFU - (no known peak for {card}: set GPU_PEAK_TFLOPS; {note})")
-        elif name.startswith("sft") and r:
-            steps, thr = r["steps"], f"{r['tokens_per_s']:,.0f} tokens/s"
+        elif kind.startswith("sft") and r:
+            steps, thr = r["steps"], num(r["tokens_per_s"], ",.0f", " tokens/s")
             detail = f"best eval loss {r['best_eval_loss']:.3f}"
-        elif name.startswith("reward") and r:
-            steps, thr = r["steps"], f"{r['pairs_per_s']:,.1f} pairs/s"
+        elif kind.startswith("reward") and r:
+            steps, thr = r["steps"], num(r["pairs_per_s"], ",.1f", " pairs/s")
             detail = f"rm/accuracy {r.get('rm/accuracy', float('nan')):.3f}"
-        elif name.startswith("ppo") and r:
+        elif kind.startswith("ppo") and r:
             t = r["throughput"]  # steady state: updates after the first 2
             steps, thr = r["updates"], f"{t['episodes_per_s'] or float('nan'):,.1f} episodes/s"
             split = t.get("gen_s", 0) + t.get("score_s", 0) + t.get("train_s", 0)
             detail = (f"gen {t.get('gen_s', 0) / split:.0%} / score {t.get('score_s', 0) / split:.0%} / "
                       f"train {t.get('train_s', 0) / split:.0%}" if split else "")
+        if name.startswith("q05") and r:
+            detail = f"{detail}; {plan_vs_peak(out, name, r)}"
         print(f"{name:<20} {status:<7} {wall:>6} {steps!s:>6} {thr:>22}  {detail}")
     print(f"total {total}s; logs and outputs in {out}")
 table = buf.getvalue()

@@ -52,7 +52,9 @@ def child(job: dict) -> dict:
     from rlhf.train.loop import accumulate
     from rlhf.train.trainable import make_trainable
 
-    import peft  # noqa: F401,I001  (imported before the baseline: libraries are not the model's memory)
+    import peft
+
+    assert peft  # imported before the baseline: libraries are not the model's memory
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import mlflow
-import pytest
 
 from rlhf.cli import main
 

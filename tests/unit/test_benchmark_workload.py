@@ -82,3 +82,18 @@ def test_workload_config_is_the_pages(w):
     assert (p.lr, p.value_lr, p.grad_clip, p.weight_decay, p.temperature, p.max_new_tokens) == (1e-5, 1e-5, None, 0.0, 0.7, 24)
     assert (p.kl.init_coef, p.kl.adaptive, p.kl.estimator, p.normalize_reward, p.missing_eos_penalty) == (0.05, False, "k1", False, 0.0)
     assert not cfg.uses_builtin_task
+
+
+def test_gpu_check_script_parses():
+    """benchmarks/gpu_check.sh runs only where a GPU is lent: its bash and its embedded
+    Python must at least parse here (GPU_CHECK_SMOKE=1 runs every row on the CPU)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    bodies = re.findall(r"<<'EOF'\n(.*?)\nEOF\n", script.read_text(), re.S)
+    assert len(bodies) == 2
+    for body in bodies:
+        compile(body, str(script), "exec")

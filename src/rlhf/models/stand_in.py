@@ -77,17 +77,18 @@ QWEN2_0_5B = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "num_kv_hea
 
 
 def default_corpus(n: int = 3000, seed: int = 0) -> list[str]:
-    """Text to train the stand-in's tokenizer on: the built-in task's prompts and answers
-    and plain English, so both tokenize into real multi-character tokens."""
-    from rlhf.data.tasks.base import families
-
+    """Text to train the stand-in's tokenizer on: instructions like the built-in task's
+    (reverse / sort a few items) and plain English, so both tokenize into real
+    multi-character tokens."""
     rng = random.Random(seed)
-    fams = families(["reverse", "sort"])
     out = []
     for _ in range(n):
-        fam = rng.choice(fams)
-        items = fam.make_items(rng, rng.randint(3, 8))
-        out.append(fam.prompt(items) + " " + fam.format_answer(fam.target(items)))
+        if rng.random() < 0.5:
+            items = [rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))]
+            out.append(f"reverse: {' '.join(items)} {' '.join(reversed(items))}")
+        else:
+            items = [str(rng.randint(0, 20)) for _ in range(rng.randint(3, 8))]
+            out.append(f"sort: {' '.join(items)} {' '.join(sorted(items, key=int))}")
     words = ("the a of to and in is it you that was for on are with as I his they be at one have this from "
              "what which their time if will way about many then them write would like so these her long make "
              "thing see him two has look more day could go come did number sound no most people my over know "

@@ -239,7 +239,7 @@ def estimate_stage(stage: str, cfg: PipelineConfig, shape: ModelShape, *, device
         est.peak = weights + opt + max(train_acts + grads, kv + score)
         est.notes.append(f"holds {sum(1 for v in held.values() if v)} full models"
                          + (" (LoRA: the reference is the policy without adapters)" if lora else ""))
-    elif stage == "eval":
+    elif stage == "eval":  # one process: the policy, SFT and the reward model, in the run's precision
         e = cfg.eval
         length = min((cfg.data.max_prompt_tokens or seq // 2) + e.max_new_tokens, shape.max_positions)
         weights = 2 * frozen(shape.params) + frozen(shape.classifier_params())
@@ -267,23 +267,35 @@ def gpu_memory(stage_profile) -> float | None:
     return None
 
 
-def first_change(stage: str, cfg: PipelineConfig, world: int) -> str:
-    """The first setting to change when a stage does not fit, cheapest first."""
-    d, section = cfg.distributed, getattr(cfg, stage, None)
-    if stage == "ppo" and not cfg.ppo.generation_batch_size:
-        return "set ppo.generation_batch_size (generation's KV cache grows with the rollout batch)"
-    if section is not None and hasattr(section, "grad_accum_steps"):
+def first_change(stage: str, cfg: PipelineConfig, world: int, est: Estimate) -> str:
+    """The first setting to change when a stage does not fit: for the largest part of its
+    estimate, the cheapest setting that shrinks it."""
+    d, parts = cfg.distributed, est.parts
+    largest = max(("activations", "kv_cache", "weights", "optimizer"), key=lambda k: parts.get(k, 0.0) + (
+        parts.get("gradients", 0.0) if k == "optimizer" else 0.0))
+    if stage == "eval":
+        return "lower eval.batch_size" if largest == "kv_cache" else (
+            "set train.precision=bf16 (eval keeps three models)" if cfg.train.precision in ("fp32", "auto") else
+            "use GPUs with more memory (eval keeps the policy, SFT and the reward model on one)")
+    if largest == "kv_cache":
+        return "lower ppo.generation_batch_size (generation's KV cache)"
+    if largest == "activations":
+        section = getattr(cfg, stage)
         batch = section.minibatch_size if stage == "ppo" else section.batch_size
-        if batch // (world * section.grad_accum_steps) > 1:
-            return f"raise {stage}.grad_accum_steps (micro-batch {batch // (world * section.grad_accum_steps)})"
-    if not d.gradient_checkpointing:
-        return "set distributed.gradient_checkpointing=true"
-    if not cfg.model.lora.enabled:
-        return "set model.lora.enabled=true"
+        micro = batch // (world * section.grad_accum_steps)
+        if micro > 1:
+            return f"raise {stage}.grad_accum_steps (micro-batch of {micro} sequences per GPU)"
+        if not d.gradient_checkpointing:
+            return "set distributed.gradient_checkpointing=true"
+        return "lower data.max_total_tokens (sequence length)"
+    if largest == "optimizer" and not cfg.model.lora.enabled:
+        return "set model.lora.enabled=true (or distributed.zero_stage=3 / offload_optimizer)"
     if d.zero_stage < 3 and world > 1:
         return "set distributed.zero_stage=3"
-    if not d.offload_optimizer:
+    if largest == "optimizer" and not d.offload_optimizer:
         return "set distributed.offload_optimizer=true (needs zero_stage >= 1)"
+    if stage == "ppo" and not cfg.model.lora.enabled:
+        return "set model.lora.enabled=true (PPO then keeps no separate reference model)"
     return "use GPUs with more memory, or more of them (distributed.num_processes / the profile's nodes)"
 
 
@@ -313,7 +325,7 @@ def plan(cfg: PipelineConfig, shape: ModelShape, profile=None, stages: tuple[str
         elif est.peak / GIB <= 0.9 * mem:
             verdict, fits = f"fits ({est.peak / GIB:.1f} of {mem:g} GiB)", True
         else:
-            change = first_change(stage, cfg, world) if stage != "eval" else "lower eval.batch_size"
+            change = first_change(stage, cfg, world, est)
             verdict, fits = f"DOES NOT FIT ({est.peak / GIB:.1f} of {mem:g} GiB): {change}", False
         rows.append({"stage": stage, "peak_gib": est.peak / GIB, "gpu_gib": mem, "fits": fits, "verdict": verdict,
                      "processes": world, "parts_gib": {k: v / GIB for k, v in est.parts.items()}, "notes": est.notes})

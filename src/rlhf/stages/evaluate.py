@@ -38,6 +38,7 @@ from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.gate import gate_decision
 from rlhf.stages.scoring import encode_demonstrations, heldout_loss, score_responses
 from rlhf.train.distributed import setup_one_process
+from rlhf.train.trainable import DTYPES, resolve_precision
 from rlhf.train.progress import Timer
 from rlhf.train.seed import seed_everything
 
@@ -177,9 +178,11 @@ def run(ctx: StageContext) -> StageResult:
         # 1. load
         sft_dir, pol_dir = str(ctx.store.get_dir("sft/model")), str(ctx.store.get_dir("ppo/model"))
         tok = load_tokenizer(sft_dir, ctx.model)
-        sft = load_causal_lm(sft_dir, ctx.model).to(device).eval()
-        policy = load_causal_lm(pol_dir, ctx.model).to(device).eval()
-        rm = load_reward_model(str(ctx.store.get_dir("reward/model")), ctx.model, tok.pad_token_id).to(device).eval()
+        dtype = DTYPES[resolve_precision(ctx.runtime.precision, ctx.runtime.distributed, device)]  # three models
+        sft = load_causal_lm(sft_dir, ctx.model, dtype=dtype).to(device).eval()
+        policy = load_causal_lm(pol_dir, ctx.model, dtype=dtype).to(device).eval()
+        rm = load_reward_model(str(ctx.store.get_dir("reward/model")), ctx.model, tok.pad_token_id,
+                               dtype=dtype).to(device).eval()
         fmt = chat_format(tok, ctx.model, sft_dir)
         rows = [r for r in prep.rows("prompt_eval")[: ecfg.num_prompts] for _ in range(ecfg.samples_per_prompt)]
         prompts = [r.prompt for r in rows]

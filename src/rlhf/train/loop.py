@@ -86,9 +86,12 @@ class Loop:
         self.faults.after_step(self.step, self.stage)
 
     def result(self, unit: str) -> dict:
-        """The loop's part of the stage result."""
+        """The loop's part of the stage result (with the process's peak GPU memory on a GPU:
+        what `rlhf plan` estimates)."""
+        peak = (torch.cuda.max_memory_allocated(self.dist.device) / 2**30 if self.dist.device.type == "cuda"
+                else None)
         return {"steps": self.step, "resumed_from": self.state.get("resumed_from"), f"{unit}_per_s": self.clock.rate(),
-                "throughput": self.clock.summary(unit), "processes": self.dist.world}
+                "throughput": self.clock.summary(unit), "processes": self.dist.world, "peak_gpu_memory_gib": peak}
 
 
 @dataclass
@@ -129,7 +132,8 @@ def accumulate(model: Trainable, items: list, loss_fn: Callable[[list], StepLoss
     weights = [float(weigh(p)) for p in parts]
     total = sum(weights) or 1.0
     loss, units, metrics, postfix = None, 0.0, {}, {}
-    for part, w in zip(parts, weights):
+    for i, (part, w) in enumerate(zip(parts, weights)):
+        model.micro_batch(last=i == len(parts) - 1)
         with model.autocast():
             out = loss_fn(part)
         share = w / total

@@ -148,6 +148,13 @@ class Trainable:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=DTYPES[self.precision])
 
+    def micro_batch(self, last: bool) -> None:
+        """Before each micro-batch's forward: whether it is the step's last. DeepSpeed is
+        told the accumulation boundary rather than counting micro-batches, so a short last
+        batch of an epoch (fewer micro-batches than grad_accum) still ends its step."""
+        if self.engine is not None:
+            self.engine.set_gradient_accumulation_boundary(last)
+
     def backward(self, loss: torch.Tensor, scale: float = 1.0) -> None:
         """Add `scale * loss`'s gradient to the step's (one micro-batch of it)."""
         if scale != 1.0:
@@ -155,15 +162,13 @@ class Trainable:
         if self.engine is None:
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             return
-        # DeepSpeed counts micro-batches itself: step() after each, and only the
-        # accumulation boundary's updates the weights; the loss is already scaled
-        self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()
+        self.engine.backward(loss, scale_wrt_gas=False)  # already scaled by its share of the step
 
     def optimizer_step(self) -> float:
         """Clip, optimizer and schedule step after the step's micro-batches; returns the
         gradient norm before clipping (NaN when not clipping on the plain path)."""
         if self.engine is not None:
+            self.engine.step()
             gnorm = self.engine.get_global_grad_norm()
             return float(gnorm) if gnorm is not None else float("nan")
         if self.scaler is not None:
@@ -181,6 +186,7 @@ class Trainable:
 
     def step(self, loss: torch.Tensor) -> float:
         """Backward, clip, optimizer and schedule step of a one-micro-batch step."""
+        self.micro_batch(last=True)
         self.backward(loss)
         return self.optimizer_step()
 
