@@ -18,26 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import kib, reset_peak, run_child  # noqa: E402  (benchmarks/memory.py)
 SIZES = {  # stand-in shapes (Qwen2: GQA with 2 KV heads, tied embeddings, 4000-row embedding)
     "~1M": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),
     "~10M": dict(hidden_size=320, num_layers=6, num_heads=5, num_kv_heads=1, intermediate_size=1280),
     "~50M": dict(hidden_size=576, num_layers=10, num_heads=9, num_kv_heads=3, intermediate_size=2304),
 }
 BATCH, SEQ = 8, 256
-
-
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def child(job: dict) -> dict:
@@ -58,8 +50,8 @@ def child(job: dict) -> dict:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    before = _kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
+    before = kib("VmRSS")
+    reset_peak()
 
     mcfg = ModelConfig(lora=LoraConfig(enabled=job["lora"]))
     scfg = SFTConfig(batch_size=BATCH)
@@ -73,7 +65,7 @@ def child(job: dict) -> dict:
     steps = SFTSteps(model, [], 0, dist.device, dist, scfg, {"best_loss": 1.0}, {})
     steps.packed = True
     accumulate(model, batch, steps.loss, loss_tokens)
-    return {"peak_mib": (_kib("VmHWM") - before) / 1024}
+    return {"peak_mib": (kib("VmHWM") - before) / 1024}
 
 
 def main() -> int:
@@ -95,14 +87,10 @@ def main() -> int:
             path = build_stand_in(Path(tmp) / size, "qwen2", embedding_rows=4000, **shape)
             for lora in (False, True):
                 for precision in ("fp32", "bf16"):
-                    job = {"model": str(path), "lora": lora, "precision": precision}
-                    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT / "src")}
-                    r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True,
-                                       text=True, env=env, timeout=1800)
-                    if r.returncode:
-                        print(r.stderr[-3000:], file=sys.stderr)
+                    got = run_child(__file__, {"model": str(path), "lora": lora, "precision": precision})
+                    if got is None:
                         return 1
-                    measured = json.loads(r.stdout.strip().splitlines()[-1])["peak_mib"]
+                    measured = got["peak_mib"]
                     cfg = load_config("demo", overrides=[f"model.lora.enabled={str(lora).lower()}",
                                                          f"train.precision={precision}", f"sft.batch_size={BATCH}"])
                     est = estimate_stage("sft", cfg, ModelShape.from_pretrained(path), device="cpu", world=1,

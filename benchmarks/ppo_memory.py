@@ -20,20 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import kib, reset_peak, run_child  # noqa: E402  (benchmarks/memory.py)
 
 
 def child(args: dict) -> dict:
@@ -61,11 +53,11 @@ def child(args: dict) -> dict:
     models = load_models(ctx, dist, opt_steps=10)
     prompts = [models.fmt.prompt_ids(PromptRow(prompt=f"reverse: {' '.join('abcdefgh'[:3 + i % 6])} {i}"))
                for i in range(B)]
-    loaded = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    loaded = kib("VmRSS")
+    reset_peak()
     exp = make_experience(models, prompts, pcfg, (0.0, 1.0), 0.1, dist)
     ppo_update(exp, models, pcfg, dist)
-    peak = _rss_kib("VmHWM")
+    peak = kib("VmHWM")
     return {"loaded_mib": loaded / 1024, "peak_mib": peak / 1024, "above_mib": (peak - loaded) / 1024,
             "response_tokens": int(exp.mask.sum())}
 
@@ -96,15 +88,12 @@ def main() -> int:
                                 ("defaults: forward 16, generation all", None, None),
                                 ("before: forward all, generation all", "all", None)):
             for B in (64, 256):
-                job = {"rollout": B, "fbs": B if fbs == "all" else fbs, "gbs": gbs, "model": str(model), "reward": str(Path(tmp) / "reward"),
-                       "threads": 2, "new_tokens": new_tokens}
-                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT / "src")}
-                r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True,
-                                   text=True, env=env, timeout=1800)
-                if r.returncode:
-                    print(r.stderr[-3000:], file=sys.stderr)
+                got = run_child(__file__, {"rollout": B, "fbs": B if fbs == "all" else fbs, "gbs": gbs,
+                                           "model": str(model), "reward": str(Path(tmp) / "reward"), "threads": 2,
+                                           "new_tokens": new_tokens})
+                if got is None:
                     return 1
-                rows.append((label, B, json.loads(r.stdout.strip().splitlines()[-1])))
+                rows.append((label, B, got))
     params = sum(p.numel() for p in rm.parameters())
     print(f"PPO peak memory, one update, Qwen2-shaped stand-in ({params / 1e6:.1f}M parameters, 4 models), "
           f"minibatch 16, {new_tokens} new tokens, CPU")

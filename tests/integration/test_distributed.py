@@ -79,12 +79,18 @@ def test_deepspeed_config_comes_from_the_stage_config():
     assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == cfg.sft.grad_clip
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] is True
     assert "offload_optimizer" not in ds["zero_optimization"] and "optimizer" not in ds  # our torch AdamW
-    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"]["enabled"] is False
+    # train.precision and grad_accum_steps map onto DeepSpeed's settings
+    acc = deepspeed_config(cfg.distributed, batch_size=64, world=4, grad_clip=1.0, lr=1e-3, precision="fp16",
+                           grad_accum=4)
+    assert (acc["train_micro_batch_size_per_gpu"], acc["gradient_accumulation_steps"]) == (4, 4)
+    assert acc["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
 
 
 def test_deepspeed_config_zero3_offload_bf16():
     d = DistributedConfig(zero_stage=3, offload_optimizer=True, offload_params=True, bf16=True)
-    ds = deepspeed_config(d, batch_size=64, world=8, grad_clip=0.5, lr=2e-5, weight_decay=0.1, eps=1e-5, bf16=True)
+    ds = deepspeed_config(d, batch_size=64, world=8, grad_clip=0.5, lr=2e-5, weight_decay=0.1, eps=1e-5,
+                          precision="bf16")
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["stage3_gather_16bit_weights_on_model_save"] is True
     assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
