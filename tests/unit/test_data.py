@@ -410,6 +410,51 @@ def test_hf_source_via_monkeypatched_loader(monkeypatch, tmp_path):
     assert calls == [("Anthropic/hh-rlhf", "test"), ("org/name", "train")]
 
 
+def test_hf_source_takes_config_split_and_revision(monkeypatch, tmp_path):
+    """A dataset's config (subset), split and revision: run-wide (data.hf_*) or per source in
+    the URI, the URI winning; they reach datasets.load_dataset and the report's label."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_load(name, split, **kw):
+        calls.append((name, split, kw))
+        return [{"prompt": "p", "completion": "c"}]
+
+    monkeypatch.setattr(readers, "_load_hf", fake_load)
+    _, report = read_rows("hf://Anthropic/hh-rlhf?config=harmless-base&split=test&revision=abc123", "sft")
+    assert calls[-1] == ("Anthropic/hh-rlhf", "test", {"config": "harmless-base", "revision": "abc123"})
+    assert report.source == "hf://Anthropic/hh-rlhf/harmless-base[test]@abc123"
+    read_rows("org/name", "sft", hf_config="sub", hf_revision="v1", hf_split="validation")
+    assert calls[-1] == ("org/name", "validation", {"config": "sub", "revision": "v1"})
+    read_rows("hf://org/name?split=train", "sft", hf_config="sub", hf_split="validation")
+    assert calls[-1] == ("org/name", "train", {"config": "sub"})
+    with pytest.raises(DataError, match=r"unknown or empty dataset option 'subset=x'"):
+        read_rows("hf://org/name?subset=x", "sft")
+
+
+def test_prep_fails_on_over_long_rows_naming_the_fix(tmp_path):
+    """Above data.max_truncate_rate over-long rows, prep fails and commits nothing; below
+    it, the share is in the report."""
+    from rlhf.cli import main
+
+    rows = [{"prompt": f"question {i}", "completion": " answer" * (3 if i % 4 else 60)} for i in range(40)]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text("".join(json.dumps({"prompt": f"question {i}", "chosen": " yes", "rejected": " no"}) + "\n"
+                            for i in range(40)))
+    args = ["stage", "prep", "--preset", "tiny", "--set", f"data.sft_path={path}", "--set",
+            f"data.preference_path={pref}", "--set", "data.max_total_tokens=48", "--set", "data.eval_fraction=0.25",
+            "--quiet"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 2
+    failed = tmp_path / "a" / "prep"
+    assert not (failed / "_COMMITTED").exists() and not (failed / "report.json").exists()
+    assert main([*args, "--set", "data.max_truncate_rate=0.3", "--output", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "prep" / "report.json").read_text())
+    assert report["reports"]["sft"]["length_filter"]["over_long_rate"] == 0.25
+    assert report["length_limits"] == {"max_total_tokens": 48, "max_prompt_tokens": 24}
+
+
 def test_hf_source_with_datasets_dataset(monkeypatch, tmp_path):
     datasets = pytest.importorskip("datasets")
     monkeypatch.chdir(tmp_path)

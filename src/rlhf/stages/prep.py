@@ -59,6 +59,8 @@ def read_sources(ctx: StageContext, tmp: Path) -> tuple[dict, dict, dict]:
         from rlhf.data.schema import PromptRow
 
         rows["prompt"] = list(dict.fromkeys(PromptRow(prompt=r.prompt, messages=r.messages) for r in rows["sft"]))
+        reports["prompt"] = {"source": "the sft prompts", "total": len(rows["prompt"]),
+                             "accepted": len(rows["prompt"]), "rejected": 0, "bad_rows": []}
     for kind in rows:
         rows[kind], reports[kind]["duplicates_dropped"] = dedupe(rows[kind])
     return sources, rows, reports
