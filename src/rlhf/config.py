@@ -187,7 +187,7 @@ class PPOConfig(OptimConfig):
     rollout_batch_size: int = Field(128, gt=0, description="Episodes generated per update.")
     minibatch_size: int = Field(32, gt=0, description="Episodes per optimizer step (split into grad_accum_steps micro-batches).")
     generation_batch_size: int | None = Field(None, gt=0, description="Prompts generated together (one KV cache) by each process; empty = its whole share of the rollout batch at once.")
-    forward_batch_size: int | None = Field(None, gt=0, description="Episodes per no-grad forward while scoring a rollout (old log-probs, reference, value and reward model): with it set, PPO's peak memory follows it and the generation batch instead of rollout_batch_size. Empty = the training micro-batch (minibatch_size / processes / grad_accum_steps). Splitting these forwards does not change their results (bitwise, on CPU, measured).")
+    forward_batch_size: int | None = Field(None, gt=0, description="Episodes per no-grad forward while scoring a rollout (old log-probs, reference, value and reward model): with it set, PPO's peak memory follows it and the generation batch instead of rollout_batch_size. Empty = twice the training micro-batch (2 x minibatch_size / processes / grad_accum_steps), which holds no more than a training step. Splitting these forwards does not change their results (bitwise, on CPU, measured).")
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch.")
     lr: float = Field(2e-5, gt=0, description="Policy AdamW learning rate.")
     value_lr: float = Field(3e-4, gt=0, description="Value model AdamW learning rate.")

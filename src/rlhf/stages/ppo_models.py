@@ -75,10 +75,12 @@ def load_models(ctx: StageContext, dist: Dist, opt_steps: int) -> PPOModels:
 
 
 def forward_batch_size(pcfg, dist: Dist) -> int:
-    """Episodes per no-grad forward: `ppo.forward_batch_size`, by default the training
-    micro-batch (a process's share of the minibatch over `grad_accum_steps`), so scoring
-    never holds more activations than a training step."""
-    return pcfg.forward_batch_size or max(1, pcfg.minibatch_size // (dist.world * pcfg.grad_accum_steps))
+    """Episodes per no-grad forward: `ppo.forward_batch_size`, by default twice the training
+    micro-batch (a process's share of the minibatch over `grad_accum_steps`): a training
+    step holds the logits, their log-softmax and its gradient for its micro-batch, about
+    what a no-grad forward holds for twice as many episodes, and keeps every layer's
+    activations on top; fewer, larger forwards cost less per episode."""
+    return pcfg.forward_batch_size or max(1, 2 * pcfg.minibatch_size // (dist.world * pcfg.grad_accum_steps))
 
 
 @torch.no_grad()
