@@ -28,7 +28,7 @@ IMAGE = Settings.from_env().image
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def start_run(preset: str, config_json: str, base_model: str, sft_data: str, preference_data: str,
               prompt_data: str, seed: int, sft_max_steps: int, reward_epochs: int, ppo_updates: int,
-              kl_coef: float, min_win_rate: float, max_kl: float, champion_margin: float,
+              kl_coef: float, min_decisive_win_rate: float, max_kl: float, champion_margin: float,
               experiment_name: str, registered_model_name: str, artifact_root: str, run_name: str,
               kfp_run_id: str) -> NamedTuple("Started", config_json=str, prep_config_json=str, run_root=str,
                                              parent_run_id=str, data_key=str):

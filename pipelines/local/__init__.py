@@ -96,8 +96,10 @@ def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[st
 
 
 def summary_lines(summary: dict, output: str, tracking_uri: str) -> list[str]:
-    keys = ["rm/accuracy", "eval/win_rate_vs_sft", "eval/decisive_win_rate_vs_sft", "eval/gold_delta",
-            "eval/kl_vs_sft", "champion/win_rate", "promoted", "registered_model", "policy_model_uri",
+    keys = ["rm/accuracy", "rm/judge_accuracy", "eval/judge", "eval/decisive_win_rate_vs_sft",
+            "eval/decisive_win_rate_lower_vs_sft", "eval/tie_rate_vs_sft", "eval/rm_decisive_win_rate_vs_sft",
+            "eval/judge_delta", "eval/judge_delta_ci95", "eval/kl_vs_sft", "eval/alignment_tax_rel",
+            "ppo/selected_update", "champion/decisive_win_rate", "promoted", "registered_model", "policy_model_uri",
             "registered_versions"]
     lines = [f"{k}: {json.dumps(summary[k])}" for k in keys if summary.get(k) is not None]
     if summary.get("gate_reasons"):

@@ -75,6 +75,8 @@ class DataConfig(_Model):
     max_chars: int = Field(20000, gt=0, description="Rows longer than this (characters) are rejected as over-long.")
     max_prompt_tokens: int | None = Field(None, gt=0, description="Rows whose prompt (as the model sees it, chat template included) exceeds this many tokens are dropped and counted; empty = half of max_total_tokens.")
     max_total_tokens: int | None = Field(None, gt=0, description="Rows whose prompt + answer (with its end-of-turn token) exceeds this many tokens are dropped and counted; empty = the model's context length (max_position_embeddings), capped at 2048.")
+    ptx_path: str | None = Field(None, description="PPO-ptx text: JSONL rows {text} (all tokens trained on) or demonstrations {prompt, completion} / {messages}, s3:// URI or HF dataset name; empty = the SFT demonstrations.")
+    split_salt: str = Field("rlhf-split-v1", description="Salt of the prompt-hash train/eval split. Fixed per dataset (not the seed), so runs with other seeds, and the champion, hold out the same prompts.")
     max_truncate_rate: float = Field(0.05, ge=0.0, le=1.0, description="Prep fails, writing nothing, when more than this share of a dataset's rows is over-long (dropped by the two limits above), naming the fix; the share is always in the prep report.")
 
 
@@ -113,6 +115,9 @@ class ModelConfig(_Model):
 
 
 # ----------------------------------------------------------------------------- stages
+
+PTX_COEF = 1.0
+"""Default `ppo.ptx_coef` (see PPOConfig)."""
 
 
 class OptimConfig(_Model):
@@ -160,6 +165,7 @@ class RewardConfig(OptimConfig):
     group_by_length: bool = Field(False, description="Batch pairs of similar length together (less padding, but batches are no longer random samples).")
     margin: float | None = Field(None, description="Optional fixed margin in the pairwise loss.")
     policy_comparisons: int = Field(12000, ge=0, description="Built-in task only: comparisons of two SFT samples per prompt, labelled by the simulated labelers (as InstructGPT's labelers ranked SFT outputs), added to the preference data.")
+    judge_fraction: float = Field(0.2, ge=0, lt=0.9, description="Without a gold judge (user data): the share of the training comparisons (split by prompt hash, the same for every seed) that trains a second, held-out reward model instead of the PPO reward model. It is the run's independent judge: PPO's checkpoint selection, eval's win rates and the gate use it, never the reward model PPO optimised against. 0 = no held-out judge (eval and the gate then fall back to the PPO reward model, and say so).")
     comparison_max_new_tokens: int | None = Field(None, gt=0, description="Most tokens in each SFT sample of those comparisons; empty = ppo.max_new_tokens (the reward model then judges responses as long as the policy's). Filled in when the config is validated.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
@@ -209,6 +215,12 @@ class PPOConfig(OptimConfig):
     missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of responses that never emit EOS.")
     value_init: Literal["reward", "sft"] = Field("reward", description="Initialise the value model from the reward model (InstructGPT) or the SFT backbone.")
     gold_log_every: int = Field(5, gt=0, description="Every N updates, log the gold score of rollouts beside the proxy reward (monitoring only).")
+    ptx_coef: float = Field(PTX_COEF, ge=0, description="PPO-ptx (InstructGPT eq. 2, its gamma): each policy step also takes ptx_coef x the mean token NLL of a batch of pretraining / demonstration text (data.ptx_path, default the SFT demonstrations), which keeps the policy's language-model quality (the alignment tax) near SFT's; 0 = plain PPO.")
+    ptx_batch_size: int | None = Field(None, gt=0, description="Demonstrations (or text rows) in each policy step's ptx batch; empty = minibatch_size.")
+    judge_every: int = Field(5, gt=0, description="Every N updates (and before the first), sample the fixed judge prompt set with the policy and score it with the run's independent judge (gold, or the held-out reward model; never the PPO reward model): ppo/judge_score beside ppo/judge_proxy and ppo/judge_sqrt_kl on the same samples.")
+    judge_prompts: int = Field(128, gt=0, description="Size of the fixed prompt set the judge scores (PPO training prompts, the same ones and the same sampling seed every time).")
+    select: Literal["judge", "last"] = Field("judge", description="Which policy the stage saves: the one the judge scored best (checkpoint selection against over-optimisation; its update is in the summary as ppo/selected_update) or the last.")
+    patience: int | None = Field(4, gt=0, description="Stop early after this many judge evaluations in a row below the best judge score while the proxy (PPO reward model) score is above its value at that best: reward hacking has set in. Empty = never stop early.")
     checkpoint_every: int = Field(20, gt=0, description="Updates between resumable checkpoints.")
 
     @model_validator(mode="after")
@@ -247,16 +259,27 @@ class TrackingConfig(_Model):
 
 
 class GateConfig(_Model):
-    """Promotion gate: the new policy becomes `@champion` only if every threshold passes
-    AND it beats the current champion on the same held-out prompts."""
+    """Promotion gate: the new policy becomes `@champion` only if it is better than SFT by a
+    significance test on the decisive comparisons (the independent judge's), stays within
+    the KL and alignment-tax limits, AND beats the current champion by the same test on the
+    same held-out prompts."""
 
-    min_win_rate: float = Field(0.55, ge=0, le=1, description="Least win rate (ties half) of the policy against SFT.")
-    min_gold_delta: float = Field(0.0, description="Least gold-score gain over SFT (tasks with a gold judge only).")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the Wilson interval of decisive win rates (and of the bootstrap interval of the judge delta).")
+    min_decisive_win_rate: float = Field(0.5, ge=0, le=1, description="The lower bound of the decisive win rate's interval vs SFT (wins / (wins + losses) by the independent judge; ties left out, so the bar does not move with the tie rate) must reach this.")
+    min_gold_delta: float = Field(0.0, description="Least mean judge-score gain over SFT (the gold judge's, or the held-out reward model's).")
     max_kl: float = Field(10.0, gt=0, description="Most KL(policy || SFT) per response, in nats.")
-    max_alignment_tax: float = Field(0.5, description="Most increase of held-out demonstration loss over SFT.")
-    champion_margin: float = Field(0.0, ge=0, lt=0.5, description="The policy must win more than 0.5 + margin of "
-                                   "comparisons (ties half) against the current champion.")
+    max_alignment_tax: float = Field(0.5, description="Most increase of held-out demonstration loss over SFT (nats per token).")
+    champion_margin: float = Field(0.0, ge=0, lt=0.5, description="The lower bound of the decisive win rate's interval against the current champion must be above 0.5 + margin.")
     champion_prompts: int = Field(200, gt=0, description="Held-out prompts for the champion/challenger comparison.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "min_win_rate" in data:
+            raise ValueError("gate.min_win_rate was replaced by gate.min_decisive_win_rate: the gate tests the "
+                             "decisive comparisons (the lower bound of their Wilson interval at gate.confidence), "
+                             "because a ties-as-half threshold can be out of reach when most comparisons tie")
+        return data
 
 
 class DistributedConfig(_Model):

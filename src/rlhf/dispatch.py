@@ -131,6 +131,9 @@ def write_summary(store, prep_store, cfg: PipelineConfig) -> dict:
     summary = {
         "rm/accuracy": stages.get("reward", {}).get("rm/accuracy"),
         "rm/label_accuracy": stages.get("reward", {}).get("rm/label_accuracy"),
+        "rm/judge_accuracy": stages.get("reward", {}).get("rm/judge_accuracy"),
+        **{f"ppo/{k}": stages.get("ppo", {}).get(k) for k in ("judge", "select", "selected_update", "updates",
+                                                              "early_stopped", "judge_best_score")},
         "sft/best_eval_loss": stages.get("sft", {}).get("best_eval_loss"),
         "sft/eval_curve": stages.get("sft", {}).get("eval_curve"),
         **{k: v for k, v in ev.items() if k not in ("eval/mlflow_run_id", "tracking_s")},

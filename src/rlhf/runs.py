@@ -101,7 +101,7 @@ def data_key(cfg: PipelineConfig, store) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(cfg.model_dump(include=set(PREP_SECTIONS)), sort_keys=True).encode())
     h.update(__version__.encode())
-    for src in (cfg.data.sft_path, cfg.data.preference_path, cfg.data.prompt_path):
+    for src in (cfg.data.sft_path, cfg.data.preference_path, cfg.data.prompt_path, cfg.data.ptx_path):
         if not src:
             continue
         local = Path(unquote(urlparse(src).path)) if src.startswith("file://") else Path(src).expanduser()

@@ -18,7 +18,8 @@ TINY = ["--preset", "tiny", "--set", "num_threads=1"]
 SUMMARY_KEYS = [
     "rm/accuracy", "eval/win_rate_vs_sft", "eval/decisive_win_rate_vs_sft", "eval/tie_rate_vs_sft",
     "eval/gold_score_sft", "eval/gold_score_policy", "eval/gold_delta", "eval/gold_delta_ci95",
-    "eval/kl_vs_sft", "eval/alignment_tax", "wall_s",
+    "eval/kl_vs_sft", "eval/alignment_tax", "eval/alignment_tax_rel", "eval/judge", "eval/judge_delta",
+    "eval/decisive_win_rate_lower_vs_sft", "eval/rm_decisive_win_rate_vs_sft", "ppo/selected_update", "wall_s",
 ]
 
 
@@ -49,7 +50,8 @@ def test_builtin_task_end_to_end(tmp_path):
     assert sorted(r.data.tags["rlhf.stage"] for r in runs) == sorted(STAGES)
     ppo = next(r for r in runs if r.data.tags["rlhf.stage"] == "ppo")
     for m in ("ppo/reward", "ppo/kl", "ppo/beta", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl",
-              "ppo/vf_loss", "ppo/response_length", "ppo/gold_score", "perf/episodes_per_s",
+              "ppo/vf_loss", "ppo/response_length", "ppo/gold_score", "ppo/ptx_loss", "ppo/judge_score",
+              "ppo/judge_proxy", "ppo/judge_sqrt_kl", "ppo/selected_update", "perf/episodes_per_s",
               "perf/gen_tokens_per_s", "perf/gen_s", "perf/train_s"):
         assert m in ppo.data.metrics, m
     assert ppo.data.params["ppo.kl.init_coef"] == "0.1"
@@ -111,8 +113,14 @@ def test_user_data_end_to_end(tmp_path, style):
     report = json.loads((tmp_path / "out/prep/report.json").read_text())
     assert report["tokenizer"]["trained"] and not report["builtin_task"]
     assert report["reports"]["sft"]["accepted"] == 40
-    # no gold judge for user data: gold metrics are absent, win rates come from the reward model
+    # no gold judge for user data: gold metrics are absent; win rates come from the held-out reward model,
+    # trained on a share of the comparisons the PPO reward model never saw
     assert summary["eval/gold_delta"] is None
+    assert summary["eval/judge"] == "heldout_reward_model" and summary["ppo/judge"] == "heldout_reward_model"
+    assert 0.0 <= summary["rm/judge_accuracy"] <= 1.0
+    result = json.loads((tmp_path / "out/reward/result.json").read_text())
+    assert result["judge_pairs"] > 0 and result["proxy_pairs"] > result["judge_pairs"]
+    assert (tmp_path / "out/reward/judge_model/_COMMITTED").is_file()
     assert 0.0 <= summary["eval/win_rate_vs_sft"] <= 1.0
     assert (tmp_path / "out/ppo/model/_COMMITTED").is_file()
 
@@ -129,7 +137,7 @@ def test_lora_in_every_stage_registers_merged_models_plain_mlflow_loads(tmp_path
     env = {**os.environ, "RLHF_HOME": str(tmp_path), "RLHF_QUIET": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     r = subprocess.run([sys.executable, "-m", "rlhf.cli", "run", *TINY, "--set", "model.lora.enabled=true",
-                        "--set", "model.lora.r=4", "--set", "gate.min_win_rate=0.0", "--set",
+                        "--set", "model.lora.r=4", "--set", "gate.min_decisive_win_rate=0.0", "--set",
                         f"tracking.registered_model={name}", "--output", str(tmp_path / "run")],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

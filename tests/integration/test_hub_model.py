@@ -55,7 +55,7 @@ def test_a_hub_checkpoint_with_its_chat_template_runs_every_stage_and_registers(
     data: every stage, the gate, and registered models that keep the chat template."""
     name = "hub-e2e"
     r = rlhf(tmp_path, "run", *TINY, "--set", f"model.name_or_path={stand_ins['qwen2']}",
-             *conversational_data(tmp_path / "data"), "--set", "gate.min_win_rate=0.0",
+             *conversational_data(tmp_path / "data"), "--set", "gate.min_decisive_win_rate=0.0",
              "--set", f"tracking.registered_model={name}", "--output", str(tmp_path / "run"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "run"

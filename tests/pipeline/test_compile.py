@@ -35,7 +35,7 @@ def test_loads_back_with_kfp(spec):
     assert comp.name == "rlhf-instructgpt"
     inputs = comp.component_spec.inputs
     for name in ("preset", "config_json", "base_model", "sft_data", "preference_data", "ppo_updates", "kl_coef",
-                 "min_win_rate", "experiment_name", "registered_model_name", "artifact_root"):
+                 "min_decisive_win_rate", "experiment_name", "registered_model_name", "artifact_root"):
         assert name in inputs, name
 
 

@@ -23,7 +23,7 @@ import mlflow
 import pytest
 
 NAME = "pipe-test"
-TINY = ["--preset", "tiny", "--set", "num_threads=1", "--set", "gate.min_win_rate=0.0",
+TINY = ["--preset", "tiny", "--set", "num_threads=1", "--set", "gate.min_decisive_win_rate=0.0",
         "--set", f"tracking.registered_model={NAME}", "--set", "tracking.experiment=pipeline-test"]
 
 

@@ -23,7 +23,7 @@ def stack_run(local_stack, tmp_path_factory):
     output = f"s3://rlhf/runs/{name}"
     env = {**os.environ, **local_stack.env(), "RLHF_HOME": str(home), "RLHF_RETRY_BACKOFF": "1s"}
     r = subprocess.run([sys.executable, "-m", "rlhf.cli", "run", "--preset", "tiny", "--set", "num_threads=1",
-                        "--set", "gate.min_win_rate=0.0", "--set", f"tracking.registered_model={name}",
+                        "--set", "gate.min_decisive_win_rate=0.0", "--set", f"tracking.registered_model={name}",
                         "--set", f"tracking.experiment={name}", "--output", output],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from rlhf.config import DistributedConfig, PPOConfig, RewardConfig, SFTConfig
 from rlhf.train.distributed import Dist
-from rlhf.train.loop import accumulate, micro_batches
+from rlhf.train.loop import StepLoss, accumulate, micro_batches
 from rlhf.train.trainable import Trainable
 
 CPU = Dist(0, 1, 0, 0, torch.device("cpu"), False)
@@ -80,7 +80,8 @@ def test_micro_batches_split_evenly_and_never_empty():
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_sft_accumulated_gradient_equals_the_large_batch(packed):
-    from rlhf.stages.sft import SFTSteps, loss_tokens
+    from rlhf.stages.scoring import loss_tokens
+    from rlhf.stages.sft import SFTSteps
 
     one, four = _twins(LlamaForCausalLM)
     batch = _demos(32)
@@ -176,3 +177,57 @@ def test_deepspeed_config_follows_precision_and_accumulation():
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
         64, 8, 4)
     assert cfg["fp16"]["enabled"] and not cfg["bf16"]["enabled"]
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_ptx_objective_joins_the_same_optimizer_step(accum):
+    """PPO-ptx's step: loss(main batch) + coef x loss(ptx batch), each its batch's token
+    mean, one optimizer step, in one micro-batch or four; the ptx loss is reported."""
+    from rlhf.stages.scoring import batch_loss, loss_tokens
+    from rlhf.train.loop import Auxiliary
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(_config())
+    main, ptx = _demos(16, seed=5), _demos(24, seed=6)
+
+    plain = LlamaForCausalLM(_config())
+    plain.load_state_dict(base.state_dict())
+    ptx_loss = batch_loss(plain, ptx, 0, "cpu", False)[0]
+    (batch_loss(plain, main, 0, "cpu", False)[0] + 0.5 * ptx_loss).backward()
+    expected = [p.grad.clone() for p in plain.parameters()]
+
+    model = LlamaForCausalLM(_config())
+    model.load_state_dict(base.state_dict())
+    model = Trainable(model, CPU, DistributedConfig(), lr=1e-3, grad_clip=None, batch_size=16, grad_accum=accum)
+    seen = _grads_of_next_step(model)
+
+    def loss(batch):
+        return StepLoss(batch_loss(model, batch, 0, "cpu", False)[0], 0.0)
+
+    _, out = accumulate(model, main, loss, loss_tokens, Auxiliary(ptx, loss, loss_tokens, 0.5, "ptx_loss"))
+    assert out.metrics["ptx_loss"] == pytest.approx(float(ptx_loss.detach()), rel=1e-5)
+    for a, b in zip(seen, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_ptx_text_rows_train_on_every_token():
+    """data.ptx_path rows {text}: no chat template, the loss on every token but the first;
+    demonstrations keep their format (the answer only)."""
+    from rlhf.config import ModelConfig
+    from rlhf.data.readers import normalize_record
+    from rlhf.models import train_tokenizer
+    from rlhf.models.chat import ChatFormat, targets_mask
+    from rlhf.stages.ptx import PtxData
+
+    tok = train_tokenizer(["some plain text to learn from", "question: what", " answer"] * 30, vocab_size=300)
+    fmt = ChatFormat(tok, ModelConfig())
+    text = normalize_record({"text": "some plain text to learn from"}, "ptx")
+    demo = normalize_record({"prompt": "question: what", "completion": " answer"}, "ptx")
+    data = PtxData([text, demo], fmt, PPOConfig(ptx_batch_size=2), 0, 10**6, CPU).batches.data
+    (ids, targets), (dids, dtargets) = data
+    assert sum(targets_mask(ids, targets)) == len(ids) - 1
+    assert (dids, dtargets) == fmt.demonstration(demo) and sum(targets_mask(dids, dtargets)) < len(dids) - 1
+    with pytest.raises(Exception, match="a ptx row needs field 'text'"):
+        normalize_record({"body": "x"}, "ptx")
+    cut = PtxData([text], fmt, PPOConfig(), 0, 3, CPU).batches.data[0][0]
+    assert len(cut) == 3

@@ -20,9 +20,9 @@ def test_unset_ui_parameters_keep_preset_values():
 
 def test_order_is_preset_then_json_then_set_ui_parameters():
     js = json.dumps({"ppo": {"updates": 7, "lr": 1e-4}, "gate": {"max_kl": 3.0}})
-    cfg = resolve_config("tiny", js, {"ppo_updates": 9, "min_win_rate": 0.6, "registered_model_name": "m"})
+    cfg = resolve_config("tiny", js, {"ppo_updates": 9, "min_decisive_win_rate": 0.6, "registered_model_name": "m"})
     assert cfg.ppo.updates == 9 and cfg.ppo.lr == 1e-4 and cfg.gate.max_kl == 3.0
-    assert cfg.gate.min_win_rate == 0.6 and cfg.tracking.registered_model == "m"
+    assert cfg.gate.min_decisive_win_rate == 0.6 and cfg.tracking.registered_model == "m"
     assert cfg.sft.batch_size == 16  # from the preset
 
 
@@ -41,8 +41,8 @@ def test_bad_config_json_is_a_clear_config_error(js, words):
 
 
 def test_invalid_ui_value_names_the_field():
-    with pytest.raises(ConfigError, match="gate.min_win_rate"):
-        resolve_config("tiny", "", {"min_win_rate": 1.5})
+    with pytest.raises(ConfigError, match="gate.min_decisive_win_rate"):
+        resolve_config("tiny", "", {"min_decisive_win_rate": 1.5})
 
 
 def test_data_key_follows_data_bytes_and_prep_settings_only(tmp_path):

@@ -148,7 +148,7 @@ def test_ppo_clipping_can_be_switched_off(tmp_path):
 def test_sft_packed_batch_has_the_padded_batch_loss_and_gradient(policy):
     """Packed rows (block-diagonal attention, restarted positions) change the layout, not
     the computation: same loss, same gradient; no label crosses into the next sequence."""
-    from rlhf.stages.sft import batch_loss, collate_packed
+    from rlhf.stages.scoring import batch_loss, collate_packed
 
     batch = [([5, 6, 7, 8, 9, 10], 2), ([11, 12, 13], 1), ([14, 15, 16, 17], 3), ([18, 19], 1), ([20, 21, 22], 2)]
     inputs, lm, n = collate_packed(batch, 0, "cpu")

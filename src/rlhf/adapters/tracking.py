@@ -344,23 +344,32 @@ def log_pipeline_plots(tracking_uri: str, parent: str, summary: dict) -> None:
         return [m.step for m in h], [m.value for m in h]
 
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
-    for key, label in (("ppo/reward", "reward model score"), ("ppo/gold_score", "gold score (monitor only)")):
-        ax[0, 0].plot(*history("ppo", key), label=label)
-    ax[0, 0].set(title="PPO: proxy reward vs gold", xlabel="update")
-    ax[0, 0].legend()
+    for key, label in (("ppo/reward", "reward model score (rollouts)"),
+                       ("ppo/judge_proxy", "reward model score (judge prompts)"),
+                       ("ppo/judge_score", f"independent judge: {summary.get('ppo/judge') or '-'}"),
+                       ("ppo/gold_score", "gold score (rollouts)")):
+        steps, values = history("ppo", key)
+        if steps:
+            ax[0, 0].plot(steps, values, label=label, marker="o" if key.startswith("ppo/judge") else None)
+    if summary.get("ppo/selected_update") is not None:
+        ax[0, 0].axvline(summary["ppo/selected_update"], color="grey", linestyle=":", label="selected policy")
+    ax[0, 0].set(title="PPO: proxy reward vs independent judge", xlabel="update")
+    ax[0, 0].legend(fontsize=8)
     ax[0, 1].plot(*history("ppo", "ppo/kl"), label="KL(policy || SFT)")
     ax[0, 1].plot(*history("ppo", "ppo/beta"), label="beta")
     ax[0, 1].set(title="PPO: KL penalty", xlabel="update")
     ax[0, 1].legend()
     ax[1, 0].plot(*history("sft", "sft/eval_loss"), marker="o")
     ax[1, 0].set(title="SFT held-out loss", xlabel="step")
-    wins = {k: summary.get(f"eval/{k}_vs_sft") for k in ("win_rate", "decisive_win_rate", "tie_rate")}
-    if summary.get("champion/win_rate") is not None:
-        wins["win_rate_vs_champion"] = summary["champion/win_rate"]
+    wins = {k: summary.get(f"eval/{k}_vs_sft") for k in ("decisive_win_rate", "decisive_win_rate_lower",
+                                                           "tie_rate")}
+    wins["proxy_decisive_win_rate"] = summary.get("eval/rm_decisive_win_rate_vs_sft")
+    if summary.get("champion/decisive_win_rate") is not None:
+        wins["decisive_win_rate_vs_champion"] = summary["champion/decisive_win_rate"]
     wins = {k: v for k, v in wins.items() if v is not None}
     ax[1, 1].bar(list(wins), list(wins.values()))
     ax[1, 1].axhline(0.5, color="grey", linestyle="--")
-    ax[1, 1].set(title="Policy vs SFT (and champion)", ylim=(0, 1))
+    ax[1, 1].set(title=f"Policy vs SFT (and champion), by {summary.get('eval/judge') or '-'}", ylim=(0, 1))
     ax[1, 1].tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     client.log_figure(parent, fig, "plots/pipeline.png")

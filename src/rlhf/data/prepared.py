@@ -18,6 +18,9 @@ class PrepData:
     def rows(self, name: str):
         return read_jsonl_rows(self.dir / f"{name}.jsonl", name.split("_")[0])  # e.g. "sft_train" -> kind "sft"
 
+    def has(self, name: str) -> bool:
+        return (self.dir / f"{name}.jsonl").is_file()
+
     @property
     def eval_fraction(self) -> float:
         """The share of prompts the split held out (datasets prepared before it was

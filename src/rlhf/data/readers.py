@@ -66,7 +66,7 @@ __all__ = [
     "render_messages",
 ]
 
-_KINDS = ("sft", "preference", "prompt")
+_KINDS = ("sft", "preference", "prompt", "ptx")
 _BOM = b"\xef\xbb\xbf"
 _URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # A Hugging Face hub id: "name" or "org/name".
@@ -292,6 +292,16 @@ def _normalize_preference(obj: dict) -> PreferenceRow:
     return row
 
 
+def _normalize_ptx(obj: dict) -> SFTRow:
+    """PPO-ptx text: {text} (every token trained on: an SFT row with an empty prompt), or a
+    demonstration in any SFT format."""
+    if _present(obj, "text"):
+        return SFTRow(prompt="", completion=_get_str(obj, "text"))
+    if not any(_present(obj, k) for k in ("prompt", "completion", "messages")):
+        raise RowError("a ptx row needs field 'text' (or a demonstration: 'prompt' + 'completion', or 'messages')")
+    return _normalize_sft(obj)
+
+
 def _normalize_prompt(obj: dict) -> PromptRow:
     if _present(obj, "messages") and not _present(obj, "prompt"):
         messages = _get_messages(obj, "messages")
@@ -315,6 +325,8 @@ def normalize_record(obj: Any, kind: DataKind, *, max_chars: int | None = None) 
         row: Row = _normalize_sft(obj)
     elif kind == "preference":
         row = _normalize_preference(obj)
+    elif kind == "ptx":
+        row = _normalize_ptx(obj)
     else:
         row = _normalize_prompt(obj)
     if max_chars is not None:

@@ -33,7 +33,7 @@ __all__ = [
     "row_chars",
 ]
 
-DataKind = Literal["sft", "preference", "prompt"]
+DataKind = Literal["sft", "preference", "prompt", "ptx"]
 
 
 class Message(BaseModel):
@@ -79,6 +79,7 @@ ROW_TYPES: dict[str, type[BaseModel]] = {
     "sft": SFTRow,
     "preference": PreferenceRow,
     "prompt": PromptRow,
+    "ptx": SFTRow,  # PPO-ptx text: an empty prompt and the text as the completion, or demonstrations
 }
 
 # Message role -> the speaker name used in the rendered text (HH compatible).

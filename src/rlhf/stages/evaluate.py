@@ -35,7 +35,8 @@ from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.models.chat import ChatFormat, chat_format, stop_ids
 from rlhf.models.rollout import decode_responses, generate, response_logprobs, rewards
 from rlhf.stages.contract import StageContext, StageResult
-from rlhf.stages.gate import gate_decision
+from rlhf.stages.gate import gate_decision, wilson_interval
+from rlhf.stages.judging import IndependentJudge, independent_judge
 from rlhf.stages.scoring import encode_demonstrations, heldout_loss, score_responses
 from rlhf.train.distributed import setup_one_process
 from rlhf.train.trainable import DTYPES, resolve_precision
@@ -51,12 +52,16 @@ def bootstrap_ci(x: np.ndarray, n: int, seed: int, level: float = 0.95) -> tuple
     return float(lo), float(hi)
 
 
-def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Policy (a) vs SFT (b): win rate with ties as half, decisive win rate, tie rate."""
-    wins, ties = float((a > b).mean()), float((a == b).mean())
-    decisive = (a != b).sum()
-    return {"win_rate": wins + 0.5 * ties, "tie_rate": ties,
-            "decisive_win_rate": float((a > b).sum() / decisive) if decisive else 0.5}
+def compare(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
+    """Policy (a) vs another model (b): win rate with ties as half, tie rate, decisive win
+    rate (wins / (wins + losses)) with its Wilson interval and the number of decisive
+    comparisons."""
+    wins, losses = int((a > b).sum()), int((a < b).sum())
+    decisive = wins + losses
+    lo, hi = wilson_interval(wins, decisive, confidence)
+    return {"win_rate": float((a > b).mean() + 0.5 * (a == b).mean()), "tie_rate": float((a == b).mean()),
+            "decisive_win_rate": wins / decisive if decisive else 0.5, "decisive_win_rate_lower": lo,
+            "decisive_win_rate_upper": hi, "decisive_comparisons": decisive}
 
 
 def decode_same_way(model, fmt: ChatFormat, rows: list, ecfg, seed: int, device):
@@ -78,25 +83,23 @@ def _loaded(parts: dict, device, mcfg):
 
 @torch.no_grad()
 def champion_comparison(ecfg, n_prompts: int, seed: int, champ: dict, rows: list, policy_texts: list[str],
-                        rm, fmt: ChatFormat, device, judge, load=None) -> dict:
+                        rm, fmt: ChatFormat, device, judge: IndependentJudge, load=None,
+                        confidence: float = 0.95) -> dict:
     """The new policy against the current champion on the first `n_prompts` held-out
     prompts, decoded as in eval. The champion keeps its own tokenizer (it may come from
-    another run). Compared by the judge when it scores every answer. Otherwise by reward
-    models: this run's favours the policy trained against it, so the champion's own
-    reward model (its lineage tag, loaded with `load`) judges too, and the policy's win
-    rate is the lower of the two."""
+    another run). Compared by the run's independent judge (gold, or the held-out reward
+    model). Without one, by reward models: this run's favours the policy trained against
+    it, so the champion's own reward model (its lineage tag, loaded with `load`) judges
+    too, and the comparison with the lower bound decides."""
     n = min(n_prompts, len(rows))
     cmodel, cfmt = _loaded(champ, device, fmt.mcfg)
     covered = rows[:-(-n // ecfg.batch_size) * ecfg.batch_size]  # eval's batches that hold the first n prompts
     texts = [t for ro in decode_same_way(cmodel, cfmt, covered, ecfg, seed, device)
              for t in decode_responses(cfmt.tok, ro)]
     rs, mine, texts = rows[:n], policy_texts[:n], texts[:n]
-    ps = [r.prompt for r in rs]
-    gold_mine = [judge.score(p, t) for p, t in zip(ps, mine)]
-    gold_champ = [judge.score(p, t) for p, t in zip(ps, texts)]
     judges = []  # (name, policy scores, champion scores)
-    if all(g is not None for g in gold_mine + gold_champ):
-        judges.append(("gold", np.array(gold_mine), np.array(gold_champ)))
+    if judge.name != "reward_model":
+        judges.append((judge.name, judge.scores(rs, mine), judge.scores(rs, texts)))
     else:
         judges.append(("reward_model", np.array(score_responses(rm, fmt, rs, mine, device)),
                        np.array(score_responses(rm, fmt, rs, texts, device))))
@@ -107,15 +110,13 @@ def champion_comparison(ecfg, n_prompts: int, seed: int, champ: dict, rows: list
                            np.array(score_responses(m, mfmt, rs, texts, device))))
     out = {"champion/version": champ["version"], "champion/prompts": n,
            "champion/compared_by": "+".join(j[0] for j in judges)}
+    cmps = {name: compare(a, c, confidence) for name, a, c in judges}
     for name, a, c in judges:
-        cmp = compare(a, c)
         out.update({f"champion/{name}_score_champion": float(c.mean()),
                     f"champion/{name}_score_policy": float(a.mean()),
-                    f"champion/{name}_win_rate": cmp["win_rate"], f"champion/{name}_tie_rate": cmp["tie_rate"]})
-    worst = min(judges, key=lambda j: compare(j[1], j[2])["win_rate"])
-    cmp = compare(worst[1], worst[2])
-    out.update({"champion/win_rate": cmp["win_rate"], "champion/tie_rate": cmp["tie_rate"],
-                "champion/decisive_win_rate": cmp["decisive_win_rate"]})
+                    **{f"champion/{name}_{k}": v for k, v in cmps[name].items()}})
+    worst = min(cmps.values(), key=lambda c: c["decisive_win_rate_lower"])
+    out.update({f"champion/{k}": v for k, v in worst.items()})
     return out
 
 
@@ -138,36 +139,39 @@ def sample_both(sft, policy, rm, fmt: ChatFormat, rows: list, ecfg, seed: int, d
     return out
 
 
-def comparison_summary(prompts: list[str], out: dict, judge, ecfg, seed: int) -> tuple[dict, dict]:
-    """Win rates by the judge when it scores every answer, else by reward-model score;
-    returns the summary and the judge's scores."""
-    golds = {k: [judge.score(p, t) for p, t in zip(prompts, out[k]["text"])] for k in out}
+def comparison_summary(rows: list, out: dict, judge: IndependentJudge, ecfg, seed: int,
+                       confidence: float = 0.95) -> tuple[dict, dict]:
+    """Win rates by the independent judge (`eval/...`), and by the proxy reward model side
+    by side (`eval/rm_...`); gold keys when the judge is gold. Returns the summary and
+    the judge's scores."""
+    scores = {k: judge.scores(rows, out[k]["text"]) for k in out}
+    j_pol, j_sft = scores["policy"], scores["sft"]
     rm_pol, rm_sft = np.array(out["policy"]["rm"]), np.array(out["sft"]["rm"])
+    delta = j_pol - j_sft
     summary: dict = {
-        "eval/prompts": len(prompts), "eval/decoding": f"temperature={ecfg.temperature}" + (
+        "eval/prompts": len(rows), "eval/decoding": f"temperature={ecfg.temperature}" + (
             ", top_k=0, top_p=1, same seed for both" if ecfg.temperature > 0 else " (greedy)"),
+        "eval/judge": judge.name,
         "eval/reward_score_sft": float(rm_sft.mean()), "eval/reward_score_policy": float(rm_pol.mean()),
         "eval/response_length_sft": float(np.mean(out["sft"]["len"])),
         "eval/response_length_policy": float(np.mean(out["policy"]["len"])),
         "eval/kl_vs_sft": float(np.mean(out["policy"]["kl"])),
-        **{f"eval/rm_{k}_vs_sft": v for k, v in compare(rm_pol, rm_sft).items()},
+        **{f"eval/rm_{k}_vs_sft": v for k, v in compare(rm_pol, rm_sft, confidence).items()},
+        "eval/judge_score_sft": float(j_sft.mean()), "eval/judge_score_policy": float(j_pol.mean()),
+        "eval/judge_delta": float(delta.mean()),
+        "eval/judge_delta_ci95": list(bootstrap_ci(delta, ecfg.bootstrap, seed, confidence)),
+        **{f"eval/{k}_vs_sft": v for k, v in compare(j_pol, j_sft, confidence).items()},
     }
-    if all(g is not None for g in golds["sft"] + golds["policy"]):
-        g_pol, g_sft = np.array(golds["policy"]), np.array(golds["sft"])
-        delta = g_pol - g_sft
+    if judge.name == "gold":
         summary.update({
-            "eval/gold_score_sft": float(g_sft.mean()), "eval/gold_score_policy": float(g_pol.mean()),
-            "eval/exact_sft": float((g_sft == 1.0).mean()), "eval/exact_policy": float((g_pol == 1.0).mean()),
-            "eval/gold_delta": float(delta.mean()),
-            "eval/gold_delta_ci95": list(bootstrap_ci(delta, ecfg.bootstrap, seed)),
-            **{f"eval/{k}_vs_sft": v for k, v in compare(g_pol, g_sft).items()},
+            "eval/gold_score_sft": float(j_sft.mean()), "eval/gold_score_policy": float(j_pol.mean()),
+            "eval/exact_sft": float((j_sft == 1.0).mean()), "eval/exact_policy": float((j_pol == 1.0).mean()),
+            "eval/gold_delta": summary["eval/judge_delta"], "eval/gold_delta_ci95": summary["eval/judge_delta_ci95"],
         })
     else:
-        summary.update({f"eval/{k}_vs_sft": summary[f"eval/rm_{k}_vs_sft"]
-                        for k in ("win_rate", "tie_rate", "decisive_win_rate")})
         summary.update({"eval/gold_score_sft": None, "eval/gold_score_policy": None, "eval/gold_delta": None,
                         "eval/gold_delta_ci95": None})
-    return summary, golds
+    return summary, {k: v.tolist() for k, v in scores.items()}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -187,29 +191,31 @@ def run(ctx: StageContext) -> StageResult:
         rows = [r for r in prep.rows("prompt_eval")[: ecfg.num_prompts] for _ in range(ecfg.samples_per_prompt)]
         prompts = [r.prompt for r in rows]
 
-        # 2. generate + score, 3. compare
+        # 2. generate + score, 3. compare by the independent judge (and by the proxy RM beside it)
         out = sample_both(sft, policy, rm, fmt, rows, ecfg, ctx.seed, device)
-        summary, golds = comparison_summary(prompts, out, ctx.judge, ecfg, ctx.seed)
+        judge = independent_judge(ctx, fmt, rows, device, dtype, proxy=rm)
+        summary, golds = comparison_summary(rows, out, judge, ecfg, ctx.seed, gate.confidence)
 
         # 4. alignment tax: held-out demonstration loss, policy minus SFT
         held = encode_demonstrations(fmt, prep.rows("sft_eval"))
         loss_sft = heldout_loss(sft, held, tok.pad_token_id, device)
         loss_pol = heldout_loss(policy, held, tok.pad_token_id, device)
         summary.update({"eval/heldout_loss_sft": loss_sft, "eval/heldout_loss_policy": loss_pol,
-                        "eval/alignment_tax": loss_pol - loss_sft})
+                        "eval/alignment_tax": loss_pol - loss_sft,
+                        "eval/alignment_tax_rel": (loss_pol - loss_sft) / loss_sft if loss_sft > 0 else None})
 
         # 5. champion/challenger: the registered champion answers the same prompts; the gate
         champ = ctx.tracker.load_registered(model_name(ctx.registered_model, "policy"), CHAMPION)
         if champ is not None:
             summary.update(champion_comparison(ecfg, gate.champion_prompts, ctx.seed, champ, rows,
-                                               out["policy"]["text"], rm, fmt, device, ctx.judge,
-                                               load=ctx.tracker.load_components))
+                                               out["policy"]["text"], rm, fmt, device, judge,
+                                               load=ctx.tracker.load_components, confidence=gate.confidence))
         summary["gate/passed"], summary["gate/reasons"] = gate_decision(summary, gate)
 
         # 6. log: the samples table and every number
         columns = (prompts, out["sft"]["text"], out["policy"]["text"], out["sft"]["rm"], out["policy"]["rm"],
                    golds["sft"], golds["policy"])
-        table = [dict(zip(("prompt", "sft", "policy", "rm_sft", "rm_policy", "gold_sft", "gold_policy"), row))
+        table = [dict(zip(("prompt", "sft", "policy", "rm_sft", "rm_policy", "judge_sft", "judge_policy"), row))
                  for row in zip(*columns)]
         ctx.tracker.log_table(table[: ecfg.table_rows], "eval_samples.json")
         ctx.tracker.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}, step=0)

@@ -1,20 +1,24 @@
 """PPO against the reward model with a KL penalty to the SFT policy (InstructGPT step 3).
 
 Per-token reward: -beta * KL_t(policy || SFT) at every response token, plus the
-reward-model score at the last one (Ziegler et al. 2019; InstructGPT eq. 2 without the
-pretraining mix). Advantages by GAE(gamma, lambda), whitened per rollout batch. The
-value model starts from the reward model (InstructGPT) and has its own optimiser.
-Beta is fixed or adapted toward a target KL.
+reward-model score at the last one (Ziegler et al. 2019). Advantages by GAE(gamma,
+lambda), whitened per rollout batch. The value model starts from the reward model
+(InstructGPT) and has its own optimiser. Beta is fixed or adapted toward a target KL.
 
-The judge (when the run has one) scores rollouts every `gold_log_every` updates for
-monitoring only: it never enters the loss, so a user sees proxy reward rising while
-gold falls (over-optimisation).
+PPO-ptx (InstructGPT eq. 2, `stages/ptx.py`): each policy step also takes `ptx_coef`
+times the mean token NLL of a batch of demonstrations (or the text of `data.ptx_path`),
+in the same optimizer step, logged as ppo/ptx_loss.
+
+Over-optimisation control (`stages/selection.py`): every `judge_every` updates the
+run's independent judge (never this reward model) scores the policy on a fixed prompt
+set; the best-judged weights are saved (`select: judge`) and the stage stops early when
+the judge falls while the proxy rises. The judge never enters the loss.
 
 Each update, in named phases:
   1. `make_experience`: sample responses (KV cache), score them (old log-probs,
      reference log-probs, values, reward-model scores), shape rewards, GAE, whiten
-  2. `ppo_update`: `ppo_epochs` passes over shuffled minibatches, policy and value
-  3. `kl_ctl.update`, then `ppo_metrics`, gold monitoring
+  2. `ppo_update`: `ppo_epochs` passes over shuffled minibatches, policy (+ ptx) and value
+  3. `kl_ctl.update`, then `ppo_metrics`, gold monitoring, the judge and selection when due
   4. log / checkpoint (`rlhf.train.loop.Loop`)
 
 On several GPUs each process rolls out and trains on its slice of every batch; policy
@@ -33,9 +37,11 @@ from rlhf.math import (
     AdaptiveKLController, FixedKLController, gae, masked_mean, masked_sum, masked_whiten, normalize_scores,
     ppo_policy_loss, ppo_value_loss, score_stats, shaped_rewards,
 )
-from rlhf.models.rollout import Rollout, decode_responses, response_logprobs, response_values, rewards
+from rlhf.models.rollout import Rollout, response_logprobs, response_values, rewards
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.ppo_models import PPOModels, forward_batch_size, load_models, score_rollout
+from rlhf.stages.ptx import PtxData, ptx_data
+from rlhf.stages.selection import Selection, gold_of_rollouts
 from rlhf.train.distributed import Dist, check_divisible, setup
 from rlhf.train.loop import Loop, StepLoss, accumulate
 from rlhf.train.progress import Timer
@@ -98,13 +104,18 @@ def make_experience(models: PPOModels, prompts: list[list[int]], pcfg, norm: tup
     return Experience(rollout, mask, old_logprobs, ref_logprobs, old_values, raw, score, kl, adv, ret, gen_s, score_s)
 
 
-def ppo_update(exp: Experience, models: PPOModels, pcfg, dist: Dist) -> dict[str, float]:
+def ppo_update(exp: Experience, models: PPOModels, pcfg, dist: Dist, ptx: PtxData | None = None,
+               update: int = 0) -> dict[str, float]:
     """`ppo_epochs` passes over shuffled minibatches: one policy and one value step each
     (clipped surrogate, clipped value loss; `accumulate` splits a minibatch into
-    `grad_accum_steps` micro-batches, losses weighted by their response tokens);
-    returns each statistic's mean."""
+    `grad_accum_steps` micro-batches, losses weighted by their response tokens). With
+    `ptx`, each policy step also takes `ptx_coef` x the SFT loss of the next ptx batch
+    (its position is the global policy-step count, so a resumed run sees the same
+    batches). Returns each statistic's mean."""
     stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy",
                                                      "vf_clipfrac")}
+    if ptx is not None:
+        stats["ptx_loss"] = []
     batch, minibatch = pcfg.rollout_batch_size // dist.world, pcfg.minibatch_size // dist.world  # this rank's share
 
     def tokens(idx: list[int]) -> float:
@@ -122,11 +133,14 @@ def ppo_update(exp: Experience, models: PPOModels, pcfg, dist: Dist) -> dict[str
         loss, st = ppo_value_loss(values, exp.values[idx], exp.returns[idx], exp.mask[idx], pcfg.value_clip_eps)
         return StepLoss(loss, len(idx), {"vf_clipfrac": float(st["vf_clipfrac"])})
 
-    for _ in range(pcfg.ppo_epochs):
+    steps_per_update = pcfg.ppo_epochs * (batch // minibatch)
+    for epoch in range(pcfg.ppo_epochs):
         perm = torch.randperm(batch)
         for start in range(0, batch, minibatch):
             j = perm[start:start + minibatch].tolist()
-            _, pg = accumulate(models.policy, j, policy_loss, tokens)
+            aux = None if ptx is None else ptx.objective(update * steps_per_update + epoch * (batch // minibatch)
+                                                         + start // minibatch)
+            _, pg = accumulate(models.policy, j, policy_loss, tokens, aux)
             _, vf = accumulate(models.value, j, value_loss, tokens)
             for k, val in {"pg_loss": float(pg.loss), "vf_loss": float(vf.loss), **pg.metrics, **vf.metrics}.items():
                 stats[k].append(val)
@@ -157,12 +171,27 @@ def reward_norm(models: PPOModels, prompts: list[list[int]], pcfg, dist: Dist) -
     return score_stats(scores, mean_reduce=dist.mean_dict if dist.world > 1 else None)
 
 
+def kl_controller(kcfg):
+    """Beta: adapted toward a target KL (Ziegler et al. 2019), or fixed."""
+    return (AdaptiveKLController(kcfg.init_coef, kcfg.target, kcfg.horizon) if kcfg.adaptive
+            else FixedKLController(kcfg.init_coef))
+
+
+def first_start(ctx: StageContext, loop: Loop, models: PPOModels, first: list[list[int]], select: Selection,
+                dist: Dist) -> None:
+    """Before the first update (not on resume): the RM score's statistics on SFT samples
+    of the `first` prompts (policy == SFT now), and the judge's view of SFT."""
+    if ctx.config.normalize_reward:
+        loop.state["reward_mean"], loop.state["reward_std"] = reward_norm(models, dist.shard(first), ctx.config, dist)
+    ctx.tracker.log_metrics(select(loop.state, 0), step=0)
+
+
 def run(ctx: StageContext) -> StageResult:
     timer, pcfg = Timer(), ctx.config
     dist = setup(ctx.runtime, ctx.settings)
     prep = PrepData(ctx.prep_store)
     with ctx.tracker.stage_run(ctx.name, ctx.params, store=ctx.store):
-        # models, prompts, KL controller; resume (or measure the RM score on SFT samples)
+        # models, prompts, ptx data, the judge, KL controller; resume (or measure the RM score on SFT samples)
         seed_everything(ctx.seed + 2)
         B, mb = pcfg.rollout_batch_size, pcfg.minibatch_size
         check_divisible({"ppo.rollout_batch_size": B, "ppo.minibatch_size": mb}, dist.world, pcfg.grad_accum_steps)
@@ -170,18 +199,20 @@ def run(ctx: StageContext) -> StageResult:
         rows = prep.rows("prompt_train")
         prompt_ids = [models.fmt.prompt_ids(r) for r in rows]
         sampler = PromptSampler(len(rows), ctx.seed + 2)
-        kl_ctl = (AdaptiveKLController(pcfg.kl.init_coef, pcfg.kl.target, pcfg.kl.horizon) if pcfg.kl.adaptive
-                  else FixedKLController(pcfg.kl.init_coef))
+        ptx = ptx_data(ctx, prep, models, dist)
+        select = Selection(ctx, models, rows, prompt_ids, dist)
+        kl_ctl = kl_controller(pcfg.kl)
+        best = {"best": select.best} if select.best else {}
         loop = Loop(ctx.name, total=pcfg.updates, checkpoint_every=pcfg.checkpoint_every,
-                    models={"policy": models.policy, "value": models.value},
-                    state={"reward_mean": 0.0, "reward_std": 1.0},
+                    models={"policy": models.policy, "value": models.value, **best},
+                    state={"reward_mean": 0.0, "reward_std": 1.0, "stopped": False, "judge": Selection.initial_state()},
                     store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                     quiet=ctx.quiet)
         if loop.resume():
             kl_ctl.load_state_dict(loop.state["kl_ctl"])
-        elif pcfg.normalize_reward:  # statistics of the RM score on SFT samples (policy == SFT now)
-            first = [prompt_ids[i] for i in dist.shard(sampler.indices(0, min(4 * B, len(rows))))]
-            loop.state["reward_mean"], loop.state["reward_std"] = reward_norm(models, first, pcfg, dist)
+        else:
+            first_start(ctx, loop, models, [prompt_ids[i] for i in sampler.indices(0, min(4 * B, len(rows)))],
+                        select, dist)
 
         metrics: dict[str, float] = {}
         for update in loop:
@@ -190,10 +221,10 @@ def run(ctx: StageContext) -> StageResult:
             idx = dist.shard(sampler.indices(update * B, B))
             exp = make_experience(models, [prompt_ids[i] for i in idx], pcfg,
                                   (loop.state["reward_mean"], loop.state["reward_std"]), kl_ctl.value, dist)
-            # 2. optimise
-            stats = ppo_update(exp, models, pcfg, dist)
+            # 2. optimise (policy with its ptx batch, value)
+            stats = ppo_update(exp, models, pcfg, dist, ptx, update)
             train_s = t0() - exp.gen_s - exp.score_s
-            # 3. KL controller, metrics, gold monitoring (rank 0's rollouts)
+            # 3. KL controller, metrics, gold monitoring (rank 0's rollouts), the judge and selection when due
             seq_kl = dist.mean(float(masked_sum(exp.kl, exp.mask, dim=1).mean()))  # the same beta on every rank
             beta = kl_ctl.value
             kl_ctl.update(seq_kl, B)
@@ -201,15 +232,17 @@ def run(ctx: StageContext) -> StageResult:
             step = loop.advance(B, gen=exp.gen_s, score=exp.score_s, train=train_s)
             metrics = ppo_metrics(exp, stats, seq_kl, beta, {"total": t0(), "train": train_s}, dist)
             if dist.main and (update % pcfg.gold_log_every == 0 or step == pcfg.updates):
-                texts = decode_responses(models.tok, exp.rollout)
-                golds = [ctx.judge.score(rows[i].prompt, text) for i, text in zip(idx, texts)]
-                if all(g is not None for g in golds):
-                    metrics["ppo/gold_score"] = sum(golds) / len(golds)
+                metrics.update(gold_of_rollouts(ctx, models, exp.rollout, rows, idx))
+            if step % pcfg.judge_every == 0 or step == pcfg.updates:
+                metrics.update(select(loop.state, step))
             # 4. log / checkpoint
             loop.end_step(metrics, rm=f"{metrics['ppo/reward']:.2f}", kl=f"{seq_kl:.2f}", beta=f"{beta:.3f}",
-                          gold=f"{metrics.get('ppo/gold_score', float('nan')):.2f}")
+                          judge=f"{loop.state['judge']['curve'][-1][1]:.2f}")
 
+        # 5. save the selected policy: the best-judged weights, or the last
+        selected = select.finish(loop.state, loop.step, ctx.tracker)
         model_uri = save_trained(models.policy, models.tok, ctx.store, "ppo/model", ctx.tracker, "policy")
     return StageResult({"wall_s": timer(), "tracking_s": ctx.tracker.seconds, **loop.result("episodes"),
                         "updates": loop.step, "final_beta": kl_ctl.value, "last_metrics": metrics,
-                        "model_uri": model_uri, "mlflow_run_id": ctx.tracker.run_id})
+                        **select.result(loop.state, selected), "model_uri": model_uri,
+                        "mlflow_run_id": ctx.tracker.run_id})

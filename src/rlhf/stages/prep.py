@@ -6,7 +6,8 @@ Steps:
   3. de-duplicate, split train/eval by prompt hash
   4. tokenizer: trained on the run's own text when the model is built from a config
   5. length filtering in tokens, as the model sees them (chat template included), with
-     counts; fails above `data.max_truncate_rate`
+     counts; fails above `data.max_truncate_rate`; the split's salt is `data.split_salt`,
+     the same for every seed (PPO-ptx text is not split, and is cut to length by PPO)
   6. commit `prep/` (data, tokenizer, report) in one go: a failure writes nothing
 """
 
@@ -47,6 +48,8 @@ def read_sources(ctx: StageContext, tmp: Path) -> tuple[dict, dict, dict]:
         sources = {"sft": dcfg.sft_path, "preference": dcfg.preference_path}
         if dcfg.prompt_path:
             sources["prompt"] = dcfg.prompt_path
+    if dcfg.ptx_path:
+        sources["ptx"] = dcfg.ptx_path
     rows, reports = {}, {}
     for kind, src in sources.items():
         rows[kind], rep = read_rows(src, kind, max_reject_rate=dcfg.max_reject_rate, max_chars=dcfg.max_chars,
@@ -113,7 +116,7 @@ def run(ctx: StageContext) -> StageResult:
         out = tmp / "prep"
         out.mkdir()
         if ctx.model.name_or_path is None:
-            all_rows = rows["sft"] + rows["preference"] + rows["prompt"]
+            all_rows = rows["sft"] + rows["preference"] + rows["prompt"] + rows.get("ptx", [])
             tok = train_tokenizer(_texts(all_rows), ctx.model.vocab_size, out / "tokenizer")
             model_dir, context = None, ctx.model.max_position_embeddings
         else:
@@ -128,11 +131,14 @@ def run(ctx: StageContext) -> StageResult:
         limits = length_limits(dcfg, context)
         splits = {}
         for kind in rows:
+            if kind == "ptx":  # PPO-ptx text: all of it trains, each row cut to max_total_tokens by PPO
+                splits["ptx_train"] = rows[kind]
+                continue
             kept, counts = filter_by_length(rows[kind], measure, limits["max_prompt_tokens"],
                                             limits["max_total_tokens"])
             reports[kind]["length_filter"] = counts
             check_over_long(kind, sources.get(kind, "sft prompts"), counts, limits, dcfg.max_truncate_rate)
-            train, evl = split_by_hash(kept, dcfg.eval_fraction, salt=str(ctx.seed))
+            train, evl = split_by_hash(kept, dcfg.eval_fraction, salt=dcfg.split_salt)
             if not train or not evl:
                 raise DataError(f"{kind} data from {sources.get(kind, 'sft prompts')}: too few rows after filtering "
                                  f"({len(train)} train / {len(evl)} eval); add data or lower data.eval_fraction")

@@ -11,6 +11,11 @@ Held-out accuracy is reported twice: against the labels in the data (`rm/label_a
 and, when the run has a judge, against the judge on the pairs it does not tie
 (`rm/accuracy`): the labels are noisy, the judge is the truth.
 
+Without a gold judge (user data), `judge_fraction` of the training comparisons (by
+prompt hash) train a second reward model that the PPO reward model never saw: the
+run's independent judge (`rlhf.stages.judging`), saved as `reward/judge_model`, its
+held-out accuracy reported as `rm/judge_accuracy`.
+
 For the built-in task, comparisons of the SFT model's own samples are collected from
 the task's simulated labelers first (`rlhf.data.tasks.labelling`).
 
@@ -29,7 +34,10 @@ from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, pair_
 from rlhf.models.batching import pad_right
 from rlhf.models.chat import ChatFormat, chat_format
 from rlhf.models.loading import apply_lora
+from rlhf.data.processing import split_by_hash
+from rlhf.data.readers import DataError
 from rlhf.stages.contract import StageContext, StageResult
+from rlhf.stages.judging import JUDGE_MODEL_KEY, scores_everything
 from rlhf.stages.scoring import score_sequences
 from rlhf.train.distributed import check_divisible, setup
 from rlhf.train.loop import Batches, Evaluation, Loop, StepLoss, fit
@@ -115,61 +123,95 @@ def labelled_samples(ctx: StageContext, prep: PrepData, fmt: ChatFormat, sft_dir
     return policy_comparisons(*args, **kw)
 
 
+def fit_reward_model(ctx: StageContext, name: str, sft_dir: str, tok, fmt: ChatFormat, train_rows: list,
+                     eval_sets: dict, dist) -> tuple:
+    """Train one reward model (SFT backbone + scalar head) on `train_rows` as the loop
+    `name` (its checkpoints and resume); returns it, its loop and its held-out accuracy
+    on every evaluation set (labels and judge)."""
+    rcfg, device = ctx.config, dist.device
+    seed_everything(ctx.seed + 1)
+    model = apply_lora(load_reward_model(sft_dir, ctx.model, tok.pad_token_id), ctx.model, "SEQ_CLS")
+    train = encode_pairs(fmt, train_rows)
+    batches = Batches(train, rcfg.batch_size, ctx.seed + 1, [len(c) + len(r) for c, r in train],
+                      rcfg.group_by_length, dist)
+    total = rcfg.epochs * batches.steps_per_epoch
+    if rcfg.max_steps:
+        total = min(total, rcfg.max_steps)
+
+    # optimiser + schedule (DeepSpeed across GPUs); resume; train
+    check_divisible({"reward.batch_size": rcfg.batch_size}, dist.world, rcfg.grad_accum_steps)
+    model = make_trainable(model, dist, ctx.runtime.distributed, rcfg, total_steps=total,
+                           batch_size=rcfg.batch_size, precision=ctx.runtime.precision)
+    loop = Loop(name, total=total, checkpoint_every=rcfg.checkpoint_every, models={"model": model}, state={},
+                store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
+                quiet=ctx.quiet)
+    loop.resume()
+
+    def accuracy(step: int) -> dict[str, float]:
+        return heldout_accuracy(model.module, *eval_sets[""], tok.pad_token_id, device, ctx.judge)
+
+    prefix = "rm" if name == ctx.name else "rm_judge"
+    fit(loop, model, batches, RewardSteps(model, tok.pad_token_id, device, dist, rcfg).loss, prefix=prefix,
+        evaluation=Evaluation(due=lambda step: step % batches.steps_per_epoch == 0 or step == total,
+                              run=accuracy, unit="pairs"))
+    final = {}
+    for suffix, (rows, pairs) in eval_sets.items():
+        with model.autocast():
+            metrics = heldout_accuracy(model.module, rows, pairs, tok.pad_token_id, device, ctx.judge)
+        final.update({f"{k}{suffix}": v for k, v in metrics.items()})
+    model.module.config.problem_type = "regression"  # pipelines return the raw score, no sigmoid
+    return model, loop, final
+
+
+def judge_split(ctx: StageContext, train_rows: list, eval_rows: list) -> tuple[list, list]:
+    """(the PPO reward model's comparisons, the held-out judge's): a disjoint share
+    `judge_fraction` by prompt hash when the run has no gold judge, else none."""
+    if not ctx.config.judge_fraction or scores_everything(ctx.judge, eval_rows[:50]):
+        return train_rows, []
+    proxy, held = split_by_hash(train_rows, ctx.config.judge_fraction, salt="rlhf-judge-v1")
+    if not proxy or not held:
+        raise DataError(f"reward.judge_fraction={ctx.config.judge_fraction}: {len(proxy)} comparisons for the PPO "
+                        f"reward model and {len(held)} for the held-out judge; add comparisons or set "
+                        "reward.judge_fraction=0")
+    return proxy, held
+
+
 def run(ctx: StageContext) -> StageResult:
     timer, rcfg = Timer(), ctx.config
     dist = setup(ctx.runtime, ctx.settings)
-    device = dist.device
     prep = PrepData(ctx.prep_store)
     with ctx.tracker.stage_run(ctx.name, ctx.params, store=ctx.store):
-        # 1. model from SFT + scalar head
-        seed_everything(ctx.seed + 1)
+        # 1. the SFT model's tokenizer and format
         sft_dir = str(ctx.store.get_dir("sft/model"))
         tok = load_tokenizer(sft_dir, ctx.model)
         fmt = chat_format(tok, ctx.model, sft_dir)
-        model = apply_lora(load_reward_model(sft_dir, ctx.model, tok.pad_token_id), ctx.model, "SEQ_CLS")
 
-        # 2. data: offline pairs, plus labelled comparisons of SFT samples (built-in task)
+        # 2. data: offline pairs, plus labelled comparisons of SFT samples (built-in task);
+        #    without a gold judge, a disjoint share of the pairs for the held-out judge
         train_rows, eval_rows = prep.rows("preference_train"), prep.rows("preference_eval")
         policy_eval_rows = []
         if ctx.task is not None and rcfg.policy_comparisons:
             comp = labelled_samples(ctx, prep, fmt, sft_dir, dist)
             train_rows, policy_eval_rows = train_rows + comp["train"], comp["eval"]
-            seed_everything(ctx.seed + 1)
+        train_rows, judge_rows = judge_split(ctx, train_rows, eval_rows)
         eval_sets = {"": eval_rows + policy_eval_rows, "_offline": eval_rows, "_policy_samples": policy_eval_rows}
         eval_sets = {k: (rows, encode_pairs(fmt, rows)) for k, rows in eval_sets.items() if rows}
-        train = encode_pairs(fmt, train_rows)
-        batches = Batches(train, rcfg.batch_size, ctx.seed + 1, [len(c) + len(r) for c, r in train],
-                          rcfg.group_by_length, dist)
-        total = rcfg.epochs * batches.steps_per_epoch
-        if rcfg.max_steps:
-            total = min(total, rcfg.max_steps)
 
-        # 3. optimiser + schedule (DeepSpeed across GPUs); resume; train
-        check_divisible({"reward.batch_size": rcfg.batch_size}, dist.world, rcfg.grad_accum_steps)
-        model = make_trainable(model, dist, ctx.runtime.distributed, rcfg, total_steps=total,
-                               batch_size=rcfg.batch_size, precision=ctx.runtime.precision)
-        loop = Loop(ctx.name, total=total, checkpoint_every=rcfg.checkpoint_every, models={"model": model}, state={},
-                    store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
-                    quiet=ctx.quiet)
-        loop.resume()
-
-        def accuracy(step: int) -> dict[str, float]:
-            return heldout_accuracy(model.module, *eval_sets[""], tok.pad_token_id, device, ctx.judge)
-
-        fit(loop, model, batches, RewardSteps(model, tok.pad_token_id, device, dist, rcfg).loss, prefix="rm",
-            evaluation=Evaluation(due=lambda step: step % batches.steps_per_epoch == 0 or step == total,
-                                  run=accuracy, unit="pairs"))
-
-        # 4. held-out accuracy (labels and judge), on every evaluation set
-        final = {}
-        for suffix, (rows, pairs) in eval_sets.items():
-            with model.autocast():
-                metrics = heldout_accuracy(model.module, rows, pairs, tok.pad_token_id, device, ctx.judge)
-            final.update({f"{k}{suffix}": v for k, v in metrics.items()})
+        # 3. the PPO reward model; 4. the held-out judge (its accuracy as rm/judge_*)
+        model, loop, final = fit_reward_model(ctx, ctx.name, sft_dir, tok, fmt, train_rows, eval_sets, dist)
+        if judge_rows:
+            judge, _, jfinal = fit_reward_model(ctx, f"{ctx.name}_judge", sft_dir, tok, fmt, judge_rows,
+                                                {"": eval_sets[""]}, dist)
+            final.update({"rm/judge_accuracy": jfinal["rm/accuracy"], "rm/judge_label_accuracy":
+                          jfinal["rm/label_accuracy"], "rm/judge_pairs": float(len(judge_rows))})
         ctx.tracker.log_metrics(final, step=loop.step)
 
-        # 5. save (problem_type "regression": pipelines return the raw score, no sigmoid)
-        model.module.config.problem_type = "regression"
+        # 5. save (the judge beside it, in the run's store only)
         model_uri = save_trained(model, tok, ctx.store, "reward/model", ctx.tracker, "reward")
+        if judge_rows:
+            save_trained(judge, tok, ctx.store, JUDGE_MODEL_KEY, None, "reward")
+        elif dist.main and ctx.store.is_committed(JUDGE_MODEL_KEY):
+            ctx.store.delete(JUDGE_MODEL_KEY)  # an earlier attempt's judge, not this config's
     return StageResult({"wall_s": timer(), "tracking_s": ctx.tracker.seconds, **loop.result("pairs"), **final,
+                        "proxy_pairs": len(train_rows), "judge_pairs": len(judge_rows),
                         "model_uri": model_uri, "mlflow_run_id": ctx.tracker.run_id})

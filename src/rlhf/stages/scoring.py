@@ -1,6 +1,7 @@
-"""Measurements that several stages take the same way: the SFT loss of held-out
-demonstrations (SFT's early stopping, eval's alignment tax) and reward-model scores
-of token sequences (reward's held-out accuracy) or of prompt + response texts (eval).
+"""Measurements that several stages take the same way: the SFT loss of a batch of
+demonstrations (SFT's step, PPO-ptx) and of held-out ones (SFT's early stopping,
+eval's alignment tax), and reward-model scores of token sequences (reward's held-out
+accuracy) or of prompt + response texts (eval, the held-out reward model as judge).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.math import sft_loss
-from rlhf.models import sequence_scores
+from rlhf.models import Segment, pack, sequence_scores
 from rlhf.models.batching import pad_right
 from rlhf.models.chat import ChatFormat, targets_mask
 
@@ -25,6 +26,33 @@ def collate_demonstrations(batch, pad_id: int, device) -> tuple[torch.Tensor, to
     for i, (seq, targets) in enumerate(batch):
         loss_mask[i, :len(seq)] = torch.tensor(targets_mask(seq, targets))  # (B, T)
     return ids.to(device), attn.to(device), loss_mask.to(device)
+
+
+def collate_packed(batch, pad_id: int, device) -> tuple[dict, torch.Tensor, int]:
+    """The batch packed into fewer rows (`models.heads.pack`): model inputs (ids, block
+    attention mask, restarted positions), the loss mask, and the real token count. The
+    first token of each sequence is never a label (as in the padded layout), so no loss
+    crosses from one packed sequence into the next."""
+    b = pack([Segment(ids) for ids, _ in batch], pad_id)
+    loss_mask = torch.zeros_like(b["input_ids"])
+    for (ids, targets), (r, o) in zip(batch, b["where"]):
+        loss_mask[r, o:o + len(ids)] = torch.tensor(targets_mask(ids, targets))
+    inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
+    return inputs, loss_mask.to(device), sum(len(ids) for ids, _ in batch)
+
+
+def loss_tokens(batch) -> int:
+    """Tokens the SFT loss of `batch` averages over (the answers'; never a first token)."""
+    return sum(sum(targets_mask(ids, targets)) for ids, targets in batch)
+
+
+def batch_loss(model, batch, pad_id: int, device, packed: bool) -> tuple[torch.Tensor, int]:
+    """SFT loss of a batch (packed or padded) and its real token count."""
+    if packed:
+        inputs, lm, n = collate_packed(batch, pad_id, device)
+        return sft_loss(model(**inputs).logits, inputs["input_ids"], lm)[0], n
+    ids, attn, lm = collate_demonstrations(batch, pad_id, device)
+    return sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, lm)[0], int(attn.sum())
 
 
 @torch.no_grad()

@@ -19,45 +19,17 @@ from __future__ import annotations
 import torch
 
 from rlhf.data.prepared import PrepData
-from rlhf.math import sft_loss
-from rlhf.models import Segment, build_causal_lm, load_causal_lm, load_tokenizer, pack
-from rlhf.models.chat import ChatFormat, stop_ids, targets_mask
+from rlhf.models import build_causal_lm, load_causal_lm, load_tokenizer
+from rlhf.models.chat import ChatFormat, stop_ids
 from rlhf.models.loading import apply_lora
 from rlhf.stages.contract import StageContext, StageResult
-from rlhf.stages.scoring import collate_demonstrations, encode_demonstrations, heldout_loss
+from rlhf.stages.scoring import batch_loss, encode_demonstrations, heldout_loss, loss_tokens
 from rlhf.train.distributed import check_divisible, setup
 from rlhf.train.loop import Batches, Evaluation, Loop, StepLoss, fit
 from rlhf.train.packing import packed_layout_works
 from rlhf.train.progress import Timer
 from rlhf.train.seed import seed_everything
 from rlhf.train.trainable import make_trainable, save_trained
-
-
-def collate_packed(batch, pad_id: int, device) -> tuple[dict, torch.Tensor, int]:
-    """The batch packed into fewer rows (`models.heads.pack`): model inputs (ids, block
-    attention mask, restarted positions), the loss mask, and the real token count. The
-    first token of each sequence is never a label (as in the padded layout), so no loss
-    crosses from one packed sequence into the next."""
-    b = pack([Segment(ids) for ids, _ in batch], pad_id)
-    loss_mask = torch.zeros_like(b["input_ids"])
-    for (ids, targets), (r, o) in zip(batch, b["where"]):
-        loss_mask[r, o:o + len(ids)] = torch.tensor(targets_mask(ids, targets))
-    inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
-    return inputs, loss_mask.to(device), sum(len(ids) for ids, _ in batch)
-
-
-def loss_tokens(batch) -> int:
-    """Tokens the SFT loss of `batch` averages over (the answers'; never a first token)."""
-    return sum(sum(targets_mask(ids, targets)) for ids, targets in batch)
-
-
-def batch_loss(model, batch, pad_id: int, device, packed: bool) -> tuple[torch.Tensor, int]:
-    """SFT loss of a batch (packed or padded) and its real token count."""
-    if packed:
-        inputs, lm, n = collate_packed(batch, pad_id, device)
-        return sft_loss(model(**inputs).logits, inputs["input_ids"], lm)[0], n
-    ids, attn, lm = collate_demonstrations(batch, pad_id, device)
-    return sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, lm)[0], int(attn.sum())
 
 
 class SFTSteps:

@@ -120,30 +120,53 @@ def micro_batches(items: list, n: int) -> list[list]:
     return out
 
 
+@dataclass
+class Auxiliary:
+    """A second objective in the same optimizer step (PPO-ptx: the SFT loss of a batch of
+    demonstrations beside the policy loss): its items, its loss, what that loss averages
+    over, and its coefficient; its loss is reported as the metric `name`."""
+
+    items: list
+    loss_fn: Callable[[list], StepLoss]
+    weigh: Callable[[list], float]
+    coef: float
+    name: str
+
+
 def accumulate(model: Trainable, items: list, loss_fn: Callable[[list], StepLoss],
-               weigh: Callable[[list], float]) -> tuple[float, StepLoss]:
+               weigh: Callable[[list], float], aux: Auxiliary | None = None) -> tuple[float, StepLoss]:
     """One optimizer step of `model` over `items` (this rank's share of a batch) in
     `model.grad_accum` micro-batches. `weigh(part)` is what the loss of a part averages
     over (its loss tokens, its pairs); each part's mean loss is scaled by its weight's
     share of the whole, so the step's gradient is that of the batch's mean loss. With one
-    micro-batch the scale is exactly 1. Returns the gradient norm and the batch's loss,
-    units and metrics (weighted means of the parts')."""
-    parts = micro_batches(items, model.grad_accum)
-    weights = [float(weigh(p)) for p in parts]
-    total = sum(weights) or 1.0
-    loss, units, metrics, postfix = None, 0.0, {}, {}
-    for i, (part, w) in enumerate(zip(parts, weights)):
-        model.micro_batch(last=i == len(parts) - 1)
-        with model.autocast():
-            out = loss_fn(part)
-        share = w / total
-        model.backward(out.loss, share)
-        part_loss = out.loss.detach().float() * share if share != 1.0 else out.loss.detach().float()
-        loss = part_loss if loss is None else loss + part_loss
-        units += out.units
-        for k, v in out.metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + (v * share if share != 1.0 else v)
-        postfix = out.postfix
+    micro-batch the scale is exactly 1. `aux` adds `coef` times a second objective's
+    batch mean loss, in as many micro-batches, to the same step. Returns the gradient
+    norm and the batch's loss, units and metrics (weighted means of the parts'; the
+    auxiliary loss under its name)."""
+    groups = [(micro_batches(items, model.grad_accum), loss_fn, weigh, 1.0, None)]
+    if aux is not None and aux.items:
+        groups.append((micro_batches(aux.items, model.grad_accum), aux.loss_fn, aux.weigh, aux.coef, aux.name))
+    n_parts = sum(len(g[0]) for g in groups)
+    loss, units, metrics, postfix, done = None, 0.0, {}, {}, 0
+    for parts, fn, weigh_fn, coef, name in groups:
+        weights = [float(weigh_fn(p)) for p in parts]
+        total = sum(weights) or 1.0
+        for part, w in zip(parts, weights):
+            done += 1
+            model.micro_batch(last=done == n_parts)
+            with model.autocast():
+                out = fn(part)
+            share = w / total
+            model.backward(out.loss, share * coef)
+            part_loss = out.loss.detach().float() * share if share != 1.0 else out.loss.detach().float()
+            if name is not None:
+                metrics[name] = metrics.get(name, 0.0) + float(part_loss)
+                continue
+            loss = part_loss if loss is None else loss + part_loss
+            units += out.units
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + (v * share if share != 1.0 else v)
+            postfix = out.postfix
     return model.optimizer_step(), StepLoss(loss, units, metrics, postfix)
 
 

@@ -230,7 +230,8 @@ class Trainable:
 
 def save_trained(model: Trainable, tok, store, key: str, tracker, kind: str) -> str | None:
     """Rank 0 writes the trained model (safetensors + tokenizer) to `key` in the store
-    and logs it to MLflow as `kind`; returns its MLflow URI (None on other ranks).
+    and logs it to MLflow as `kind` (not without a `tracker`); returns its MLflow URI
+    (None on other ranks).
     Every rank calls it: under ZeRO-3 all of them take part in gathering the weights."""
     from rlhf.models import save_model
 
@@ -238,7 +239,7 @@ def save_trained(model: Trainable, tok, store, key: str, tracker, kind: str) -> 
         if model.dist.main:
             with tempfile.TemporaryDirectory() as tmp:
                 store.put_dir(save_model(model.module, tok, Path(tmp) / "model"), key)
-    return tracker.log_model(store.get_dir(key), kind) if model.dist.main else None
+    return tracker.log_model(store.get_dir(key), kind) if model.dist.main and tracker is not None else None
 
 
 def frozen(model: torch.nn.Module, dist: Dist, dcfg: DistributedConfig, precision: str = "fp32") -> torch.nn.Module:
