@@ -139,7 +139,7 @@ def test_ppo_accumulated_gradients_equal_the_large_minibatch():
     for policy, value in zip(policies, values):
         gp, gv = _grads_of_next_step(policy), _grads_of_next_step(value)
         torch.manual_seed(4)  # the same shuffle
-        stats[policy.grad_accum] = ppo_update(exp, PPOModels(policy, value, None, None, Tok, False), pcfg, CPU)
+        stats[policy.grad_accum] = ppo_update(exp, PPOModels(policy, value, None, None, Tok, False, None), pcfg, CPU)
         grads[policy.grad_accum] = (gp, gv)
     assert mask.sum(1).min() < mask.sum(1).max()  # responses of different lengths: token weighting matters
     for k in stats[1]:

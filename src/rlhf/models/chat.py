@@ -104,7 +104,8 @@ class ChatFormat:
         if self.all_turns and any(t["role"] == "assistant" for t in turns[1:]):
             return self._all_turns(convo)
         head = self._render(turns, prompt=True)
-        return self._ids(head) + self._answer(head, convo), len(self._ids(head))
+        head_ids = self._ids(head)
+        return head_ids + self._answer(head, convo), len(head_ids)
 
     def _answer(self, head: str, convo: list[dict]) -> list[int]:
         """The final answer's tokens: what rendering it adds after `head`, through the stop id."""

@@ -195,7 +195,7 @@ def estimate_stage(stage: str, cfg: PipelineConfig, shape: ModelShape, *, device
         weights = 0.0 if (deepspeed and d.offload_params) else split(n_params * w_bytes, 3)
         opt = t * ADAM_STATE_BYTES + (t * 4 if (half and deepspeed) else 0)  # + fp32 master weights
         opt = 0.0 if (deepspeed and d.offload_optimizer) else split(opt, 1)
-        grads = split(t * (4 if not deepspeed or not half else 4), 2)
+        grads = split(t * 4, 2)  # fp32 (DeepSpeed's bf16 / fp16 optimizers keep fp32 gradients too)
         head = shape.vocab * shape.hidden if n_params == shape.params else shape.hidden
         cast = (shape.layers * shape.layer_linear_params + head) * 2 if (half and not deepspeed) else 0
         return {"weights": weights, "optimizer": opt, "gradients": grads, "autocast": cast}

@@ -34,7 +34,7 @@ class PPOModels:
     tok: object
     synced: bool
     """ZeRO-3 "synced" generation: layers gathered in lockstep instead of the whole policy."""
-    fmt: ChatFormat | None = None
+    fmt: ChatFormat
     """How prompts become ids (the SFT model's chat template, or HH text)."""
 
     def rollout(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
