@@ -127,3 +127,28 @@ def test_bf16_trains_every_stage_and_follows_the_fp32_loss_curve(stand_ins, tmp_
     assert worst < 0.02, f"bf16 differs from fp32 by up to {worst:.2%}"
     assert curves["bf16"] != curves["fp32"]  # it did compute in bf16
     assert (tmp_path / "bf16/ppo/model/_COMMITTED").is_file() and (tmp_path / "bf16/eval/result.json").is_file()
+
+
+def test_a_row_the_chat_template_refuses_fails_prep_naming_the_data(stand_ins, tmp_path):
+    """A template that raises on some conversations (as Llama 2's does for roles that do not
+    alternate): prep fails with a DataError naming the data, the row and the fix, writing nothing."""
+    import shutil
+
+    model = tmp_path / "strict"
+    shutil.copytree(stand_ins["qwen2"], model)
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                "{{ raise_exception('System role not supported') }}{% endif %}"
+                "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    (model / "chat_template.jinja").write_text(template)
+    out = tmp_path / "out"
+    r = rlhf(tmp_path, "stage", "prep", *TINY, "--set", f"model.name_or_path={model}",
+             *conversational_data(tmp_path / "data"), "--output", str(out))
+    assert r.returncode != 0
+    assert "the model's chat template cannot render the row" in r.stderr and "System role not supported" in r.stderr
+    assert "model.chat_template=off" in r.stderr and str(tmp_path / "data") in r.stderr
+    assert not (out / "prep" / "_COMMITTED").exists()

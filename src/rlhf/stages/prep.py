@@ -91,6 +91,20 @@ def length_limits(dcfg, context: int | None) -> dict[str, int]:
     return {"max_total_tokens": total, "max_prompt_tokens": dcfg.max_prompt_tokens or total // 2}
 
 
+def rendered(measure, kind: str, source: str):
+    """`measure`, with a chat template's refusal of a row (its own `raise_exception`, a
+    ChatTemplateError) turned into a DataError that names the data and the row."""
+    def run(row):
+        try:
+            return measure(row)
+        except Exception as e:  # noqa: BLE001 - a template may raise anything (jinja2 errors, ValueError)
+            raise DataError(
+                f"{kind} data from {source}: the model's chat template cannot render the row whose prompt starts "
+                f"{row.prompt[:80]!r}: {type(e).__name__}: {e}. Fix the row's turns (e.g. roles that alternate as "
+                "the template requires) or set model.chat_template=off; nothing was written") from None
+    return run
+
+
 def check_over_long(kind: str, source: str, counts: dict, limits: dict, max_rate: float) -> None:
     """DataError (nothing written) when more than `max_rate` of the rows were too long."""
     rate = counts["over_long_rate"]
@@ -128,14 +142,15 @@ def run(ctx: StageContext) -> StageResult:
         fmt = chat_format(tok, ctx.model, model_dir if model_dir and Path(model_dir).is_dir() else None)
         count = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
         measure = fmt.lengths if fmt.templated else text_lengths(count)
+        source_of = lambda kind: sources.get(kind, "sft prompts")  # noqa: E731
         limits = length_limits(dcfg, context)
         splits = {}
         for kind in rows:
             if kind == "ptx":  # PPO-ptx text: all of it trains, each row cut to max_total_tokens by PPO
                 splits["ptx_train"] = rows[kind]
                 continue
-            kept, counts = filter_by_length(rows[kind], measure, limits["max_prompt_tokens"],
-                                            limits["max_total_tokens"])
+            kept, counts = filter_by_length(rows[kind], rendered(measure, kind, source_of(kind)),
+                                            limits["max_prompt_tokens"], limits["max_total_tokens"])
             reports[kind]["length_filter"] = counts
             check_over_long(kind, sources.get(kind, "sft prompts"), counts, limits, dcfg.max_truncate_rate)
             train, evl = split_by_hash(kept, dcfg.eval_fraction, salt=dcfg.split_salt)
