@@ -16,7 +16,8 @@ from rlhf.train.loop import Auxiliary, Batches, StepLoss
 class PtxData:
     """PPO-ptx's data: demonstrations (prep's SFT train split) or the text rows of
     `data.ptx_path` (no chat template: the loss covers every token), cut to the run's
-    `max_total_tokens`, in batches of `ptx_batch_size` whose order is fixed by the seed."""
+    `max_total_tokens`, in batches of `ptx_batch_size` (default a quarter of the minibatch)
+    whose order is fixed by the seed."""
 
     def __init__(self, rows: list, fmt: ChatFormat, pcfg, seed: int, max_tokens: int, dist: Dist):
         plain = ChatFormat(fmt.tok, fmt.mcfg.model_copy(update={"wrap_plain_rows": False}), stops=fmt.stops)
@@ -25,7 +26,7 @@ class PtxData:
             ids, targets = (plain if r.prompt == "" and not r.messages else fmt).demonstration(r)
             data.append((ids[:max_tokens], targets if isinstance(targets, int) else targets[:max_tokens]))
         self.coef, self.pad_id, self.device = pcfg.ptx_coef, fmt.tok.pad_token_id, dist.device
-        self.batches = Batches(data, pcfg.ptx_batch_size or pcfg.minibatch_size, seed, [len(d[0]) for d in data],
+        self.batches = Batches(data, pcfg.ptx_batch_size or max(1, pcfg.minibatch_size // 4), seed, [len(d[0]) for d in data],
                                False, dist)
         self.policy = None
 
