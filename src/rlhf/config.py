@@ -194,7 +194,7 @@ class PPOConfig(OptimConfig):
     minibatch_size: int = Field(32, gt=0, description="Episodes per optimizer step (split into grad_accum_steps micro-batches).")
     generation_batch_size: int | None = Field(None, gt=0, description="Prompts generated together (one KV cache) by each process; empty = its whole share of the rollout batch at once.")
     forward_batch_size: int | None = Field(None, gt=0, description="Episodes per no-grad forward while scoring a rollout (old log-probs, reference, value and reward model): with it set, PPO's peak memory follows it and the generation batch instead of rollout_batch_size. Empty = twice the training micro-batch (2 x minibatch_size / processes / grad_accum_steps), which holds no more than a training step. Splitting these forwards does not change their results (bitwise, on CPU, measured).")
-    ppo_epochs: int = Field(2, gt=0, description="Passes over each rollout batch. 2 rather than 4: half of PPO's compute for a decisive win rate of 0.831 instead of 0.834 on the demo (seed 0, different reward models), which keeps `rlhf run --preset demo` within 10 minutes on 2 cores.")
+    ppo_epochs: int = Field(2, gt=0, description="Passes over each rollout batch. 2 rather than 4: half of PPO's compute for the same quality on the demo (seed 0, one reward model: decisive win rate 0.831 with 2, 0.801 with 4), which keeps `rlhf run --preset demo` within 10 minutes on 2 cores.")
     lr: float = Field(2e-5, gt=0, description="Policy AdamW learning rate.")
     value_lr: float = Field(3e-4, gt=0, description="Value model AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (policy and value).")
@@ -220,7 +220,7 @@ class PPOConfig(OptimConfig):
     judge_every: int = Field(5, gt=0, description="Every N updates (and before the first), sample the fixed judge prompt set with the policy and score it with the run's independent judge (gold, or the held-out reward model; never the PPO reward model): ppo/judge_score beside ppo/judge_proxy and ppo/judge_sqrt_kl on the same samples.")
     judge_prompts: int = Field(128, gt=0, description="Size of the fixed prompt set the judge scores (PPO training prompts, the same ones and the same sampling seed every time).")
     select: Literal["judge", "last"] = Field("judge", description="Which policy the stage saves: the one the judge scored best (checkpoint selection against over-optimisation; its update is in the summary as ppo/selected_update) or the last.")
-    patience: int | None = Field(4, gt=0, description="Stop early after this many judge evaluations in a row below the best judge score while the proxy (PPO reward model) score is above its value at that best: reward hacking has set in. Empty = never stop early.")
+    patience: int | None = Field(4, gt=0, description="Stop early after this many judge evaluations in a row below the best judge score by more than the evaluation's standard error, while the proxy (PPO reward model) score is above its value at that best: reward hacking has set in. Empty = never stop early.")
     checkpoint_every: int = Field(20, gt=0, description="Updates between resumable checkpoints.")
 
     @model_validator(mode="after")

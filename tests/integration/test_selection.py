@@ -31,14 +31,16 @@ def base(tmp_path_factory):
     return root
 
 
-def scripted(monkeypatch, judge: list[float], proxy: list[float]) -> list[int]:
-    """The judge says judge[k] (and the proxy proxy[k]) at its k-th evaluation."""
+def scripted(monkeypatch, judge: list[float], proxy: list[float], se: float = 0.0) -> list[int]:
+    """The judge says judge[k] (and the proxy proxy[k]) at its k-th evaluation, with the
+    standard error `se`."""
     calls = []
 
     def judge_policy(models, judge_, rows, ids, pcfg, dist, seed):
         k = len(calls)
         calls.append(k)
-        return {"ppo/judge_score": judge[k], "ppo/judge_proxy": proxy[k], "ppo/judge_sqrt_kl": 0.1 * k}
+        return {"ppo/judge_score": judge[k], "ppo/judge_proxy": proxy[k], "ppo/judge_sqrt_kl": 0.1 * k,
+                "ppo/judge_se": se}
 
     monkeypatch.setattr(selection, "judge_policy", judge_policy)
     return calls
@@ -90,4 +92,12 @@ def test_no_early_stop_when_the_proxy_falls_with_the_judge(base, tmp_path, monke
     """A judge below its best with the proxy also below its value there is noise, not hacking."""
     scripted(monkeypatch, judge=[0.1, 0.5, 0.8, 0.7, 0.6, 0.5, 0.4], proxy=[0, 1, 2, 1.5, 1.0, 0.5, 0.2])
     res = ppo(base, tmp_path / "nostop", "ppo.updates=6", "ppo.patience=2")
+    assert not res["early_stopped"] and res["updates"] == 6 and res["selected_update"] == 2
+
+
+def test_no_early_stop_on_a_plateau_within_the_judges_noise(base, tmp_path, monkeypatch):
+    """Below the best by less than a standard error: a plateau, not a fall (the proxy rising
+    all along); the best is still the selected policy."""
+    scripted(monkeypatch, judge=[0.1, 0.5, 0.8, 0.78, 0.77, 0.79, 0.76], proxy=[0, 1, 2, 3, 4, 5, 6], se=0.05)
+    res = ppo(base, tmp_path / "plateau", "ppo.updates=6", "ppo.patience=2")
     assert not res["early_stopped"] and res["updates"] == 6 and res["selected_update"] == 2

@@ -40,10 +40,13 @@ def judge_policy(models: PPOModels, judge: IndependentJudge, rows: list, prompt_
                                       part.response_mask.float()))
                 proxy.append(rewards(models.reward, part))
     scores = judge.scores([rows[i] for i in mine], decode_responses(models.tok, ro))
-    tot = dist.sum_dict({"judge": float(scores.sum()), "proxy": float(torch.cat(proxy).float().sum()),
-                         "kl": float(torch.cat(kl).float().sum()), "n": float(len(mine))})
-    return {"ppo/judge_score": tot["judge"] / tot["n"], "ppo/judge_proxy": tot["proxy"] / tot["n"],
-            "ppo/judge_sqrt_kl": max(tot["kl"] / tot["n"], 0.0) ** 0.5}
+    tot = dist.sum_dict({"judge": float(scores.sum()), "judge_sq": float((scores ** 2).sum()),
+                         "proxy": float(torch.cat(proxy).float().sum()), "kl": float(torch.cat(kl).float().sum()),
+                         "n": float(len(mine))})
+    n, mean = tot["n"], tot["judge"] / tot["n"]
+    var = max(tot["judge_sq"] / n - mean * mean, 0.0) * n / max(n - 1, 1)
+    return {"ppo/judge_score": mean, "ppo/judge_se": (var / n) ** 0.5, "ppo/judge_proxy": tot["proxy"] / n,
+            "ppo/judge_sqrt_kl": max(tot["kl"] / n, 0.0) ** 0.5}
 
 
 class Selection:
@@ -63,9 +66,10 @@ class Selection:
 
     def __call__(self, state: dict, step: int) -> dict[str, float]:
         """Judge the policy now (at update 0: SFT, the baseline); keep its weights when they
-        are the best of the updates so far. Sets
-        `stopped` when the judge has stayed below its best for `patience` evaluations in
-        a row while the proxy scored above its value at the best (reward hacking)."""
+        are the best of the updates so far. Sets `stopped` when the judge has stayed below
+        its best by more than a standard error of its mean for `patience` evaluations in a
+        row while the proxy scored above its value at the best (reward hacking; a plateau
+        within the judge's noise does not count)."""
         m = judge_policy(self.models, self.judge, self.rows, self.ids, self.pcfg, self.dist, self.seed)
         j = state["judge"]
         score, proxy = m["ppo/judge_score"], m["ppo/judge_proxy"]
@@ -77,8 +81,9 @@ class Selection:
             if self.best:
                 self.best.clear()
                 self.best.update(self.models.policy.state_dict())
-        else:
-            j["bad"] = j["bad"] + 1 if proxy > j["best_proxy"] else 0
+        else:  # fallen: below the best by more than this evaluation's standard error (not a noisy plateau)
+            fallen = score < j["best"] - m.get("ppo/judge_se", 0.0)
+            j["bad"] = j["bad"] + 1 if fallen and proxy > j["best_proxy"] else 0
             if self.pcfg.patience and j["bad"] >= self.pcfg.patience:
                 state["stopped"] = True
         return {**m, "ppo/judge_best_update": float(j["best_update"])}
