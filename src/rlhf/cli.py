@@ -9,6 +9,7 @@
     rlhf schedule --host URL --cron "0 3 * * *" [--experiment E] [--param k=v ...] [--no-catchup]
     rlhf runs --host URL [--experiment E]
     rlhf models list | pull NAME@ALIAS --to DIR
+    rlhf experiment kl|size|tax [--quick] [--seeds 0,1,2] [--output DIR] [--results docs/RESULTS.md]
     rlhf stack up|down|status
 
 `run` executes the Kubeflow pipeline itself on this machine (kfp.local); `stage` runs
@@ -190,6 +191,20 @@ def _cmd_models(args, settings: Settings) -> int:
     return 0
 
 
+def _cmd_experiment(args, settings: Settings, argv: list[str] | None) -> int:
+    from rlhf.ops.experiment import run_experiment
+
+    seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    output = args.output or str(settings.home / f"experiment-{args.kind}")
+    command = "rlhf " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = run_experiment(args.kind, preset=args.preset, quick=args.quick, seeds=seeds, sets=args.overrides,
+                            output=output, settings=settings, results=args.results, command=command,
+                            config_file=args.config)
+    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1, default=str))
+    print(f"table: {output}/{args.kind}.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -243,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     psc.add_argument("--max-concurrency", type=int, default=1, help="Most runs of the schedule at once.")
     psc.add_argument("--no-catchup", action="store_true", help="Skip missed intervals instead of backfilling them.")
 
+    pe = sub.add_parser("experiment", help="Reproduce the InstructGPT claims on this task: kl (beta sweep, reward "
+                                          "hacking), size (small PPO policy vs an 8x larger SFT model), tax (PPO-ptx).")
+    pe.add_argument("kind", choices=["kl", "size", "tax"])
+    _config_args(pe)
+    pe.add_argument("--quick", action="store_true", help="A smaller base and shorter PPO (within 20 minutes on 2 cores).")
+    pe.add_argument("--seeds", default=None, help="Comma-separated seeds (default: 0 with --quick, else 0,1,2).")
+    pe.add_argument("--output", default=None, help="Experiment folder (default: $RLHF_HOME/experiment-<kind>).")
+    pe.add_argument("--results", default=None, help="Also write the table and plot into this RESULTS.md section.")
+
     pru = sub.add_parser("runs", help="List the latest runs on Kubeflow Pipelines.")
     _cluster_args(pru, pipeline=False)
 
@@ -274,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "plan":
             return _cmd_plan(args, cfg, settings)
+        if args.cmd == "experiment":
+            return _cmd_experiment(args, settings, argv)
         if args.cmd == "run":
             from rlhf.pipelines.local import PipelineFailed
 

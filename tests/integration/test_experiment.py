@@ -1,0 +1,56 @@
+"""`rlhf experiment kl|size|tax` end to end on the tiny preset: every arm runs through the
+dispatcher from a shared base, and the table, plot, claims, MLflow parent run and
+RESULTS.md section come out. (The claims themselves are measured with --quick on the
+demo; see docs/RESULTS.md.)"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+
+from rlhf.cli import main
+from rlhf.ops.experiment import gao_fit
+
+TINY = ["--preset", "tiny", "--set", "num_threads=1", "--set", "tracking.log_models=false",
+        "--set", "ppo.judge_every=1", "--set", "ppo.lr=1e-3"]
+
+
+def test_gao_fit_recovers_the_functional_form():
+    d = np.linspace(0.05, 3, 40)
+    alpha, beta = gao_fit(d, d * (0.8 - 0.5 * np.log(d)))
+    assert alpha == pytest.approx(0.8, abs=1e-6) and beta == pytest.approx(0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["kl", "tax", "size"])
+def test_experiment_runs_every_arm_and_reports(kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path))
+    out, results = tmp_path / "exp", tmp_path / "RESULTS.md"
+    assert main(["experiment", kind, *TINY, "--seeds", "0", "--output", str(out), "--results", str(results)]) == 0
+    report = json.loads((out / f"{kind}.json").read_text())
+    assert report["rows"] and report["claims"] and report["wall_s"] > 0
+    assert all(isinstance(v, bool) for v in report["claims"].values())
+    if kind == "kl":
+        assert sorted(r["beta"] for r in report["rows"]) == [0.0, 0.01, 0.03, 0.1, 0.3]
+        assert all(r["sqrt_kl"] >= 0 for r in report["rows"]) and (out / "kl.png").is_file()
+        beta0 = next(r for r in report["rows"] if r["beta"] == 0.0)
+        assert beta0["sqrt_kl"] > next(r for r in report["rows"] if r["beta"] == 0.3)["sqrt_kl"]
+    if kind == "tax":
+        assert {r["ptx_coef"] for r in report["rows"]} == {0.0, 1.0}
+        assert all(r["alignment_tax_rel"] is not None for r in report["rows"])
+    if kind == "size":
+        row = report["rows"][0]
+        assert row["large_params"] >= 8 * row["small_params"] and 0 <= row["small_preferred"] <= 1
+        assert row["lower95"] <= row["small_preferred"] <= row["upper95"]
+    text = results.read_text()
+    assert f"<!-- rlhf experiment {kind} -->" in text and f"rlhf experiment {kind}" in text
+    # one MLflow parent run holds the table; the arms' stage runs nest under it
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("rlhf")
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("rlhf.experiment") == kind)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "experiment")} >= {
+        f"experiment/{kind}.json", f"experiment/{kind}.md"}
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) >= 3
