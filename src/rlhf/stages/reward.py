@@ -86,9 +86,12 @@ def heldout_accuracy(model, rows, pairs, pad_id: int, device, judge) -> dict[str
 class RewardSteps:
     """What the reward model adds to the loop: the pairwise loss of a batch."""
 
-    def __init__(self, model, pad_id: int, device, dist, rcfg):
+    def __init__(self, model, pad_id: int, device, dist, rcfg, state: dict | None = None):
         self.model, self.pad_id, self.device, self.dist, self.rcfg = model, pad_id, device, dist, rcfg
-        self.packed = None
+        # the layout decided on the stage's first step, kept in the loop state (checkpointed), so a
+        # resumed process scores in the same layout instead of probing again on another batch
+        self.state = {} if state is None else state
+        self.packed = self.state.get("packed")
 
     def scores(self, batch, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected in one forward: packed over their shared prefix, or padded rows."""
@@ -98,10 +101,11 @@ class RewardSteps:
         return separate_scores(self.model.module, batch, self.pad_id, self.device)  # (B,) each
 
     def loss(self, batch) -> StepLoss:
-        if self.packed is None:  # first step of this process: does the model take packed rows?
+        if self.packed is None:  # first step of the stage: does the model take packed rows?
             self.packed = (self.rcfg.share_prefix or self.rcfg.packing) and packed_layout_works(
                 "reward: packed scoring", lambda: self.scores(batch, True), lambda: self.scores(batch, False),
                 self.dist, rtol=1e-3, atol=1e-3, fallback="scoring chosen and rejected as separate padded rows")
+            self.state["packed"] = bool(self.packed)
         loss, stats = pairwise_reward_loss(*self.scores(batch, self.packed), self.rcfg.margin)
         metrics = {"rm/train_accuracy": self.dist.mean(stats["accuracy"].item()),
                    "rm/margin": self.dist.mean(stats["margin_mean"].item())}
@@ -151,9 +155,9 @@ def fit_reward_model(ctx: StageContext, name: str, sft_dir: str, tok, fmt: ChatF
         return heldout_accuracy(model.module, *eval_sets[""], tok.pad_token_id, device, ctx.judge)
 
     prefix = "rm" if name == ctx.name else "rm_judge"
-    fit(loop, model, batches, RewardSteps(model, tok.pad_token_id, device, dist, rcfg).loss, prefix=prefix,
-        evaluation=Evaluation(due=lambda step: step % batches.steps_per_epoch == 0 or step == total,
-                              run=accuracy, unit="pairs"))
+    steps = RewardSteps(model, tok.pad_token_id, device, dist, rcfg, loop.state)
+    due = lambda step: step % batches.steps_per_epoch == 0 or step == total  # noqa: E731
+    fit(loop, model, batches, steps.loss, prefix=prefix, evaluation=Evaluation(due=due, run=accuracy, unit="pairs"))
     final = {}
     for suffix, (rows, pairs) in eval_sets.items():
         with model.autocast():
@@ -190,6 +194,7 @@ def run(ctx: StageContext) -> StageResult:
         #    without a gold judge, a disjoint share of the pairs for the held-out judge
         train_rows, eval_rows = prep.rows("preference_train"), prep.rows("preference_eval")
         policy_eval_rows = []
+        seed_everything(ctx.seed + 1)  # the same samples in every attempt (a resumed one reads them back)
         if ctx.task is not None and rcfg.policy_comparisons:
             comp = labelled_samples(ctx, prep, fmt, sft_dir, dist)
             train_rows, policy_eval_rows = train_rows + comp["train"], comp["eval"]

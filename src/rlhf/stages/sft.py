@@ -37,14 +37,16 @@ class SFTSteps:
 
     def __init__(self, model, held, pad_id: int, device, dist, scfg, state: dict, best: dict):
         self.model, self.held, self.pad_id, self.device, self.dist = model, held, pad_id, device, dist
-        self.scfg, self.state, self.best, self.packed = scfg, state, best, None
+        self.scfg, self.state, self.best = scfg, state, best
+        self.packed = state.get("packed")  # decided on the stage's first step; checkpointed with the state
 
     def loss(self, batch) -> StepLoss:
-        if self.packed is None:  # first step of this process: does the model take packed rows?
+        if self.packed is None:  # first step of the stage: does the model take packed rows?
             self.packed = self.scfg.packing and packed_layout_works(
                 "sft: packed batches", lambda: [batch_loss(self.model, batch, self.pad_id, self.device, True)[0]],
                 lambda: [batch_loss(self.model, batch, self.pad_id, self.device, False)[0]], self.dist,
                 rtol=1e-4, atol=1e-5, fallback="padding instead")
+            self.state["packed"] = bool(self.packed)
         loss, n_tok = batch_loss(self.model, batch, self.pad_id, self.device, self.packed)
         units = self.dist.sum(n_tok) if self.dist.world > 1 else n_tok
         return StepLoss(loss, units, postfix={"best": f"{self.state['best_loss']:.3f}"})
