@@ -197,9 +197,13 @@ def _cmd_experiment(args, settings: Settings, argv: list[str] | None) -> int:
     seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     output = args.output or str(settings.home / f"experiment-{args.kind}")
     command = "rlhf " + " ".join(sys.argv[1:] if argv is None else argv)
+    from rlhf.config import read_yaml_mapping
+
+    config = read_yaml_mapping(Path(args.config), "config file", "sections (task, data, model, sft, ...)") \
+        if args.config else None
     report = run_experiment(args.kind, preset=args.preset, quick=args.quick, seeds=seeds, sets=args.overrides,
                             output=output, settings=settings, results=args.results, command=command,
-                            config_file=args.config)
+                            config_dict=config)
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1, default=str))
     print(f"table: {output}/{args.kind}.md")
     return 0

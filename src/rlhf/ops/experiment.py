@@ -82,24 +82,6 @@ def base_stages(base: str) -> tuple[str, ...]:
     return tuple(order[:order.index("reward" if base == "large" else "ppo")])
 
 
-def run_stages(stages, root: Path, sets: list[str], preset: str, settings, parent: str,
-               config_file: str | None = None) -> dict:
-    """Stages through the dispatcher into `root`; the last stage's result."""
-    from rlhf.dispatch import StageRequest, dispatch
-
-    cfg = load_config(preset, config_file, sets)
-    out = {}
-    for name in stages:
-        out = dispatch(StageRequest(name, str(root), str(root), parent_run_id=parent, quiet=True), cfg, settings)
-    return out
-
-
-def copy_base(base: Path, dest: Path) -> None:
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "ppo", "eval", "summary.json"))
-
-
 # ----------------------------------------------------------------------------- analysis
 
 
@@ -167,15 +149,6 @@ def plot_kl(arms: list[Arm], path: Path) -> dict:
     return fits
 
 
-def wilson(wins: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = wins / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
-        1 + z * z / n)
-    return centre - half, centre + half
-
-
 def markdown(kind: str, rows: list[dict], extra: dict, command: str, wall: float) -> str:
     keys = list(rows[0]) if rows else []
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -194,11 +167,12 @@ def params_of(model_dir: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def size_comparison(small_root: Path, large_root: Path, preset: str, sets: list[str], seed: int) -> dict:
+def size_comparison(seed: int, data_root: str, small_root: str, large_root: str, rec: dict, settings) -> dict:
     """The small PPO policy against the large SFT model on the held-out prompts, decoded
     as eval decodes, judged by the task's gold judge."""
     import torch
 
+    from rlhf.adapters.store import open_store
     from rlhf.data.prepared import PrepData
     from rlhf.data.tasks.judge import build_judge
     from rlhf.models import load_causal_lm, load_tokenizer
@@ -206,98 +180,202 @@ def size_comparison(small_root: Path, large_root: Path, preset: str, sets: list[
     from rlhf.models.rollout import decode_responses
     from rlhf.stages.evaluate import compare, decode_same_way
     from rlhf.stages.judging import scores_everything
-    from rlhf.train.seed import seed_everything
 
-    cfg = load_config(preset, overrides=[*sets, f"seed={seed}"])
-    rows = PrepData(_DirStore(small_root)).rows("prompt_eval")[: cfg.eval.num_prompts]
+    cfg = load_config(rec["preset"] or None, None, [*rec["sets"], *SMALL, f"seed={seed}"], config_dict=rec["config"])
+    rows = PrepData(open_store(data_root, settings)).rows("prompt_eval")[: cfg.eval.num_prompts]
     judge = build_judge(cfg)
     if not scores_everything(judge, rows):
         raise ValueError("rlhf experiment size needs a task with a gold judge (the built-in task or a plugin family)")
-    texts = {}
-    for name, d in (("small", small_root / "ppo/model"), ("large", large_root / "sft/model")):
+    texts, params = {}, {}
+    for name, root, prefix in (("small", small_root, "ppo/model"), ("large", large_root, "sft/model")):
+        d = open_store(root, settings).get_dir(prefix)
         tok, model = load_tokenizer(str(d), cfg.model), load_causal_lm(str(d), cfg.model).eval()
-        fmt = chat_format(tok, cfg.model, str(d))
+        fmt, params[name] = chat_format(tok, cfg.model, str(d)), params_of(d)
         with torch.no_grad():
             texts[name] = [t for ro in decode_same_way(model, fmt, rows, cfg.eval, seed, "cpu")
                            for t in decode_responses(tok, ro)]
-    seed_everything(seed)
     small = np.array([judge.score(r.prompt, t) for r, t in zip(rows, texts["small"])])
     large = np.array([judge.score(r.prompt, t) for r, t in zip(rows, texts["large"])])
     c = compare(small, large)
-    return {"seed": seed, "small_params": params_of(small_root / "ppo/model"),
-            "large_params": params_of(large_root / "sft/model"), "prompts": len(rows),
+    return {"seed": seed, "small_params": params["small"], "large_params": params["large"], "prompts": len(rows),
             "small_gold": float(small.mean()), "large_gold": float(large.mean()),
             "decisive_comparisons": c["decisive_comparisons"], "small_preferred": c["decisive_win_rate"],
             "lower95": c["decisive_win_rate_lower"], "upper95": c["decisive_win_rate_upper"], "tie_rate": c["tie_rate"]}
 
 
-class _DirStore:
-    """The smallest store `PrepData` reads through: a local folder."""
+# ----------------------------------------------------------------------------- steps
+# The command runs these in order in one process; the KFP pipeline (`rlhf.pipelines.experiment`)
+# runs them as steps, bases per seed and arms in ParallelFor loops. All state is in the
+# experiment's store (a folder or s3:// prefix): `experiment.json`, one root per base and arm.
 
-    def __init__(self, root: Path):
-        self.root = root
-
-    def get_dir(self, prefix: str) -> Path:
-        return self.root / prefix
-
-
-def _done(root: Path, stage: str) -> bool:
-    return (root / stage / "result.json").is_file()
+RECORD = "experiment.json"
+MODEL_PREFIXES = ("sft/model", "reward/model", "reward/judge_model")
+"""What an arm takes from its base (data prep is read from the base's root in place)."""
 
 
-def run_experiment(kind: str, *, preset: str, quick: bool, seeds: list[int], sets: list[str], output: str,
-                   settings, results: str | None = None, command: str = "", config_file: str | None = None) -> dict:
-    """Bases, then arms (a stage already done in the output folder is not run again), then
-    the table, the plot and the claims; all under one MLflow parent run."""
-    from rlhf.adapters.tracking import _client, finish_pipeline_run, start_pipeline_run, tracking_uri_for
+def start(kind: str, *, preset: str, quick: bool, seeds: list[int], sets: list[str], output: str, settings,
+          command: str = "", config_dict: dict | None = None, run_id: str | None = None) -> list[dict]:
+    """Validate, record the experiment in its store, open the MLflow parent run; one spec
+    per seed (what a base step takes). A second start on the same output resumes it."""
+    from rlhf.adapters.store import open_store
+    from rlhf.adapters.tracking import start_pipeline_run, tracking_uri_for
 
-    t0, out = time.time(), Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    plan(kind, seeds)  # an unknown kind fails here
+    if not seeds:
+        raise ValueError("rlhf experiment: give at least one seed")
     common = [*(QUICK if quick else []), *sets]
-    bases, arms = plan(kind, seeds)
-    cfg = load_config(preset, config_file, common)
-    uri, run_id = tracking_uri_for(cfg, settings), f"experiment-{kind}-{out.resolve().name}"
-    parent = start_pipeline_run(uri, cfg.tracking.experiment, run_id, f"experiment-{kind}", cfg.model_dump(),
-                                {"rlhf.experiment": kind, "rlhf.command": command[:5000]})
-    try:
-        for seed in seeds:
-            for name, bsets in bases.items():
-                root = out / f"{name}-s{seed}"
-                if name == "large" and not _done(root, "prep"):
-                    root.mkdir(parents=True, exist_ok=True)
-                    shutil.copytree(out / f"small-s{seed}" / "prep", root / "prep", dirs_exist_ok=True)
-                todo = [s for s in base_stages(name) if not _done(root, s)]
-                run_stages(todo, root, [*common, *bsets, f"seed={seed}"], preset, settings, parent, config_file)
-        for arm in arms:
-            root = out / "arms" / arm.name
-            if arm.stages and not all(_done(root, s) for s in arm.stages):
-                copy_base(out / f"{arm.base}-s{arm.seed}", root)
-                run_stages(arm.stages, root, [*common, *arm.sets, f"seed={arm.seed}"], preset, settings, parent,
-                           config_file)
-            arm.result = {**(json.loads((root / "ppo/result.json").read_text()) if _done(root, "ppo") else {}),
-                          **(json.loads((root / "summary.json").read_text()) if (root / "summary.json").is_file()
-                             else {})}
-        report = analyse(kind, arms, out, preset, common, seeds)
-        report.update(wall_s=time.time() - t0, command=command, output=str(out))
-        (out / f"{kind}.json").write_text(json.dumps(report, indent=1, default=str))
-        md = markdown(kind, report["rows"], {k: v for k, v in report.items() if k not in ("rows", "command")},
-                      command, report["wall_s"])
+    cfg = load_config(preset or None, None, common, config_dict=config_dict)
+    store = open_store(output, settings)
+    run_id = run_id or f"experiment-{kind}-{output.rstrip('/').rpartition('/')[2]}"
+    if store.exists(RECORD):
+        old = store.read_json(RECORD)
+        if (old["kind"], old["sets"], old["preset"], old["seeds"]) != (kind, common, preset, seeds):
+            raise ValueError(f"{store.uri(RECORD)} holds another experiment ({old['kind']}, seeds {old['seeds']}, "
+                             f"--set {old['sets']}); give this one its own --output")
+        run_id = old["run_id"]
+    parent = start_pipeline_run(tracking_uri_for(cfg, settings), cfg.tracking.experiment, run_id,
+                                f"experiment-{kind}", cfg.model_dump(),
+                                {"rlhf.experiment": kind, "rlhf.command": command[:5000], "rlhf.run": store.uri("")})
+    if not store.exists(RECORD):
+        store.write_json(RECORD, {"kind": kind, "preset": preset, "quick": quick, "seeds": seeds, "sets": common,
+                                  "config": config_dict, "run_id": run_id, "parent_run_id": parent,
+                                  "command": command, "started": time.time()})
+    return [{"output": output, "seed": s} for s in seeds]
+
+
+def _record(output: str, settings):
+    from rlhf.adapters.store import open_store
+
+    store = open_store(output, settings)
+    return store, store.read_json(RECORD)
+
+
+def _root(output: str, *parts: str) -> str:
+    return "/".join([output.rstrip("/"), *parts])
+
+
+def _run_stages(rec: dict, stages, root: str, prep_root: str, sets: list[str], settings) -> None:
+    from rlhf.adapters.store import open_store
+    from rlhf.dispatch import StageRequest, dispatch
+
+    cfg = load_config(rec["preset"] or None, None, [*rec["sets"], *sets], config_dict=rec["config"])
+    store = open_store(root, settings)
+    for name in stages:
+        if not store.exists(f"{name}/result.json"):  # done before (a retried step, a resumed experiment)
+            dispatch(StageRequest(name, root, prep_root, parent_run_id=rec["parent_run_id"], quiet=True), cfg,
+                     settings)
+
+
+def train_bases(spec: dict, settings) -> list[dict]:
+    """One seed's bases (prep, SFT, reward model; `size`'s large model: SFT on the small
+    base's data); the specs of the seed's arms."""
+    _, rec = _record(spec["output"], settings)
+    seed = int(spec["seed"])
+    bases, arms = plan(rec["kind"], [seed])
+    for name, bsets in bases.items():
+        root = _root(spec["output"], f"{name}-s{seed}")
+        prep_root = _root(spec["output"], f"small-s{seed}") if name == "large" else root
+        stages = [s for s in base_stages(name) if not (name == "large" and s == "prep")]
+        _run_stages(rec, stages, root, prep_root, [*bsets, f"seed={seed}"], settings)
+    return [{"output": spec["output"], "seed": seed, "arm": a.name} for a in arms if a.stages]
+
+
+def _arm(rec: dict, seed: int, name: str) -> Arm:
+    return next(a for a in plan(rec["kind"], [seed])[1] if a.name == name)
+
+
+def train_arm(spec: dict, settings) -> dict:
+    """One arm: its base's models copied into its root, then its stages with its overrides."""
+    from rlhf.adapters.store import open_store
+
+    _, rec = _record(spec["output"], settings)
+    arm = _arm(rec, int(spec["seed"]), spec["arm"])
+    base_root, root = _root(spec["output"], f"{arm.base}-s{arm.seed}"), _root(spec["output"], "arms", arm.name)
+    base, store = open_store(base_root, settings), open_store(root, settings)
+    for prefix in MODEL_PREFIXES:
+        if base.is_committed(prefix) and not store.is_committed(prefix):
+            copy_artifact(base, store, prefix)
+    _run_stages(rec, arm.stages, root, base_root, [*arm.sets, f"seed={arm.seed}"], settings)
+    return store.read_json(f"{arm.stages[-1]}/result.json")
+
+
+def copy_artifact(src, dest, prefix: str) -> None:
+    """A committed folder from one store to another (verified on the way out, a new
+    manifest and commit marker on the way in)."""
+    import tempfile
+
+    from rlhf.adapters.store import COMMIT_MARKER, MANIFEST
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-exp-") as tmp:
+        local = src.get_dir(prefix, Path(tmp) / "a")
+        for marker in (MANIFEST, COMMIT_MARKER):
+            (local / marker).unlink(missing_ok=True)
+        dest.put_dir(local, prefix, move=True)
+
+
+def report(output: str, settings, results: str | None = None) -> dict:
+    """The table, the plot and the claims from every arm's result; into the experiment's
+    store and its MLflow parent run (closed FINISHED), and into RESULTS.md if asked."""
+    import tempfile
+
+    from rlhf.adapters.store import open_store
+    from rlhf.adapters.tracking import _client, finish_pipeline_run, tracking_uri_for
+
+    store, rec = _record(output, settings)
+    kind, seeds = rec["kind"], [int(s) for s in rec["seeds"]]
+    arms = plan(kind, seeds)[1]
+    for arm in arms:
+        a = open_store(_root(output, "arms", arm.name), settings)
+        arm.result = {**(a.read_json("ppo/result.json") if a.exists("ppo/result.json") else {}),
+                      **(a.read_json("summary.json") if a.exists("summary.json") else {})}
+    cfg = load_config(rec["preset"] or None, None, rec["sets"], config_dict=rec["config"])
+    uri = tracking_uri_for(cfg, settings)
+    with tempfile.TemporaryDirectory(prefix="rlhf-exp-") as tmp:
+        out = Path(tmp)
+        rep = analyse(kind, arms, out, output, rec, settings)
+        rep.update(wall_s=time.time() - rec["started"], command=rec["command"], output=store.uri(""))
+        (out / f"{kind}.json").write_text(json.dumps(rep, indent=1, default=str))
+        md = markdown(kind, rep["rows"], {k: v for k, v in rep.items() if k not in ("rows", "command")},
+                      rec["command"], rep["wall_s"])
         (out / f"{kind}.md").write_text(md)
         client = _client(uri)
         for name in (f"{kind}.json", f"{kind}.md", f"{kind}.png"):
             if (out / name).is_file():
-                client.log_artifact(parent, str(out / name), "experiment")
-        client.log_metric(parent, "experiment/wall_s", report["wall_s"])
+                store.write_bytes(name, (out / name).read_bytes())
+                client.log_artifact(rec["parent_run_id"], str(out / name), "experiment")
+        client.log_metric(rec["parent_run_id"], "experiment/wall_s", rep["wall_s"])
         if results:
             write_results(Path(results), kind, md, out / f"{kind}.png")
-        finish_pipeline_run(uri, cfg.tracking.experiment, run_id, True)
-        return report
+    finish_pipeline_run(uri, cfg.tracking.experiment, rec["run_id"], True)
+    return rep
+
+
+def fail(output: str, settings, error: str) -> None:
+    """Close the parent run FAILED (the exit step of a failed experiment)."""
+    from rlhf.adapters.tracking import finish_pipeline_run, tracking_uri_for
+
+    _, rec = _record(output, settings)
+    cfg = load_config(rec["preset"] or None, None, rec["sets"], config_dict=rec["config"])
+    finish_pipeline_run(tracking_uri_for(cfg, settings), cfg.tracking.experiment, rec["run_id"], False, error)
+
+
+def run_experiment(kind: str, *, preset: str, quick: bool, seeds: list[int], sets: list[str], output: str,
+                   settings, results: str | None = None, command: str = "", config_dict: dict | None = None) -> dict:
+    """The whole experiment in this process: bases, then arms (a stage already done in the
+    output is not run again), then the report."""
+    specs = start(kind, preset=preset, quick=quick, seeds=seeds, sets=sets, output=output, settings=settings,
+                  command=command, config_dict=config_dict)
+    try:
+        for spec in specs:
+            for arm in train_bases(spec, settings):
+                train_arm(arm, settings)
+        return report(output, settings, results)
     except BaseException as e:
-        finish_pipeline_run(uri, cfg.tracking.experiment, run_id, False, f"{type(e).__name__}: {e}")
+        fail(output, settings, f"{type(e).__name__}: {e}")
         raise
 
 
-def analyse(kind: str, arms: list[Arm], out: Path, preset: str, common: list[str], seeds: list[int]) -> dict:
+def analyse(kind: str, arms: list[Arm], out: Path, output: str, rec: dict, settings) -> dict:
     if kind == "kl":
         rows = kl_table(arms)
         return {"rows": rows, "claims": kl_claims(rows), "gao_fits": plot_kl(arms, out / "kl.png")}
@@ -309,8 +387,8 @@ def analyse(kind: str, arms: list[Arm], out: Path, preset: str, common: list[str
         with_ptx = [r for r in rows if r["ptx_coef"] > 0]
         return {"rows": rows, "claims": {"ptx_tax_rel_at_most_2pct": all(r["alignment_tax_rel"] <= 0.02
                                                                           for r in with_ptx)}}
-    rows = [size_comparison(out / "arms" / f"small-ppo-s{s}", out / f"large-s{s}", preset, [*common, *SMALL], s)
-            for s in seeds]
+    rows = [size_comparison(a.seed, _root(output, f"small-s{a.seed}"), _root(output, "arms", a.name),
+                            _root(output, f"large-s{a.seed}"), rec, settings) for a in arms if a.base == "small"]
     return {"rows": rows, "claims": {"small_preferred_in_most_decisive": all(r["small_preferred"] > 0.5 for r in rows),
                                      "large_at_least_8x": all(r["large_params"] >= 8 * r["small_params"]
                                                               for r in rows)}}
