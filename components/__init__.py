@@ -14,7 +14,7 @@ Installed as the `rlhf.components` package (see pyproject.toml).
 """
 
 
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -110,3 +110,45 @@ def finish_run(preset: str, config_json: str, experiment_name: str, registered_m
 
     runs.finish(preset, config_json, params.overrides(given), artifact_root, run_name, kfp_run_id,
                 status.state, status.error_message or "")
+
+
+# ----------------------------------------------------------------------------- rlhf experiment (pipelines/experiment.py)
+# Loop items are plain dicts (the experiment's folder and the seed or arm); everything
+# else is in the experiment's store, so no step passes a task output into a loop.
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def experiment_start(kind: str, preset: str, quick: bool, seeds: str, overrides: str, config_json: str,
+                     artifact_root: str, run_name: str, kfp_run_id: str) -> List[dict]:
+    """Validate and record the experiment, open its MLflow parent run; one item per seed."""
+    from rlhf import runs
+
+    return runs.experiment_start(kind, preset, quick, seeds, overrides, config_json, artifact_root, run_name,
+                                 kfp_run_id)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def experiment_bases(spec: dict) -> List[dict]:
+    """One seed's shared base (prep, SFT, reward model); one item per arm."""
+    from rlhf import runs
+
+    return runs.experiment_bases(spec)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def experiment_arm(spec: dict, result: Output[Metrics]):
+    """One arm: its overrides over its base (PPO, eval); resumes from its checkpoints on retry."""
+    from rlhf import runs
+
+    for k, v in runs.experiment_arm(spec).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            result.log_metric(k.replace("/", "_"), v)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def experiment_report(artifact_root: str, run_name: str, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
+    """Exit step: the table, plot and claims into the store and the MLflow parent run
+    (closed FINISHED), or the parent run closed FAILED."""
+    from rlhf import runs
+
+    runs.experiment_finish(artifact_root, run_name, kfp_run_id, status.state, status.error_message or "")

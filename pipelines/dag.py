@@ -150,14 +150,21 @@ rlhf_pipeline = build_pipeline()
 
 def compile_pipeline(path: str, profile: Profile | None = None) -> str:
     """Write the KFP v2 spec; with a profile, its placement and its image."""
-    import yaml
     from kfp import compiler
 
     compiler.Compiler().compile(build_pipeline(profile) if profile else rlhf_pipeline, package_path=str(path))
-    if profile is not None and profile.image:
-        docs = list(yaml.safe_load_all(open(path)))
-        for ex in docs[0]["deploymentSpec"]["executors"].values():
-            ex["container"]["image"] = profile.image
-        with open(path, "w") as f:
-            yaml.safe_dump_all(docs, f, sort_keys=False)
+    _set_image(path, profile)
     return str(path)
+
+
+def _set_image(path: str, profile: Profile | None) -> None:
+    """A profile's image on every step of a compiled spec."""
+    import yaml
+
+    if profile is None or not profile.image:
+        return
+    docs = list(yaml.safe_load_all(open(path)))
+    for ex in docs[0]["deploymentSpec"]["executors"].values():
+        ex["container"]["image"] = profile.image
+    with open(path, "w") as f:
+        yaml.safe_dump_all(docs, f, sort_keys=False)

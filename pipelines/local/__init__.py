@@ -47,16 +47,43 @@ def default_output(cfg_name: str, settings: Settings) -> str:
 def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[str, str] | None = None) -> dict:
     """Run the whole DAG; return the run's summary. Raises PipelineFailed with the failing
     step's own error when a step fails (after the exit handler has run)."""
-    from kfp import local
-
     from rlhf.pipelines import rlhf_pipeline
-    from rlhf.pipelines.local.warm import available as warm_available, warm_steps
     from rlhf.adapters.store import open_store
 
     artifact_root, run_name = split_output(output)
     store = open_store(f"{artifact_root}/{run_name}", settings)
     if store.exists("pipeline.json"):
         raise PipelineFailed(f"{store.uri('')} already holds a pipeline run; choose a new --output")
+    with local_runner(cfg, settings, env) as error_file:
+        try:
+            rlhf_pipeline(preset="", config_json=cfg.model_dump_json(), artifact_root=artifact_root,
+                          run_name=run_name)
+        except KeyboardInterrupt:  # the exit handler never runs: do its work, then stop
+            if store.exists("pipeline.json"):
+                from rlhf import runs
+
+                runs.finish("", cfg.model_dump_json(), {}, artifact_root, run_name,
+                            store.read_json("pipeline.json")["kfp_run_id"], "CANCELLED", "interrupted (Ctrl-C)")
+            raise
+    if not store.exists("promote/result.json"):
+        raise PipelineFailed(f"the pipeline did not finish: {_step_error(error_file)}")
+    return store.read_json("summary.json")
+
+
+def _step_error(error_file: Path) -> str:
+    err = json.loads(error_file.read_text()) if error_file.is_file() else {}
+    where = f"step {err['step']!r} failed: " if err.get("step") else ""
+    return f"{where}{err.get('message', 'see the step logs above')}"
+
+
+@contextlib.contextmanager
+def local_runner(cfg: PipelineConfig, settings: Settings, env: dict[str, str] | None = None):
+    """kfp.local set up for one pipeline run on this machine: the steps' environment
+    (tracking URI, quiet progress, the error file, which it yields), warm steps."""
+    from kfp import local
+
+    from rlhf.pipelines.local.warm import available as warm_available, warm_steps
+
     child_env = dict(env or {})
     if not (cfg.tracking.tracking_uri or settings.mlflow_tracking_uri or child_env.get("MLFLOW_TRACKING_URI")):
         child_env["MLFLOW_TRACKING_URI"] = embedded_tracking_uri(settings.home)
@@ -73,26 +100,42 @@ def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[st
         with steps:
             local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_dir / "outputs"),
                        enable_caching=True, cache_root=str(kfp_dir / "cache"), raise_on_error=False)
-            rlhf_pipeline(preset="", config_json=cfg.model_dump_json(), artifact_root=artifact_root,
-                          run_name=run_name)
-    except KeyboardInterrupt:  # the exit handler never runs: do its work, then stop
-        if store.exists("pipeline.json"):
-            from rlhf import runs
-
-            runs.finish("", cfg.model_dump_json(), {}, artifact_root, run_name,
-                        store.read_json("pipeline.json")["kfp_run_id"], "CANCELLED", "interrupted (Ctrl-C)")
-        raise
+            yield error_file
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    if not store.exists("promote/result.json"):
-        err = json.loads(error_file.read_text()) if error_file.is_file() else {}
-        where = f"step {err['step']!r} failed: " if err.get("step") else ""
-        raise PipelineFailed(f"the pipeline did not finish: {where}{err.get('message', 'see the step logs above')}")
-    return store.read_json("summary.json")
+
+
+def run_experiment_local(kind: str, *, preset: str, quick: bool, seeds: list[int], sets: list[str], output: str,
+                         settings: Settings, config_dict: dict | None = None, results: str | None = None) -> dict:
+    """`rlhf experiment --kfp`: the experiment pipeline through kfp.local (the DAG a
+    cluster runs, seeds and arms as ParallelFor loops); its report."""
+    import shlex
+
+    from rlhf import runs
+    from rlhf.config import load_config
+    from rlhf.pipelines.experiment import build_experiment_pipeline
+    from rlhf.adapters.store import open_store
+
+    artifact_root, run_name = split_output(output)
+    root = f"{artifact_root}/{run_name}"
+    store = open_store(root, settings)
+    if runs.experiment_exists(root, settings):
+        raise PipelineFailed(f"{store.uri('')} already holds an experiment; choose a new --output")
+    cfg = load_config(preset or None, None, sets, config_dict=config_dict)
+    with local_runner(cfg, settings) as error_file:
+        build_experiment_pipeline()(kind=kind, preset=preset, quick=quick, seeds=",".join(map(str, seeds)),
+                                    overrides=" ".join(shlex.quote(s) for s in sets),
+                                    config_json=json.dumps(config_dict) if config_dict else "",
+                                    artifact_root=artifact_root, run_name=run_name)
+    if not store.exists(f"{kind}.json"):
+        raise PipelineFailed(f"the experiment did not finish: {_step_error(error_file)}")
+    if results:
+        runs.experiment_results(root, settings, results)
+    return store.read_json(f"{kind}.json")
 
 
 def summary_lines(summary: dict, output: str, tracking_uri: str) -> list[str]:

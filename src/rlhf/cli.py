@@ -3,13 +3,13 @@
     rlhf run [--preset P] [--config F] [--set k=v ...] [--output DIR|s3://...] [--stack]
     rlhf stage prep|sft|reward|ppo|eval|all [--preset P] [--config F] [--set k=v ...] [--output DIR] [--quiet]
     rlhf config show [--preset P] [--config F] [--set k=v ...]
-    rlhf compile [--output pipeline.yaml] [--profile F [--preset P] [--config F] [--set k=v ...]]
+    rlhf compile [--pipeline rlhf|experiment] [--output pipeline.yaml] [--profile F [--preset P] [--config F] [--set k=v ...]]
     rlhf plan [--preset P] [--config F] [--set k=v ...] [--profile F] [--model HUB_ID|DIR|s3://...|config.json]
     rlhf submit --host URL [--experiment E] [--profile F] [--param k=v ...]
     rlhf schedule --host URL --cron "0 3 * * *" [--experiment E] [--param k=v ...] [--no-catchup]
     rlhf runs --host URL [--experiment E]
     rlhf models list | pull NAME@ALIAS --to DIR
-    rlhf experiment kl|size|tax [--quick] [--seeds 0,1,2] [--output DIR] [--results docs/RESULTS.md]
+    rlhf experiment kl|size|tax [--quick] [--seeds 0,1,2] [--output DIR] [--results docs/RESULTS.md] [--kfp]
     rlhf stack up|down|status
 
 `run` executes the Kubeflow pipeline itself on this machine (kfp.local); `stage` runs
@@ -82,6 +82,12 @@ def _cmd_compile(args, settings: Settings) -> int:
     from rlhf.ops.profiles import load_profile
 
     profile = load_profile(args.profile) if args.profile else None
+    if args.pipeline == "experiment":
+        from rlhf.pipelines.experiment import compile_experiment_pipeline
+
+        print(f"wrote {compile_experiment_pipeline(args.output, profile)}" + (
+            f" (profile {profile.name})" if profile else ""))
+        return 0
     print(f"wrote {compile_pipeline(args.output, profile)}" + (f" (profile {profile.name})" if profile else ""))
     if profile is not None:  # will the stages fit the profile's GPUs? (a warning: the run's config may differ)
         cfg = load_config(args.preset, args.config, args.overrides)
@@ -192,18 +198,24 @@ def _cmd_models(args, settings: Settings) -> int:
 
 
 def _cmd_experiment(args, settings: Settings, argv: list[str] | None) -> int:
+    from rlhf.config import read_yaml_mapping
     from rlhf.ops.experiment import run_experiment
 
     seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     output = args.output or str(settings.home / f"experiment-{args.kind}")
     command = "rlhf " + " ".join(sys.argv[1:] if argv is None else argv)
-    from rlhf.config import read_yaml_mapping
-
     config = read_yaml_mapping(Path(args.config), "config file", "sections (task, data, model, sft, ...)") \
         if args.config else None
-    report = run_experiment(args.kind, preset=args.preset, quick=args.quick, seeds=seeds, sets=args.overrides,
-                            output=output, settings=settings, results=args.results, command=command,
-                            config_dict=config)
+    if args.kfp:
+        from rlhf.pipelines.local import run_experiment_local
+
+        report = run_experiment_local(args.kind, preset=args.preset, quick=args.quick, seeds=seeds,
+                                      sets=args.overrides, output=output, settings=settings, config_dict=config,
+                                      results=args.results)
+    else:
+        report = run_experiment(args.kind, preset=args.preset, quick=args.quick, seeds=seeds, sets=args.overrides,
+                                output=output, settings=settings, results=args.results, command=command,
+                                config_dict=config)
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1, default=str))
     print(f"table: {output}/{args.kind}.md")
     return 0
@@ -236,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pk = sub.add_parser("compile", help="Compile the pipeline to a KFP v2 YAML spec.")
     pk.add_argument("--output", default="pipeline.yaml", help="Where to write the spec.")
+    pk.add_argument("--pipeline", choices=["rlhf", "experiment"], default="rlhf",
+                    help="rlhf: the training DAG; experiment: `rlhf experiment` (seeds and arms as ParallelFor).")
     pk.add_argument("--profile", default=None,
                     help="Cluster profile YAML: node pools, GPUs, resources, /dev/shm, secrets (see profiles/); "
                          "warns when a stage's estimated memory (rlhf plan) exceeds its GPUs.")
@@ -270,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     pe.add_argument("--seeds", default=None, help="Comma-separated seeds (default: 0 with --quick, else 0,1,2).")
     pe.add_argument("--output", default=None, help="Experiment folder (default: $RLHF_HOME/experiment-<kind>).")
     pe.add_argument("--results", default=None, help="Also write the table and plot into this RESULTS.md section.")
+    pe.add_argument("--kfp", action="store_true", help="Run the experiment's KFP pipeline through kfp.local (the DAG "
+                                                       "a cluster runs: seeds and arms as ParallelFor loops).")
 
     pru = sub.add_parser("runs", help="List the latest runs on Kubeflow Pipelines.")
     _cluster_args(pru, pipeline=False)

@@ -213,3 +213,86 @@ def publish(artifact, result: dict) -> None:
     for k, v in result.items():
         if isinstance(v, (str, int, float, bool)) or v is None:
             artifact.metadata[k] = v
+
+
+# ----------------------------------------------------------------------------- rlhf experiment as a pipeline
+# The steps of `rlhf.pipelines.experiment` (the same functions `rlhf experiment` calls in
+# one process). The experiment lives in <artifact_root>/<run_name or KFP run id>.
+
+
+def experiment_command(kind: str, preset: str, quick: bool, seeds: str, overrides: str) -> str:
+    """The command line that runs the same experiment in one process (for the report)."""
+    import shlex
+
+    sets = " ".join(f"--set {shlex.quote(s)}" for s in shlex.split(overrides or ""))
+    return " ".join(p for p in (f"rlhf experiment {kind}", f"--preset {preset}" if preset else "",
+                                "--quick" if quick else "", f"--seeds {seeds}", sets) if p)
+
+
+def experiment_exists(output: str, settings: Settings) -> bool:
+    from rlhf.ops.experiment import RECORD
+
+    return open_store(output, settings).exists(RECORD)
+
+
+def experiment_results(output: str, settings: Settings, results: str) -> None:
+    """The finished experiment's report into a RESULTS.md section."""
+    from rlhf.ops.experiment import results_from_store
+
+    results_from_store(output, settings, results)
+
+
+@step_entry("experiment-start")
+def experiment_start(kind: str, preset: str, quick: bool, seeds: str, overrides: str, config_json: str,
+                     artifact_root: str, run_name: str, kfp_run_id: str, settings: Settings) -> list[dict]:
+    """Validate and record the experiment, open its MLflow parent run: one spec per seed."""
+    import shlex
+
+    from rlhf.ops import experiment
+
+    try:
+        seed_list = [int(s) for s in str(seeds).replace(" ", "").split(",") if s]
+        config = json.loads(config_json) if config_json and config_json.strip() else None
+    except ValueError as e:
+        raise ConfigError(f"seeds {seeds!r} / config_json: {e}; seeds are comma-separated integers, e.g. 0,1,2, "
+                          "and config_json a JSON object of sections") from None
+    command = experiment_command(kind, preset, quick, ",".join(map(str, seed_list)), overrides)
+    return experiment.start(kind, preset=preset, quick=quick, seeds=seed_list, sets=shlex.split(overrides or ""),
+                            output=join(artifact_root, run_name or kfp_run_id), settings=settings,
+                            command=f"{command}  # KFP pipeline rlhf-experiment, run {kfp_run_id}",
+                            config_dict=config, run_id=f"experiment-{kfp_run_id}")
+
+
+@step_entry("experiment-bases")
+def experiment_bases(spec: dict, settings: Settings) -> list[dict]:
+    """One seed's bases (prep, SFT, reward model); the specs of its arms."""
+    from rlhf.ops import experiment
+
+    return experiment.train_bases(spec, settings)
+
+
+@step_entry("experiment-arm")
+def experiment_arm(spec: dict, settings: Settings) -> dict:
+    from rlhf.ops import experiment
+
+    return experiment.train_arm(spec, settings)
+
+
+@step_entry("experiment-report")
+def experiment_finish(artifact_root: str, run_name: str, kfp_run_id: str, state: str, error: str = "",
+                      settings: Settings | None = None) -> dict:
+    """The exit step: after success the report (table, plot, claims) into the store and
+    the parent run, closed FINISHED; otherwise the parent run closed FAILED."""
+    from rlhf.ops import experiment
+
+    output = join(artifact_root, run_name or kfp_run_id)
+    if not open_store(output, settings).exists(experiment.RECORD):  # start failed: nothing opened
+        return {"state": state}
+    if state != "SUCCEEDED":
+        experiment.fail(output, settings, error or state)
+        return {"state": state}
+    try:
+        return {k: v for k, v in experiment.report(output, settings).items() if k != "rows"}
+    except Exception as e:
+        experiment.fail(output, settings, f"report: {type(e).__name__}: {e}")
+        raise

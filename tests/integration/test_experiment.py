@@ -54,3 +54,32 @@ def test_experiment_runs_every_arm_and_reports(kind, tmp_path, monkeypatch):
         f"experiment/{kind}.json", f"experiment/{kind}.md"}
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) >= 3
+
+
+def test_the_kfp_pipeline_gives_the_command_s_table(tmp_path, monkeypatch):
+    """`rlhf experiment --kfp` runs the experiment's KFP pipeline (seeds and arms as
+    ParallelFor loops, the report as the exit step) through kfp.local: the same table as
+    the command in one process, the same MLflow parent run shape, RESULTS.md written."""
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path))
+    args = ["experiment", "tax", *TINY, "--seeds", "0,1"]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    assert main([*args, "--kfp", "--output", str(tmp_path / "kfp"), "--results", str(tmp_path / "R.md")]) == 0
+    one, kfp = (json.loads((tmp_path / d / "tax.json").read_text()) for d in ("one", "kfp"))
+    assert len(kfp["rows"]) == 4 and kfp["claims"].keys() == one["claims"].keys()
+    for a, b in zip(one["rows"], kfp["rows"]):
+        assert a["arm"] == b["arm"]
+        assert {k: v for k, v in a.items() if k != "arm"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "arm"}, rel=1e-5), (a, b)
+    assert "KFP pipeline rlhf-experiment" in kfp["command"] and "<!-- rlhf experiment tax -->" in (
+        tmp_path / "R.md").read_text()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("rlhf")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("rlhf.experiment") == "tax"]
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    for p in parents:
+        kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{p.info.run_id}'")
+        assert len(kids) == len(client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"))
+    # a second experiment into the same folder is refused, naming the folder
+    with pytest.raises(Exception, match="already holds an experiment"):
+        main([*args, "--kfp", "--output", str(tmp_path / "kfp")])

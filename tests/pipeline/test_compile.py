@@ -83,3 +83,50 @@ def test_dag_shape(spec):
     # the exit task runs whatever happened inside the handler
     root = doc["root"]["dag"]["tasks"]
     assert root["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+
+
+def test_experiment_pipeline_compiles_with_nested_parallel_for(tmp_path):
+    """`rlhf compile --pipeline experiment`: seeds, then each seed's arms, as ParallelFor
+    loops inside an exit handler whose report step always runs; arms retried, never cached."""
+    from kfp import components
+
+    out = tmp_path / "experiment.yaml"
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": SECRET, "MLFLOW_TRACKING_URI": f"http://u:{SECRET}@mlflow.example"}
+    r = subprocess.run([sys.executable, "-m", "rlhf.cli", "compile", "--pipeline", "experiment", "--output", str(out),
+                        "--profile", str(Path(__file__).parents[2] / "profiles" / "gke.yaml")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert SECRET not in text and "mlflow.example" not in text
+    comp = components.load_component_from_file(str(out))
+    assert comp.name == "rlhf-experiment"
+    assert {"kind", "preset", "quick", "seeds", "overrides", "config_json", "artifact_root", "run_name"} <= set(
+        comp.component_spec.inputs)
+    doc, platform = yaml.safe_load_all(text)
+    loops = {name: t for c in doc["components"].values() for name, t in c.get("dag", {}).get("tasks", {}).items()
+             if "parameterIterator" in t}
+    assert len(loops) == 2
+    seeds = next(t for t in loops.values() if t["parameterIterator"]["items"]["inputParameter"].endswith(
+        "experiment-start-Output"))
+    arms = next(t for t in loops.values() if t is not seeds)
+    assert arms["parameterIterator"]["items"]["inputParameter"].endswith("experiment-bases-Output")
+    arm_task = doc["components"][arms["componentRef"]["name"]]["dag"]["tasks"]["experiment-arm"]
+    assert arm_task["retryPolicy"]["maxRetryCount"] == 2 and not arm_task.get("cachingOptions", {}).get("enableCache")
+    assert doc["root"]["dag"]["tasks"]["experiment-report"]["triggerPolicy"]["strategy"] == \
+        "ALL_UPSTREAM_TASKS_COMPLETED"
+    # the gke profile's GPU placement reaches the arms (an arm is a PPO run)
+    arm_exec = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-experiment-arm"]
+    assert arm_exec["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    resources = doc["deploymentSpec"]["executors"]["exec-experiment-arm"]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == "8"
+
+
+def test_experiment_pipeline_refuses_a_multi_node_profile(tmp_path):
+    from rlhf.ops.profiles import load_profile
+    from rlhf.pipelines.experiment import build_experiment_pipeline
+
+    src = yaml.safe_load((Path(__file__).parents[2] / "profiles" / "gke.yaml").read_text())
+    src.setdefault("stages", {}).setdefault("ppo", {})["nodes"] = 2
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(src))
+    with pytest.raises(ValueError, match="ppo.*several nodes"):
+        build_experiment_pipeline(load_profile(str(tmp_path / "p.yaml")))

@@ -344,8 +344,8 @@ def report(output: str, settings, results: str | None = None) -> dict:
                 store.write_bytes(name, (out / name).read_bytes())
                 client.log_artifact(rec["parent_run_id"], str(out / name), "experiment")
         client.log_metric(rec["parent_run_id"], "experiment/wall_s", rep["wall_s"])
-        if results:
-            write_results(Path(results), kind, md, out / f"{kind}.png")
+    if results:
+        results_from_store(output, settings, results)
     finish_pipeline_run(uri, cfg.tracking.experiment, rec["run_id"], True)
     return rep
 
@@ -392,6 +392,18 @@ def analyse(kind: str, arms: list[Arm], out: Path, output: str, rec: dict, setti
     return {"rows": rows, "claims": {"small_preferred_in_most_decisive": all(r["small_preferred"] > 0.5 for r in rows),
                                      "large_at_least_8x": all(r["large_params"] >= 8 * r["small_params"]
                                                               for r in rows)}}
+
+
+def results_from_store(output: str, settings, results: str) -> None:
+    """The experiment's report (in its store) into a RESULTS.md section, its plot beside it."""
+    import tempfile
+
+    store, rec = _record(output, settings)
+    with tempfile.TemporaryDirectory(prefix="rlhf-exp-") as tmp:
+        png = Path(tmp) / f"{rec['kind']}.png"
+        if store.exists(png.name):
+            png.write_bytes(store.read_bytes(png.name))
+        write_results(Path(results), rec["kind"], store.read_bytes(f"{rec['kind']}.md").decode(), png)
 
 
 def write_results(path: Path, kind: str, md: str, png: Path) -> None:
