@@ -66,7 +66,9 @@ def _weights(out: Path, stage: str) -> dict[str, torch.Tensor]:
     return load_file(str(out / stage / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+# LoRA resume (three stages, 2.4 min on 2 cores) runs with -m slow; the full-weight
+# resume of each stage stays in the default run.
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_kill9_then_resume_is_bitwise_equal(bases, tmp_path, stage, lora):
     """Also with LoRA adapters (and, in PPO, the reference as the policy without them)."""

@@ -123,6 +123,7 @@ def test_trainable_fused_adamw_and_optional_clipping(policy):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile on CPU: about a minute on 2 cores
 def test_compiled_trainable_takes_the_same_steps(policy):
     """distributed.compile: the forward/backward go through torch.compile, the updates
     match eager ones, and `.module` stays the plain model (saving, generation)."""
