@@ -83,3 +83,31 @@ def test_the_kfp_pipeline_gives_the_command_s_table(tmp_path, monkeypatch):
     # a second experiment into the same folder is refused, naming the folder
     with pytest.raises(Exception, match="already holds an experiment"):
         main([*args, "--kfp", "--output", str(tmp_path / "kfp")])
+
+
+def test_an_experiment_in_s3_with_the_tracking_server(local_stack, s3_store, tmp_path):
+    """--output s3://...: bases, arms (models copied store to store, verified) and the
+    report live in the bucket (SeaweedFS here); runs go to the mlflow server. This is the
+    layout the KFP pipeline's pods share on a cluster."""
+    import os
+    import subprocess
+    import sys
+
+    from rlhf.adapters.store import S3Store
+
+    out = s3_store.uri("exp")
+    env = {**os.environ, **local_stack.env(), "RLHF_HOME": str(tmp_path), "RLHF_QUIET": "1"}
+    r = subprocess.run([sys.executable, "-m", "rlhf.cli", "experiment", "tax", *TINY, "--seeds", "0",
+                        "--output", out], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    store = S3Store(out, local_stack.settings())
+    report = store.read_json("tax.json")
+    assert len(report["rows"]) == 2 and report["output"] == out
+    for arm in ("ptx=0.0-s0", "ptx=1.0-s0"):
+        assert store.is_committed(f"arms/{arm}/sft/model") and store.is_committed(f"arms/{arm}/ppo/model")
+        assert not store.exists(f"arms/{arm}/prep/report.json")  # read from the base, not copied
+    client = mlflow.MlflowClient(local_stack.env()["MLFLOW_TRACKING_URI"])
+    parent = next(p for p in client.search_runs([client.get_experiment_by_name("rlhf").experiment_id])
+                  if p.data.tags.get("rlhf.run") == store.uri(""))
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "experiment")} >= {"experiment/tax.json"}
