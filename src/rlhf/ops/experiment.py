@@ -154,14 +154,17 @@ def plot_kl(arms: list[Arm], path: Path) -> dict:
     return fits
 
 
-def markdown(kind: str, rows: list[dict], extra: dict, command: str, wall: float) -> str:
+def markdown(kind: str, rows: list[dict], extra: dict, command: str, wall: float, stage_s: float,
+             plot: bool) -> str:
     keys = list(rows[0]) if rows else []
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"### `rlhf experiment {kind}`", "", f"    {command}", "",
-             f"Wall time {wall / 60:.1f} min on this machine.", "",
+             f"Wall time {wall / 60:.1f} min on this machine, of which the stages' own work "
+             f"{stage_s / 60:.1f} min (a resumed experiment's wall time includes its pauses).", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    lines += ["", "```", json.dumps(extra, indent=1, default=str), "```", "", f"![{kind}]({kind}.png)", ""]
+    lines += ["", "```", json.dumps(extra, indent=1, default=str), "```", ""]
+    lines += [f"![{kind}]({kind}.png)", ""] if plot else []
     return "\n".join(lines)
 
 
@@ -174,7 +177,8 @@ def params_of(model_dir: Path) -> int:
 
 def size_comparison(seed: int, data_root: str, small_root: str, large_root: str, rec: dict, settings) -> dict:
     """The small PPO policy against the large SFT model on the held-out prompts, decoded
-    as eval decodes, judged by the task's gold judge."""
+    as eval decodes, judged by the task's gold judge (the small SFT model's gold score
+    beside them: the larger model is the stronger SFT baseline)."""
     import torch
 
     from rlhf.adapters.store import open_store
@@ -192,18 +196,22 @@ def size_comparison(seed: int, data_root: str, small_root: str, large_root: str,
     if not scores_everything(judge, rows):
         raise ValueError("rlhf experiment size needs a task with a gold judge (the built-in task or a plugin family)")
     texts, params = {}, {}
-    for name, root, prefix in (("small", small_root, "ppo/model"), ("large", large_root, "sft/model")):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the report step runs where eval does
+    for name, root, prefix in (("small", small_root, "ppo/model"), ("large", large_root, "sft/model"),
+                               ("small_sft", data_root, "sft/model")):
         d = open_store(root, settings).get_dir(prefix)
-        tok, model = load_tokenizer(str(d), cfg.model), load_causal_lm(str(d), cfg.model).eval()
+        tok, model = load_tokenizer(str(d), cfg.model), load_causal_lm(str(d), cfg.model).to(device).eval()
         fmt, params[name] = chat_format(tok, cfg.model, str(d)), params_of(d)
         with torch.no_grad():
-            texts[name] = [t for ro in decode_same_way(model, fmt, rows, cfg.eval, seed, "cpu")
+            texts[name] = [t for ro in decode_same_way(model, fmt, rows, cfg.eval, seed, device)
                            for t in decode_responses(tok, ro)]
     small = np.array([judge.score(r.prompt, t) for r, t in zip(rows, texts["small"])])
     large = np.array([judge.score(r.prompt, t) for r, t in zip(rows, texts["large"])])
+    small_sft = np.array([judge.score(r.prompt, t) for r, t in zip(rows, texts["small_sft"])])
     c = compare(small, large)
     return {"seed": seed, "small_params": params["small"], "large_params": params["large"], "prompts": len(rows),
             "small_gold": float(small.mean()), "large_gold": float(large.mean()),
+            "small_sft_gold": float(small_sft.mean()),  # the large SFT model should beat it: a fair baseline
             "decisive_comparisons": c["decisive_comparisons"], "small_preferred": c["decisive_win_rate"],
             "lower95": c["decisive_win_rate_lower"], "upper95": c["decisive_win_rate_upper"], "tie_rate": c["tie_rate"]}
 
@@ -318,6 +326,23 @@ def copy_artifact(src, dest, prefix: str) -> None:
         dest.put_dir(local, prefix, move=True)
 
 
+def stage_seconds(output: str, rec: dict, settings) -> float:
+    """The stages' own wall time, summed over bases and arms (what the experiment cost,
+    without the pauses of a resumed run; on a cluster, more than its wall time)."""
+    from rlhf.adapters.store import open_store
+
+    seeds = [int(s) for s in rec["seeds"]]
+    bases, arms = plan(rec["kind"], seeds)
+    where = [(_root(output, f"{b}-s{s}"), base_stages(b)) for s in seeds for b in bases]
+    where += [(_root(output, "arms", a.name), a.stages) for a in arms if a.stages]
+    total = 0.0
+    for root, stages in where:
+        store = open_store(root, settings)
+        total += sum(store.read_json(f"{st}/result.json").get("wall_s", 0.0) for st in stages
+                     if store.exists(f"{st}/result.json"))
+    return total
+
+
 def report(output: str, settings, results: str | None = None) -> dict:
     """The table, the plot and the claims from every arm's result; into the experiment's
     store and its MLflow parent run (closed FINISHED), and into RESULTS.md if asked."""
@@ -329,7 +354,7 @@ def report(output: str, settings, results: str | None = None) -> dict:
     store, rec = _record(output, settings)
     kind, seeds = rec["kind"], [int(s) for s in rec["seeds"]]
     arms = plan(kind, seeds)[1]
-    for arm in arms:
+    for arm in [a for a in arms if a.stages]:
         a = open_store(_root(output, "arms", arm.name), settings)
         arm.result = {**(a.read_json("ppo/result.json") if a.exists("ppo/result.json") else {}),
                       **(a.read_json("summary.json") if a.exists("summary.json") else {})}
@@ -338,10 +363,11 @@ def report(output: str, settings, results: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="rlhf-exp-") as tmp:
         out = Path(tmp)
         rep = analyse(kind, arms, out, output, rec, settings)
-        rep.update(wall_s=time.time() - rec["started"], command=rec["command"], output=store.uri(""))
+        rep.update(wall_s=time.time() - rec["started"], stage_s=stage_seconds(output, rec, settings),
+                   command=rec["command"], output=store.uri(""))
         (out / f"{kind}.json").write_text(json.dumps(rep, indent=1, default=str))
         md = markdown(kind, rep["rows"], {k: v for k, v in rep.items() if k not in ("rows", "command")},
-                      rec["command"], rep["wall_s"])
+                      rec["command"], rep["wall_s"], rep["stage_s"], (out / f"{kind}.png").is_file())
         (out / f"{kind}.md").write_text(md)
         client = _client(uri)
         for name in (f"{kind}.json", f"{kind}.md", f"{kind}.png"):
