@@ -111,3 +111,27 @@ def test_an_experiment_in_s3_with_the_tracking_server(local_stack, s3_store, tmp
                   if p.data.tags.get("rlhf.run") == store.uri(""))
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "experiment")} >= {"experiment/tax.json"}
+
+
+def test_start_records_resumes_and_refuses_another_experiment(tmp_path, monkeypatch):
+    """Each experiment folder has its own MLflow parent run (two folders of the same name
+    do not share one); starting again resumes it; another experiment there is refused."""
+    from rlhf.adapters.settings import Settings
+    from rlhf.ops import experiment
+
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path))
+    settings = Settings.from_env()
+    kw = dict(preset="tiny", quick=False, seeds=[0, 1], sets=["num_threads=1"], settings=settings)
+    specs = experiment.start("kl", output=str(tmp_path / "a" / "exp"), **kw)
+    assert [s["seed"] for s in specs] == [0, 1]
+    experiment.start("kl", output=str(tmp_path / "b" / "exp"), **kw)
+    first = json.loads((tmp_path / "a/exp/experiment.json").read_text())
+    other = json.loads((tmp_path / "b/exp/experiment.json").read_text())
+    assert first["parent_run_id"] != other["parent_run_id"]
+    assert first["sets"] == [*experiment.DEFAULTS["kl"], "num_threads=1"]
+    experiment.start("kl", output=str(tmp_path / "a" / "exp"), **kw)  # a resume: the same record
+    assert json.loads((tmp_path / "a/exp/experiment.json").read_text()) == first
+    with pytest.raises(ValueError, match="holds another experiment"):
+        experiment.start("tax", output=str(tmp_path / "a" / "exp"), **kw)
+    with pytest.raises(ValueError, match="unknown experiment"):
+        experiment.start("nope", output=str(tmp_path / "c"), **kw)

@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,7 +240,7 @@ def start(kind: str, *, preset: str, quick: bool, seeds: list[int], sets: list[s
     common = [*(QUICK if quick else []), *DEFAULTS.get(kind, []), *sets]
     cfg = load_config(preset or None, None, common, config_dict=config_dict)
     store = open_store(output, settings)
-    run_id = run_id or f"experiment-{kind}-{output.rstrip('/').rpartition('/')[2]}"
+    run_id = run_id or f"experiment-{kind}-{uuid.uuid4().hex[:12]}"  # finds the parent run again on a resume
     if store.exists(RECORD):
         old = store.read_json(RECORD)
         if (old["kind"], old["sets"], old["preset"], old["seeds"]) != (kind, common, preset, seeds):
