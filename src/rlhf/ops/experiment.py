@@ -48,7 +48,12 @@ QUICK = ["task.num_demonstrations=4000", "sft.patience=2", "reward.policy_compar
 """--quick: a smaller base and shorter PPO."""
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=192"]
 """`size`: the small policy's model (the large SFT model is the preset's, or LARGE)."""
-LARGE = ["model.hidden_size=192", "model.num_layers=6", "model.num_heads=4", "model.intermediate_size=576"]
+LARGE = ["model.hidden_size=192", "model.num_layers=6", "model.num_heads=4", "model.intermediate_size=576",
+         "sft.lr=5e-4", "sft.patience=4"]
+"""The large SFT model at a third of the SFT learning rate (its width is 3x the small one's) and
+with more patience: at the small model's settings (--quick, seed 0) it stopped at held-out
+loss 0.95 against the small SFT model's 0.75 and scored below it on gold (0.49 vs 0.55), a
+baseline too weak to show anything."""
 
 
 @dataclass
