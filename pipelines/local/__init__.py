@@ -12,6 +12,7 @@ compiles without either.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -96,12 +97,17 @@ def local_runner(cfg: PipelineConfig, settings: Settings, env: dict[str, str] | 
     saved = {k: os.environ.get(k) for k in child_env}
     os.environ.update(child_env)  # kfp.local passes its environment to every step
     steps = warm_steps() if settings.warm_steps and warm_available() else contextlib.nullcontext()
+    # kfp.local indents each step's log by swapping builtins.print and putting back the one it
+    # found; ParallelFor iterations run in threads, so one can put back another's indenting
+    # print and leave every later print of this process indented: put back the real one
+    real_print = builtins.print
     try:
         with steps:
             local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_dir / "outputs"),
                        enable_caching=True, cache_root=str(kfp_dir / "cache"), raise_on_error=False)
             yield error_file
     finally:
+        builtins.print = real_print
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

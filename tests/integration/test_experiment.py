@@ -60,10 +60,14 @@ def test_the_kfp_pipeline_gives_the_command_s_table(tmp_path, monkeypatch):
     """`rlhf experiment --kfp` runs the experiment's KFP pipeline (seeds and arms as
     ParallelFor loops, the report as the exit step) through kfp.local: the same table as
     the command in one process, the same MLflow parent run shape, RESULTS.md written."""
+    import builtins
+
     monkeypatch.setenv("RLHF_HOME", str(tmp_path))
     args = ["experiment", "tax", *TINY, "--seeds", "0,1"]
     assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    real_print = builtins.print
     assert main([*args, "--kfp", "--output", str(tmp_path / "kfp"), "--results", str(tmp_path / "R.md")]) == 0
+    assert builtins.print is real_print  # kfp.local's parallel loop threads leave no indenting print behind
     one, kfp = (json.loads((tmp_path / d / "tax.json").read_text()) for d in ("one", "kfp"))
     assert len(kfp["rows"]) == 4 and kfp["claims"].keys() == one["claims"].keys()
     for a, b in zip(one["rows"], kfp["rows"]):
