@@ -130,7 +130,9 @@ def run_experiment_local(kind: str, *, preset: str, quick: bool, seeds: list[int
     root = f"{artifact_root}/{run_name}"
     store = open_store(root, settings)
     if runs.experiment_exists(root, settings):
-        raise PipelineFailed(f"{store.uri('')} already holds an experiment; choose a new --output")
+        from rlhf.config import ConfigError
+
+        raise ConfigError(f"{store.uri('')} already holds an experiment; choose a new --output")
     cfg = load_config(preset or None, None, sets, config_dict=config_dict)
     with local_runner(cfg, settings) as error_file:
         build_experiment_pipeline()(kind=kind, preset=preset, quick=quick, seeds=",".join(map(str, seeds)),

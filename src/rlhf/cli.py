@@ -199,19 +199,23 @@ def _cmd_models(args, settings: Settings) -> int:
 
 def _cmd_experiment(args, settings: Settings, argv: list[str] | None) -> int:
     from rlhf.config import read_yaml_mapping
-    from rlhf.ops.experiment import run_experiment
+    from rlhf.ops.experiment import parse_seeds, run_experiment
 
-    seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    seeds = parse_seeds(args.seeds or ("0" if args.quick else "0,1,2"))
     output = args.output or str(settings.home / f"experiment-{args.kind}")
     command = "rlhf " + " ".join(sys.argv[1:] if argv is None else argv)
     config = read_yaml_mapping(Path(args.config), "config file", "sections (task, data, model, sft, ...)") \
         if args.config else None
     if args.kfp:
-        from rlhf.pipelines.local import run_experiment_local
+        from rlhf.pipelines.local import PipelineFailed, run_experiment_local
 
-        report = run_experiment_local(args.kind, preset=args.preset, quick=args.quick, seeds=seeds,
-                                      sets=args.overrides, output=output, settings=settings, config_dict=config,
-                                      results=args.results)
+        try:
+            report = run_experiment_local(args.kind, preset=args.preset, quick=args.quick, seeds=seeds,
+                                          sets=args.overrides, output=output, settings=settings,
+                                          config_dict=config, results=args.results)
+        except PipelineFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     else:
         report = run_experiment(args.kind, preset=args.preset, quick=args.quick, seeds=seeds, sets=args.overrides,
                                 output=output, settings=settings, results=args.results, command=command,

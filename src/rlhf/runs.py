@@ -65,16 +65,21 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
 
+def config_from_json(config_json: str) -> dict | None:
+    """The config_json pipeline parameter: empty, or a JSON object of sections."""
+    try:
+        return json.loads(config_json) if config_json and config_json.strip() else None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config_json is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
 def resolve_config(preset: str, config_json: str = "", overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """preset -> config JSON -> the typed pipeline parameters that are set.
 
     A typed parameter is "not set" when it is empty ("") or negative (-1): then the
     preset / JSON value stands. This is how the Kubeflow UI form and the JSON
     parameter combine."""
-    try:
-        cfg_dict = json.loads(config_json) if config_json and config_json.strip() else None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config_json is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    cfg_dict = config_from_json(config_json)
     unknown = set(overrides or {}) - set(UI_PARAMS)
     if unknown:
         raise ConfigError(f"unknown pipeline parameters {sorted(unknown)}; known: {sorted(UI_PARAMS)}")
@@ -250,12 +255,7 @@ def experiment_start(kind: str, preset: str, quick: bool, seeds: str, overrides:
 
     from rlhf.ops import experiment
 
-    try:
-        seed_list = [int(s) for s in str(seeds).replace(" ", "").split(",") if s]
-        config = json.loads(config_json) if config_json and config_json.strip() else None
-    except ValueError as e:
-        raise ConfigError(f"seeds {seeds!r} / config_json: {e}; seeds are comma-separated integers, e.g. 0,1,2, "
-                          "and config_json a JSON object of sections") from None
+    seed_list, config = experiment.parse_seeds(seeds), config_from_json(config_json)
     command = experiment_command(kind, preset, quick, ",".join(map(str, seed_list)), overrides)
     return experiment.start(kind, preset=preset, quick=quick, seeds=seed_list, sets=shlex.split(overrides or ""),
                             output=join(artifact_root, run_name or kfp_run_id), settings=settings,

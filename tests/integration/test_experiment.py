@@ -56,7 +56,7 @@ def test_experiment_runs_every_arm_and_reports(kind, tmp_path, monkeypatch):
     assert len(children) >= 3
 
 
-def test_the_kfp_pipeline_gives_the_command_s_table(tmp_path, monkeypatch):
+def test_the_kfp_pipeline_gives_the_command_s_table(tmp_path, monkeypatch, capsys):
     """`rlhf experiment --kfp` runs the experiment's KFP pipeline (seeds and arms as
     ParallelFor loops, the report as the exit step) through kfp.local: the same table as
     the command in one process, the same MLflow parent run shape, RESULTS.md written."""
@@ -85,8 +85,10 @@ def test_the_kfp_pipeline_gives_the_command_s_table(tmp_path, monkeypatch):
         assert len(kids) == len(client.search_runs(
             [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"))
     # a second experiment into the same folder is refused, naming the folder
-    with pytest.raises(Exception, match="already holds an experiment"):
-        main([*args, "--kfp", "--output", str(tmp_path / "kfp")])
+    capsys.readouterr()
+    assert main([*args, "--kfp", "--output", str(tmp_path / "kfp")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "kfp") in err and "already holds an experiment" in err
 
 
 def test_an_experiment_in_s3_with_the_tracking_server(local_stack, s3_store, tmp_path):
@@ -139,3 +141,8 @@ def test_start_records_resumes_and_refuses_another_experiment(tmp_path, monkeypa
         experiment.start("tax", output=str(tmp_path / "a" / "exp"), **kw)
     with pytest.raises(ValueError, match="unknown experiment"):
         experiment.start("nope", output=str(tmp_path / "c"), **kw)
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        experiment.parse_seeds("0,a")
+    with pytest.raises(ValueError, match="gold judge"):  # before any model is trained
+        experiment.start("size", output=str(tmp_path / "d"), **{**kw, "sets": ["data.sft_path=x.jsonl", "data.preference_path=y.jsonl"]})
+    assert not (tmp_path / "d" / "experiment.json").exists()

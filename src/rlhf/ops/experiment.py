@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf.config import load_config
+from rlhf.config import ConfigError, load_config
 
 KINDS = ("kl", "size", "tax")
 BETAS = (0.0, 0.01, 0.03, 0.1, 0.3)
@@ -82,7 +82,18 @@ def plan(kind: str, seeds: list[int]) -> tuple[dict[str, list[str]], list[Arm]]:
         arms = [a for s in seeds for a in (Arm(f"small-ppo-s{s}", s, [*SMALL], ("ppo",), "small"),
                                            Arm(f"large-sft-s{s}", s, [*LARGE], (), "large"))]
         return {"small": SMALL, "large": LARGE}, arms
-    raise ValueError(f"unknown experiment {kind!r}; choose one of {', '.join(KINDS)}")
+    raise ConfigError(f"unknown experiment {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2], or a clear error."""
+    try:
+        seeds = [int(s) for s in str(text).replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ConfigError(f"seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise ConfigError("rlhf experiment: give at least one seed, e.g. 0 or 0,1,2")
+    return seeds
 
 
 def base_stages(base: str) -> tuple[str, ...]:
@@ -200,7 +211,7 @@ def size_comparison(seed: int, data_root: str, small_root: str, large_root: str,
     rows = PrepData(open_store(data_root, settings)).rows("prompt_eval")[: cfg.eval.num_prompts]
     judge = build_judge(cfg)
     if not scores_everything(judge, rows):
-        raise ValueError("rlhf experiment size needs a task with a gold judge (the built-in task or a plugin family)")
+        raise ConfigError("rlhf experiment size needs a task with a gold judge (the built-in task or a plugin family)")
     texts, params = {}, {}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the report step runs where eval does
     for name, root, prefix in (("small", small_root, "ppo/model"), ("large", large_root, "sft/model"),
@@ -241,16 +252,21 @@ def start(kind: str, *, preset: str, quick: bool, seeds: list[int], sets: list[s
 
     plan(kind, seeds)  # an unknown kind fails here
     if not seeds:
-        raise ValueError("rlhf experiment: give at least one seed")
+        raise ConfigError("rlhf experiment: give at least one seed, e.g. 0 or 0,1,2")
     common = [*(QUICK if quick else []), *DEFAULTS.get(kind, []), *sets]
     cfg = load_config(preset or None, None, common, config_dict=config_dict)
+    if kind == "size" and not cfg.uses_builtin_task:  # found now, not after every model is trained
+        raise ConfigError("rlhf experiment size judges with the task's gold judge: use the built-in task or a "
+                          "plugin family (task.families), not data.sft_path / data.preference_path")
     store = open_store(output, settings)
     run_id = run_id or f"experiment-{kind}-{uuid.uuid4().hex[:12]}"  # finds the parent run again on a resume
     if store.exists(RECORD):
         old = store.read_json(RECORD)
-        if (old["kind"], old["sets"], old["preset"], old["seeds"]) != (kind, common, preset, seeds):
-            raise ValueError(f"{store.uri(RECORD)} holds another experiment ({old['kind']}, seeds {old['seeds']}, "
-                             f"--set {old['sets']}); give this one its own --output")
+        if (old["kind"], old["sets"], old["preset"], old["seeds"], old["config"]) != (
+                kind, common, preset, seeds, config_dict):
+            raise ConfigError(f"{store.uri(RECORD)} holds another experiment ({old['kind']}, seeds {old['seeds']}, "
+                              f"--set {old['sets']}, preset {old['preset']!r}, its own config file); give this one "
+                              "its own --output")
         run_id = old["run_id"]
     parent = start_pipeline_run(tracking_uri_for(cfg, settings), cfg.tracking.experiment, run_id,
                                 f"experiment-{kind}", cfg.model_dump(),
