@@ -384,5 +384,5 @@ def test_optimiser_fields_come_from_one_model():
         assert issubclass(section, OptimConfig)
         assert set(OptimConfig.model_fields) <= set(section.model_fields)
     cfg = load_config("demo")
-    assert (cfg.sft.lr, cfg.reward.lr, cfg.ppo.lr) == (1.5e-3, 5e-4, 2e-5)  # each stage keeps its own defaults
+    assert (cfg.sft.lr, cfg.reward.lr, cfg.ppo.lr) == (1.5e-3, 5e-4, 5e-5)  # each stage keeps its own defaults
     assert cfg.ppo.warmup_steps == 0 and cfg.ppo.lr_schedule == "constant" and cfg.sft.lr_schedule == "cosine"

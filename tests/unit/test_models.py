@@ -17,7 +17,9 @@ from rlhf.models import (
     Segment,
     pack,
     pair_scores,
-    pair_segment,
+    Group,
+    group_scores,
+    tree_segment,
     position_ids_from_mask,
     resolve_source,
     save_model,
@@ -308,13 +310,19 @@ PAIRS = [
 ]
 
 
-def test_pair_segment_layout():
-    seg, ic, ir = pair_segment(*PAIRS[0])
+def test_tree_segment_layout():
+    seg, (ic, ir) = tree_segment(list(PAIRS[0]))
     assert seg.ids == [5, 6, 7, 8, 9, 1, 9, 8, 1]  # chosen, then rejected after the shared "5 6 7"
     assert seg.pos == [0, 1, 2, 3, 4, 5, 3, 4, 5] and (ic, ir) == (5, 8)
     assert seg.mask[6, :3].all() and not seg.mask[6, 3:6].any() and seg.mask[6, 6]  # prefix and itself only
-    seg, ic, ir = pair_segment(*PAIRS[2])  # identical: each side still keeps its last token
-    assert seg.ids == [20, 21, 1, 1] and seg.pos == [0, 1, 2, 2] and (ic, ir) == (2, 3)
+    seg, ends = tree_segment(list(PAIRS[2]))  # identical: one path, scored at the same token
+    assert seg.ids == [20, 21, 1] and seg.pos == [0, 1, 2] and ends == [2, 2]
+    # four answers to one prompt: each distinct prefix once; a sequence may end inside another
+    seg, ends = tree_segment([[3, 4, 5, 1], [3, 4, 6, 1], [3, 4, 5, 7, 1], [3, 4]])
+    assert seg.ids == [3, 4, 5, 1, 6, 1, 7, 1] and seg.pos == [0, 1, 2, 3, 2, 3, 3, 4] and ends == [3, 5, 7, 1]
+    anc = {i: set(torch.nonzero(seg.mask[i]).flatten().tolist()) for i in range(len(seg.ids))}
+    assert anc[5] == {0, 1, 4, 5} and anc[7] == {0, 1, 2, 6, 7} and anc[1] == {0, 1}
+    assert torch.equal(seg.mask, seg.mask.tril())  # ancestors come first
 
 
 def test_pack_first_fit_with_block_diagonal_attention():
@@ -344,6 +352,36 @@ def test_pair_scores_equal_separate_forwards_with_gradients(rm, share, packed):
         torch.testing.assert_close(c, ref_c, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(r, ref_r, atol=1e-5, rtol=1e-5)
         for g, p in zip(packed_grads, model.parameters()):
+            torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    finally:
+        model.zero_grad()
+        model.eval()
+
+
+GROUPS = [
+    Group([[3, 4, 5, 1], [3, 4, 6, 1], [3, 4, 5, 7, 1], [3, 4]], [(0, 1), (0, 2), (2, 1), (3, 1), (0, 3), (2, 3)]),
+    Group([[8, 9, 1], [8, 1]], [(1, 0)]),
+]
+
+
+@pytest.mark.parametrize("share,packed", [(True, True), (True, False), (False, True)])
+def test_group_scores_equal_separate_forwards_with_gradients(rm, share, packed):
+    """Every sequence of a group is scored once in one forward, with its own forward's
+    score and gradient, and each pair takes its two sides' scores."""
+    model = rm.train()
+    try:
+        c, r = group_scores(model, GROUPS, pad_id=0, device="cpu", share_prefix=share, packed=packed)
+        assert c.shape == r.shape == (7,)
+        (c.sum() - 2 * r.sum()).backward()
+        grouped_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        ref = [[_reference_grad(model, q) for q in g.seqs] for g in GROUPS]
+        ref_c = torch.stack([ref[k][i] for k, g in enumerate(GROUPS) for i, _ in g.pairs])
+        ref_r = torch.stack([ref[k][j] for k, g in enumerate(GROUPS) for _, j in g.pairs])
+        (ref_c.sum() - 2 * ref_r.sum()).backward()
+        torch.testing.assert_close(c, ref_c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r, ref_r, atol=1e-5, rtol=1e-5)
+        for g, p in zip(grouped_grads, model.parameters()):
             torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
     finally:
         model.zero_grad()

@@ -243,6 +243,32 @@ def test_lower_temperature_agrees_more(comparisons):
     assert r_blunt > 0.5
 
 
+def test_ranking_has_the_labeler_s_pairwise_odds():
+    """A ranking of k answers (Plackett-Luce: gold / temperature plus Gumbel noise) chooses
+    each pair with the Bradley-Terry odds `label` uses, sigmoid(gold difference / temperature)."""
+    import math
+
+    task = BuiltinTask(TaskConfig(labeler_temperature=0.05), seed=0)
+    prompt = "reverse: a b c d"
+    answers = [" d c b a", " d c a b", " c d a b", " a b c d", " d c b a , done"]
+    golds = [gold_score(prompt, a) for a in answers]
+    rng, trials = random.Random(0), 6000
+    above = {(i, j): 0 for i in range(5) for j in range(5) if i != j}
+    for _ in range(trials):
+        ranked = task.rank(rng, prompt, answers)
+        assert sorted(ranked) == sorted(answers)
+        pos = {a: n for n, a in enumerate(ranked)}
+        for i, j in above:
+            above[i, j] += pos[answers[i]] < pos[answers[j]]
+    for (i, j), n in above.items():
+        expected = 1 / (1 + math.exp(-(golds[i] - golds[j]) / 0.05))
+        assert abs(n / trials - expected) < 0.025, (answers[i], answers[j], n / trials, expected)
+    # the single-pair labeler agrees with the ranking's odds
+    wins = sum(task.label(rng, prompt, answers[1], answers[2])[0] == answers[1] for _ in range(trials))
+    expected = 1 / (1 + math.exp(-(golds[1] - golds[2]) / 0.05))
+    assert abs(wins / trials - expected) < 0.025
+
+
 def test_builtin_task_rejects_unknown_family():
     with pytest.raises(ValueError, match="nope"):
         BuiltinTask(TaskConfig(families=["nope"]), seed=0)
@@ -317,3 +343,73 @@ def test_register_duplicate_name_raises(clean_families):
                 return items
 
     assert FAMILIES["reverse"] is original
+
+
+# ----------------------------------------------------------------------------- labelled policy samples
+
+
+class _Refuse:
+    def __call__(self):
+        raise AssertionError("committed comparisons are read back, the policy is not loaded again")
+
+
+def test_policy_comparisons_are_every_pair_of_a_ranking(stand_ins, tmp_path):
+    """k samples per prompt, ranked once: every pair of distinct samples is a comparison
+    (at most C(k, 2) per prompt), the pairs of a prompt agree with one order, and the
+    committed set is read back without sampling again."""
+    import torch
+
+    from rlhf.adapters.store import open_store
+    from rlhf.config import ModelConfig
+    from rlhf.data.schema import PromptRow
+    from rlhf.data.tasks.labelling import policy_comparisons
+    from rlhf.models.chat import chat_format
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    src, mcfg = str(stand_ins["qwen2"]), ModelConfig()
+    tok = load_tokenizer(src, mcfg)
+    fmt = chat_format(tok, mcfg, src)
+    task = BuiltinTask(TaskConfig(), seed=0)
+    rng = random.Random(0)
+    prompts = {s: [PromptRow(prompt=task._prompt(rng)) for _ in range(20)] for s in ("train", "eval")}
+    store = open_store(str(tmp_path / "run"))
+    out = policy_comparisons(task, lambda: load_causal_lm(src, mcfg).eval(), fmt, prompts, {"train": 30, "eval": 7},
+                             seed=0, max_new_tokens=6, store=store, device=torch.device("cpu"), k=4)
+    for split, n_prompts in (("train", 5), ("eval", 2)):  # ceil(30 / 6), ceil(7 / 6) prompts drawn
+        rows = out[split]
+        by_prompt: dict[str, list] = {}
+        for r in rows:
+            assert r.chosen != r.rejected and r.chosen.strip() and r.rejected.strip()
+            by_prompt.setdefault(r.prompt, []).append(r)
+        assert rows and len(by_prompt) <= n_prompts
+        for group in by_prompt.values():
+            texts = {t for r in group for t in (r.chosen, r.rejected)}
+            assert len(group) == len(texts) * (len(texts) - 1) // 2 <= 6  # every pair, once
+            above = {t: sum(r.chosen == t for r in group) for t in texts}  # a total order: wins 0..m-1
+            assert sorted(above.values()) == list(range(len(texts)))
+    again = policy_comparisons(task, _Refuse(), fmt, prompts, {"train": 30, "eval": 7}, seed=0, max_new_tokens=6,
+                               store=store, device=torch.device("cpu"), k=4)
+    assert again == out
+
+
+def test_comparisons_of_a_prompt_form_one_group():
+    """Pairs of one prompt share a group (each answer once); other prompts, other turns
+    and a group past MAX_GROUP answers start new ones; batches hold ~batch_size pairs."""
+    from rlhf.data.schema import PreferenceRow
+    from rlhf.stages.reward import MAX_GROUP, group_pairs, groups_per_step
+
+    def row(prompt, c, r, messages=None):
+        return PreferenceRow(prompt=prompt, chosen=c, rejected=r, messages=messages)
+
+    rows = [row("p", "a", "b"), row("q", "a", "b"), row("p", "a", "c"), row("p", "c", "b"),
+            row("p", "a", "b", [{"role": "user", "content": "p"}])]
+    enc = [([1, 2, ord(r.chosen)], [1, 2, ord(r.rejected)]) for r in rows]
+    groups = group_pairs(rows, enc)
+    assert [len(g.seqs) for g in groups] == [3, 2, 2]
+    assert groups[0].pairs == [(0, 1), (0, 2), (2, 1)] and groups[0].seqs[2] == [1, 2, ord("c")]
+    many = [row("p", f"x{i}", f"y{i}") for i in range(MAX_GROUP)]
+    groups = group_pairs(many, [([i], [100 + i]) for i in range(MAX_GROUP)])
+    assert all(len(g.seqs) <= MAX_GROUP for g in groups) and sum(len(g.pairs) for g in groups) == MAX_GROUP
+    assert groups_per_step(32, group_pairs(rows, enc), 1) == round(32 * 3 / 5)
+    assert groups_per_step(32, group_pairs(rows, enc), 4) == 20 and groups_per_step(1, groups, 2) == 2

@@ -5,7 +5,8 @@ May import: `rlhf.math`, `rlhf.config`. See docs/architecture.md.
 """
 
 from rlhf.models.heads import (
-    Segment, last_token_index, pack, pair_scores, pair_segment, position_ids_from_mask, sequence_scores, token_values,
+    Group, Segment, group_scores, last_token_index, pack, pair_scores, position_ids_from_mask, sequence_scores,
+    token_values, tree_segment,
 )
 from rlhf.models.loading import (
     ModelLoadError,
@@ -21,5 +22,6 @@ from rlhf.models.tokenizer import train_tokenizer
 __all__ = [
     "ModelLoadError", "build_causal_lm", "load_causal_lm", "load_reward_model", "load_tokenizer",
     "resolve_source", "save_model", "train_tokenizer", "last_token_index", "position_ids_from_mask",
-    "sequence_scores", "token_values", "pair_scores", "pair_segment", "pack", "Segment",
+    "sequence_scores", "token_values", "pair_scores", "group_scores", "tree_segment", "Group", "pack",
+    "Segment",
 ]

@@ -8,6 +8,8 @@ ourselves to get (a) the score at the last non-pad token under any padding side 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -67,21 +69,45 @@ class Segment:
         self.ids, self.pos, self.mask = list(ids), list(range(len(ids))) if pos is None else list(pos), mask
 
 
-def pair_segment(chosen: list[int], rejected: list[int]) -> tuple[Segment, int, int]:
-    """Chosen and rejected as one segment holding their common prefix once:
-    `[chosen | rejected after the prefix]`. Rejected's tokens take the positions they
-    would have alone (k, k+1, ... after a k-token prefix) and attend to the prefix and
-    to each other, never to chosen's own tokens, so every token sees exactly its own
-    sequence's context. Each side keeps at least its last token (where it is scored)
-    out of the prefix. Returns the segment and where chosen and rejected end in it."""
-    k, most = 0, min(len(chosen), len(rejected)) - 1
-    while k < most and chosen[k] == rejected[k]:
-        k += 1
-    lc, n = len(chosen), len(chosen) + len(rejected) - k
-    mask = torch.ones((n, n), dtype=torch.bool).tril()
-    mask[lc:, k:lc] = False  # rejected's tokens skip chosen's own
-    seg = Segment(list(chosen) + list(rejected[k:]), list(range(lc)) + list(range(k, len(rejected))), mask)
-    return seg, lc - 1, n - 1
+class Group(NamedTuple):
+    """Comparisons that share a prompt: the distinct token sequences once, and the
+    (chosen, rejected) index pairs among them. A plain preference pair is a group of two."""
+
+    seqs: list[list[int]]
+    pairs: list[tuple[int, int]]
+
+
+def tree_segment(seqs: list[list[int]]) -> tuple[Segment, list[int]]:
+    """Several sequences as one segment over their shared prefixes: a token trie laid
+    out in insertion order, each token once per distinct prefix. A token takes the
+    position it has in its sequences and attends to exactly its ancestors and itself,
+    so every sequence's tokens see their own context and nothing else. For a chosen /
+    rejected pair this is `[chosen | rejected after the common prefix]`. Returns the
+    segment and the index of each sequence's last token in it (where it is scored;
+    a sequence that is a prefix of another ends inside it, which is its own context)."""
+    ids: list[int] = []
+    pos: list[int] = []
+    parent: list[int] = []
+    children: list[dict[int, int]] = [{}]  # children[node + 1]: token -> node; [0] is the root's
+    ends = []
+    for seq in seqs:
+        node = -1
+        for depth, t in enumerate(seq):
+            kids = children[node + 1]
+            if t not in kids:
+                kids[t] = len(ids)
+                ids.append(t)
+                pos.append(depth)
+                parent.append(node)
+                children.append({})
+            node = kids[t]
+        ends.append(node)
+    mask = torch.zeros((len(ids), len(ids)), dtype=torch.bool)
+    for i, p in enumerate(parent):  # a parent precedes its children: its row is final
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = True
+    return Segment(ids, pos, mask), ends
 
 
 def pack(segments: list[Segment], pad_id: int, packed: bool = True) -> dict:
@@ -129,18 +155,27 @@ def pack(segments: list[Segment], pad_id: int, packed: bool = True) -> dict:
 
 def pair_scores(model, pairs, pad_id: int, device, share_prefix: bool = True,
                 packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of chosen and rejected, (B,) each, from one forward: each pair as one
-    segment over its shared prefix (`pair_segment`) or as two sequences, the segments
-    packed into few rows or one per row (`pack`)."""
-    segments, ends = [], []  # ends: (segment, index) of chosen and of rejected
-    for c, r in pairs:
+    """Rewards of chosen and rejected, (B,) each, from one forward (`group_scores`
+    with each pair as a group of two)."""
+    return group_scores(model, [Group([c, r], [(0, 1)]) for c, r in pairs], pad_id, device, share_prefix, packed)
+
+
+def group_scores(model, groups: list[Group], pad_id: int, device, share_prefix: bool = True,
+                 packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and the rejected side of every pair of every group, in
+    order, (P,) each, from one forward: each group as one segment over its shared
+    prefixes (`tree_segment`; every distinct sequence scored once, however many pairs
+    it is in) or each sequence as its own segment, the segments packed into few rows
+    or one per row (`pack`)."""
+    segments, at = [], []  # at[g][i]: (segment, index) where sequence i of group g ends
+    for g in groups:
         if share_prefix:
-            seg, ic, ir = pair_segment(c, r)
+            seg, ends = tree_segment(g.seqs)
             segments.append(seg)
-            ends.append(((len(segments) - 1, ic), (len(segments) - 1, ir)))
+            at.append([(len(segments) - 1, e) for e in ends])
         else:
-            segments += [Segment(c), Segment(r)]
-            ends.append(((len(segments) - 2, len(c) - 1), (len(segments) - 1, len(r) - 1)))
+            segments += [Segment(q) for q in g.seqs]
+            at.append([(len(segments) - len(g.seqs) + i, len(q) - 1) for i, q in enumerate(g.seqs)])
     b = pack(segments, pad_id, packed)
     backbone, head = backbone_and_head(model)
     out = backbone(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
@@ -148,8 +183,9 @@ def pair_scores(model, pairs, pad_id: int, device, share_prefix: bool = True,
     values = head(out.last_hidden_state).squeeze(-1).float()  # (R, L)
 
     def gather(side: int) -> torch.Tensor:
-        at = [(b["where"][seg][0], b["where"][seg][1] + i) for seg, i in (e[side] for e in ends)]
-        rows, cols = torch.tensor(at, device=values.device).T
+        cells = [(b["where"][seg][0], b["where"][seg][1] + i)
+                 for g, ends in zip(groups, at) for pair in g.pairs for seg, i in [ends[pair[side]]]]
+        rows, cols = torch.tensor(cells, device=values.device).T
         return values[rows, cols]
 
     return gather(0), gather(1)

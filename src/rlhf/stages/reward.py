@@ -2,10 +2,13 @@
 
 The SFT backbone with a scalar head (AutoModelForSequenceClassification, one label),
 trained with the pairwise loss -log sigmoid(r(x, y_w) - r(x, y_l) - margin)
-(InstructGPT eq. 1). Chosen and rejected go through one forward per step: each pair
-as one segment over its shared prefix, segments packed into few rows with block
-attention (`models.heads.pair_scores`) when the model honours custom masks, as
-separate padded rows otherwise.
+(InstructGPT eq. 1). The comparisons of one prompt form a group (`group_pairs`): its
+distinct answers go through the forward once, however many pairs each is in, as one
+segment over their shared prefixes, segments packed into few rows with block
+attention (`models.heads.group_scores`) when the model honours custom masks, as
+separate padded rows otherwise. InstructGPT trained on all C(K, 2) comparisons of a
+prompt as one batch element for the same reasons: one forward per answer, and no
+answer seen K - 1 times an epoch (which over-fitted).
 
 Held-out accuracy is reported twice: against the labels in the data (`rm/label_accuracy`)
 and, when the run has a judge, against the judge on the pairs it does not tie
@@ -30,7 +33,7 @@ import torch
 from rlhf.data.prepared import PrepData
 from rlhf.data.tasks.labelling import policy_comparisons
 from rlhf.math import pairwise_reward_loss
-from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, pair_scores, sequence_scores
+from rlhf.models import Group, group_scores, load_causal_lm, load_reward_model, load_tokenizer, sequence_scores
 from rlhf.models.batching import pad_right
 from rlhf.models.chat import ChatFormat, chat_format
 from rlhf.models.loading import apply_lora
@@ -52,12 +55,56 @@ def encode_pairs(fmt: ChatFormat, rows) -> list[tuple[list[int], list[int]]]:
     return [fmt.pair(r) for r in rows]
 
 
-def separate_scores(model, batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected as separate rows of one forward, (B,) each."""
-    seqs = [b[0] for b in batch] + [b[1] for b in batch]
-    ids, attn = pad_right(seqs, pad_id)  # (2B, T)
-    r = sequence_scores(model, ids.to(device), attn.to(device))  # (2B,)
-    return r[: len(batch)], r[len(batch):]
+MAX_GROUP = 9
+"""Most distinct answers in one group (InstructGPT ranked K = 4 to 9); a prompt with more
+comparisons fills several groups."""
+
+
+def group_pairs(rows, pairs: list[tuple[list[int], list[int]]]) -> list[Group]:
+    """The encoded comparisons grouped by prompt (text and turns), each distinct answer
+    once per group, in first-seen order; a pair whose answers would take a group past
+    `MAX_GROUP` opens the prompt's next group."""
+    open_groups: dict[tuple, tuple[Group, dict]] = {}
+    out = []
+    for row, (c, r) in zip(rows, pairs):
+        key = (row.prompt, repr(row.messages))
+        g, index = open_groups.get(key, (None, None))
+        if g is None or len(g.seqs) + sum(tuple(x) not in index for x in {tuple(c), tuple(r)}) > MAX_GROUP:
+            g, index = Group([], []), {}
+            open_groups[key] = (g, index)
+            out.append(g)
+        ends = []
+        for x in (c, r):
+            if tuple(x) not in index:
+                index[tuple(x)] = len(g.seqs)
+                g.seqs.append(list(x))
+            ends.append(index[tuple(x)])
+        g.pairs.append((ends[0], ends[1]))
+    return out
+
+
+def groups_per_step(batch_size: int, groups: list[Group], unit: int) -> int:
+    """Groups in one optimizer step so that it holds about `batch_size` comparisons on
+    average: a multiple of `unit` (processes x micro-batches), at least one."""
+    pairs = sum(len(g.pairs) for g in groups)
+    return max(unit, round(batch_size * len(groups) / max(pairs, 1) / unit) * unit)
+
+
+def separate_scores(model, groups: list[Group], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every distinct answer of the groups as its own padded row of one forward; the
+    chosen and the rejected score of every pair, (P,) each."""
+    seqs = [q for g in groups for q in g.seqs]
+    ids, attn = pad_right(seqs, pad_id)  # (S, T)
+    r = sequence_scores(model, ids.to(device), attn.to(device))  # (S,)
+    starts = [0]
+    for g in groups:
+        starts.append(starts[-1] + len(g.seqs))
+    at = [(o + i, o + j) for g, o in zip(groups, starts) for i, j in g.pairs]
+    return r[[a for a, _ in at]], r[[b for _, b in at]]
+
+
+def n_pairs(groups: list[Group]) -> int:
+    return sum(len(g.pairs) for g in groups)
 
 
 def heldout_accuracy(model, rows, pairs, pad_id: int, device, judge) -> dict[str, float]:
@@ -84,7 +131,7 @@ def heldout_accuracy(model, rows, pairs, pad_id: int, device, judge) -> dict[str
 
 
 class RewardSteps:
-    """What the reward model adds to the loop: the pairwise loss of a batch."""
+    """What the reward model adds to the loop: the pairwise loss over every comparison of a batch of groups."""
 
     def __init__(self, model, pad_id: int, device, dist, rcfg, state: dict | None = None):
         self.model, self.pad_id, self.device, self.dist, self.rcfg = model, pad_id, device, dist, rcfg
@@ -94,11 +141,12 @@ class RewardSteps:
         self.packed = self.state.get("packed")
 
     def scores(self, batch, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen and rejected in one forward: packed over their shared prefix, or padded rows."""
+        """Every pair's chosen and rejected score from one forward: each group packed over its
+        shared prefixes, or every answer as a padded row."""
         if packed:
-            return pair_scores(self.model.module, batch, self.pad_id, self.device, self.rcfg.share_prefix,
-                               self.rcfg.packing)
-        return separate_scores(self.model.module, batch, self.pad_id, self.device)  # (B,) each
+            return group_scores(self.model.module, batch, self.pad_id, self.device, self.rcfg.share_prefix,
+                                 self.rcfg.packing)
+        return separate_scores(self.model.module, batch, self.pad_id, self.device)  # (P,) each
 
     def loss(self, batch) -> StepLoss:
         if self.packed is None:  # first step of the stage: does the model take packed rows?
@@ -109,18 +157,19 @@ class RewardSteps:
         loss, stats = pairwise_reward_loss(*self.scores(batch, self.packed), self.rcfg.margin)
         metrics = {"rm/train_accuracy": self.dist.mean(stats["accuracy"].item()),
                    "rm/margin": self.dist.mean(stats["margin_mean"].item())}
-        return StepLoss(loss, len(batch) * self.dist.world, metrics, {"acc": f"{stats['accuracy'].item():.2f}"})
+        return StepLoss(loss, n_pairs(batch) * self.dist.world, metrics, {"acc": f"{stats['accuracy'].item():.2f}"})
 
 
 def labelled_samples(ctx: StageContext, prep: PrepData, fmt: ChatFormat, sft_dir: str, dist) -> dict[str, list]:
-    """Comparisons of two SFT samples per prompt from the task's simulated labelers:
+    """Comparisons of SFT samples (all pairs of `comparison_k` per prompt) from the task's simulated labelers:
     `policy_comparisons` from train prompts, a held-out share from eval prompts. Rank 0
     samples and commits them; the other ranks read them back."""
     n = ctx.config.policy_comparisons
     args = (ctx.task, lambda: load_causal_lm(sft_dir, ctx.model).to(dist.device).eval(), fmt,
             {s: prep.rows(f"prompt_{s}") for s in ("train", "eval")},
             {"train": n, "eval": max(200, int(n * prep.eval_fraction))})
-    kw = dict(seed=ctx.seed, max_new_tokens=ctx.config.comparison_max_new_tokens, store=ctx.store, device=dist.device)
+    kw = dict(seed=ctx.seed, max_new_tokens=ctx.config.comparison_max_new_tokens, store=ctx.store, device=dist.device,
+              k=ctx.config.comparison_k)
     if dist.main:
         policy_comparisons(*args, **kw)
     dist.barrier()
@@ -135,17 +184,18 @@ def fit_reward_model(ctx: StageContext, name: str, sft_dir: str, tok, fmt: ChatF
     rcfg, device = ctx.config, dist.device
     seed_everything(ctx.seed + 1)
     model = apply_lora(load_reward_model(sft_dir, ctx.model, tok.pad_token_id), ctx.model, "SEQ_CLS")
-    train = encode_pairs(fmt, train_rows)
-    batches = Batches(train, rcfg.batch_size, ctx.seed + 1, [len(c) + len(r) for c, r in train],
+    check_divisible({"reward.batch_size": rcfg.batch_size}, dist.world, rcfg.grad_accum_steps)
+    train = group_pairs(train_rows, encode_pairs(fmt, train_rows))
+    per_step = groups_per_step(rcfg.batch_size, train, dist.world * rcfg.grad_accum_steps)
+    batches = Batches(train, per_step, ctx.seed + 1, [sum(map(len, g.seqs)) for g in train],
                       rcfg.group_by_length, dist)
     total = rcfg.epochs * batches.steps_per_epoch
     if rcfg.max_steps:
         total = min(total, rcfg.max_steps)
 
     # optimiser + schedule (DeepSpeed across GPUs); resume; train
-    check_divisible({"reward.batch_size": rcfg.batch_size}, dist.world, rcfg.grad_accum_steps)
     model = make_trainable(model, dist, ctx.runtime.distributed, rcfg, total_steps=total,
-                           batch_size=rcfg.batch_size, precision=ctx.runtime.precision)
+                           batch_size=per_step, precision=ctx.runtime.precision)
     loop = Loop(name, total=total, checkpoint_every=rcfg.checkpoint_every, models={"model": model}, state={},
                 store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                 quiet=ctx.quiet)
@@ -157,7 +207,8 @@ def fit_reward_model(ctx: StageContext, name: str, sft_dir: str, tok, fmt: ChatF
     prefix = "rm" if name == ctx.name else "rm_judge"
     steps = RewardSteps(model, tok.pad_token_id, device, dist, rcfg, loop.state)
     due = lambda step: step % batches.steps_per_epoch == 0 or step == total  # noqa: E731
-    fit(loop, model, batches, steps.loss, prefix=prefix, evaluation=Evaluation(due=due, run=accuracy, unit="pairs"))
+    fit(loop, model, batches, steps.loss, prefix=prefix, evaluation=Evaluation(due=due, run=accuracy, unit="pairs"),
+        weigh=n_pairs)
     final = {}
     for suffix, (rows, pairs) in eval_sets.items():
         with model.autocast():

@@ -5,7 +5,10 @@ through exactly the same readers, cleaning and splits as user data.
 
 Simulated labelers compare two answers by the gold score with Bradley-Terry noise:
 P(a preferred) = sigmoid((gold_a - gold_b) / temperature); exact gold ties are a
-coin flip, as for a human who sees no difference.
+coin flip, as for a human who sees no difference. Ranking several answers, a labeler
+orders them by gold / temperature plus standard Gumbel noise (Plackett-Luce): one
+consistent order whose every pair is chosen with exactly those Bradley-Terry odds
+(the difference of two standard Gumbel draws is standard logistic).
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ class BuiltinTask:
         diff = fam.gold_score(prompt, a) - fam.gold_score(prompt, b)
         p_a = 1.0 / (1.0 + math.exp(-diff / self.cfg.labeler_temperature))
         return (a, b) if rng.random() < p_a else (b, a)
+
+    def rank(self, rng: random.Random, prompt: str, answers: list[str]) -> list[str]:
+        """A simulated labeler's ranking of `answers`, best first (Plackett-Luce on the gold score)."""
+        fam = self._family(prompt)
+        t = self.cfg.labeler_temperature
+        keys = [fam.gold_score(prompt, a) / t - math.log(max(rng.expovariate(1.0), 1e-300)) for a in answers]
+        return [a for _, a in sorted(zip(keys, answers), key=lambda x: -x[0])]
 
     def prompts(self, rng: random.Random) -> list[dict]:
         return [{"prompt": self._prompt(rng)} for _ in range(self.cfg.num_prompts)]
