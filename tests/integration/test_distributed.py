@@ -167,7 +167,8 @@ def test_two_processes_run_every_training_stage_under_zero3(base, tmp_path):
     # each rank averages its own tokens, so the loss is close to one process's, not equal
     assert sft["best_eval_loss"] == pytest.approx(ref["best_eval_loss"], rel=0.02)
     rm = stage(out, "reward", *TWO, *z)
-    assert rm["steps"] == json.loads((base / "reward" / "result.json").read_text())["steps"]
+    # whole groups (one prompt's comparisons), an equal number per process, about batch_size pairs a step
+    assert rm["rm/groups_per_step"] % 2 == 0 and rm["steps"] == -(-rm["rm/groups"] // rm["rm/groups_per_step"])
     ppo = stage(out, "ppo", *TWO, *z)
     assert ppo["updates"] == 3 and ppo["resumed_from"] is None
     assert 0 < ppo["last_metrics"]["ppo/response_length"] <= 8

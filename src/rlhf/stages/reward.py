@@ -85,7 +85,8 @@ def group_pairs(rows, pairs: list[tuple[list[int], list[int]]]) -> list[Group]:
 
 def groups_per_step(batch_size: int, groups: list[Group], unit: int) -> int:
     """Groups in one optimizer step so that it holds about `batch_size` comparisons on
-    average: a multiple of `unit` (processes x micro-batches), at least one."""
+    average: a multiple of `unit` (processes x micro-batches, so every process takes an
+    equal share without repeating a group), at least one `unit`."""
     pairs = sum(len(g.pairs) for g in groups)
     return max(unit, round(batch_size * len(groups) / max(pairs, 1) / unit) * unit)
 
@@ -209,7 +210,7 @@ def fit_reward_model(ctx: StageContext, name: str, sft_dir: str, tok, fmt: ChatF
     due = lambda step: step % batches.steps_per_epoch == 0 or step == total  # noqa: E731
     fit(loop, model, batches, steps.loss, prefix=prefix, evaluation=Evaluation(due=due, run=accuracy, unit="pairs"),
         weigh=n_pairs)
-    final = {}
+    final = {f"{prefix}/groups": float(len(train)), f"{prefix}/groups_per_step": float(per_step)}
     for suffix, (rows, pairs) in eval_sets.items():
         with model.autocast():
             metrics = heldout_accuracy(model.module, rows, pairs, tok.pad_token_id, device, ctx.judge)
