@@ -90,9 +90,9 @@ def alternate(before, after, repeats: int, inner: int) -> tuple[list[float], lis
 def kernel_rows(repeats: int, inner: int) -> list[dict]:
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-    from rlhf.models import pair_scores
+    from rlhf.models import Group, pair_scores
     from rlhf.models.batching import tokenize_pair
-    from rlhf.stages.reward import separate_scores
+    from rlhf.stages.comparisons import separate_scores
     from rlhf.models.rollout import generate
 
     import workload as w  # benchmarks/ is this script's folder, so first on sys.path
@@ -115,6 +115,7 @@ def kernel_rows(repeats: int, inner: int) -> list[dict]:
     pairs = [(tokenize_pair(tok, r["prompt"], r["chosen"])[0], tokenize_pair(tok, r["prompt"], r["rejected"])[0])
              for r in w.rm_rows()]
     batch = [pairs[i] for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:16].tolist()]
+    groups = [Group([c, r], [(0, 1)]) for c, r in batch]
 
     def step(score):
         def f():
@@ -133,8 +134,8 @@ def kernel_rows(repeats: int, inner: int) -> list[dict]:
         return out[0], out[1]
 
     row("chosen+rejected in one forward (vs one forward each)", "rm step", step(forward_each),
-        step(lambda: separate_scores(rm, batch, 0, "cpu")))
-    row("chosen+rejected over their shared prefix", "rm step", step(lambda: separate_scores(rm, batch, 0, "cpu")),
+        step(lambda: separate_scores(rm, groups, 0, "cpu")))
+    row("chosen+rejected over their shared prefix", "rm step", step(lambda: separate_scores(rm, groups, 0, "cpu")),
         step(lambda: pair_scores(rm, batch, 0, "cpu", share_prefix=True, packed=False)))
     row("packed rows, block attention (no padding waste)", "rm step",
         step(lambda: pair_scores(rm, batch, 0, "cpu", share_prefix=True, packed=False)),

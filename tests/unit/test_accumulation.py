@@ -97,19 +97,28 @@ def test_sft_accumulated_gradient_equals_the_large_batch(packed):
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_reward_accumulated_gradient_equals_the_large_batch(packed):
+    """32 groups of 2 to 4 answers to one prompt (1 to 6 comparisons each): each micro-batch's
+    mean pairwise loss is weighted by its comparisons, so 4 parts give the batch's gradient."""
+    from itertools import combinations
+
+    from rlhf.models.heads import Group
+    from rlhf.stages.comparisons import n_pairs
     from rlhf.stages.reward import RewardSteps
 
     one, four = _twins(LlamaForSequenceClassification, num_labels=1)
     rng = random.Random(1)
-    pairs = []
+    groups = []
     for ids, plen in _demos(32):
-        other = ids[:plen] + [rng.randrange(2, 64) for _ in range(rng.randrange(2, 30))] + [1]
-        pairs.append((ids, other))
+        k = rng.randrange(2, 5)
+        seqs = [ids] + [ids[:plen] + [rng.randrange(2, 64) for _ in range(rng.randrange(2, 30))] + [1]
+                        for _ in range(k - 1)]
+        groups.append(Group(seqs, list(combinations(range(k), 2))))
+    assert len({n_pairs([g]) for g in groups}) > 1  # unequal weights: the weighting is tested
 
     def run(model):
         steps = RewardSteps(model, 0, "cpu", CPU, RewardConfig(share_prefix=packed, packing=packed))
         steps.packed = packed
-        return accumulate(model, pairs, steps.loss, len)[1].loss
+        return accumulate(model, groups, steps.loss, n_pairs)[1].loss
 
     _assert_same_gradients(one, four, run)
 

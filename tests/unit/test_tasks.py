@@ -397,7 +397,7 @@ def test_comparisons_of_a_prompt_form_one_group():
     """Pairs of one prompt share a group (each answer once); other prompts, other turns
     and a group past MAX_GROUP answers start new ones; batches hold ~batch_size pairs."""
     from rlhf.data.schema import PreferenceRow
-    from rlhf.stages.reward import MAX_GROUP, group_pairs, groups_per_step
+    from rlhf.stages.comparisons import MAX_GROUP, group_pairs, groups_per_step
 
     def row(prompt, c, r, messages=None):
         return PreferenceRow(prompt=prompt, chosen=c, rejected=r, messages=messages)

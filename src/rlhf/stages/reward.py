@@ -33,12 +33,12 @@ import torch
 from rlhf.data.prepared import PrepData
 from rlhf.data.tasks.labelling import policy_comparisons
 from rlhf.math import pairwise_reward_loss
-from rlhf.models import Group, group_scores, load_causal_lm, load_reward_model, load_tokenizer, sequence_scores
-from rlhf.models.batching import pad_right
+from rlhf.models import group_scores, load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.models.chat import ChatFormat, chat_format
 from rlhf.models.loading import apply_lora
 from rlhf.data.processing import split_by_hash
 from rlhf.data.readers import DataError
+from rlhf.stages.comparisons import encode_pairs, group_pairs, groups_per_step, n_pairs, separate_scores
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.judging import JUDGE_MODEL_KEY, scores_everything
 from rlhf.stages.scoring import score_sequences
@@ -48,64 +48,6 @@ from rlhf.train.packing import packed_layout_works
 from rlhf.train.progress import Timer
 from rlhf.train.seed import seed_everything
 from rlhf.train.trainable import make_trainable, save_trained
-
-
-def encode_pairs(fmt: ChatFormat, rows) -> list[tuple[list[int], list[int]]]:
-    """Chosen and rejected token ids of each pair (`rlhf.models.chat`)."""
-    return [fmt.pair(r) for r in rows]
-
-
-MAX_GROUP = 9
-"""Most distinct answers in one group (InstructGPT ranked K = 4 to 9); a prompt with more
-comparisons fills several groups."""
-
-
-def group_pairs(rows, pairs: list[tuple[list[int], list[int]]]) -> list[Group]:
-    """The encoded comparisons grouped by prompt (text and turns), each distinct answer
-    once per group, in first-seen order; a pair whose answers would take a group past
-    `MAX_GROUP` opens the prompt's next group."""
-    open_groups: dict[tuple, tuple[Group, dict]] = {}
-    out = []
-    for row, (c, r) in zip(rows, pairs):
-        key = (row.prompt, repr(row.messages))
-        g, index = open_groups.get(key, (None, None))
-        if g is None or len(g.seqs) + sum(tuple(x) not in index for x in {tuple(c), tuple(r)}) > MAX_GROUP:
-            g, index = Group([], []), {}
-            open_groups[key] = (g, index)
-            out.append(g)
-        ends = []
-        for x in (c, r):
-            if tuple(x) not in index:
-                index[tuple(x)] = len(g.seqs)
-                g.seqs.append(list(x))
-            ends.append(index[tuple(x)])
-        g.pairs.append((ends[0], ends[1]))
-    return out
-
-
-def groups_per_step(batch_size: int, groups: list[Group], unit: int) -> int:
-    """Groups in one optimizer step so that it holds about `batch_size` comparisons on
-    average: a multiple of `unit` (processes x micro-batches, so every process takes an
-    equal share without repeating a group), at least one `unit`."""
-    pairs = sum(len(g.pairs) for g in groups)
-    return max(unit, round(batch_size * len(groups) / max(pairs, 1) / unit) * unit)
-
-
-def separate_scores(model, groups: list[Group], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every distinct answer of the groups as its own padded row of one forward; the
-    chosen and the rejected score of every pair, (P,) each."""
-    seqs = [q for g in groups for q in g.seqs]
-    ids, attn = pad_right(seqs, pad_id)  # (S, T)
-    r = sequence_scores(model, ids.to(device), attn.to(device))  # (S,)
-    starts = [0]
-    for g in groups:
-        starts.append(starts[-1] + len(g.seqs))
-    at = [(o + i, o + j) for g, o in zip(groups, starts) for i, j in g.pairs]
-    return r[[a for a, _ in at]], r[[b for _, b in at]]
-
-
-def n_pairs(groups: list[Group]) -> int:
-    return sum(len(g.pairs) for g in groups)
 
 
 def heldout_accuracy(model, rows, pairs, pad_id: int, device, judge) -> dict[str, float]:
