@@ -36,6 +36,14 @@ def test_gate_passes_when_every_threshold_holds():
     ("eval/alignment_tax", float("nan"), "gate.max_alignment_tax"),
     ("eval/judge_delta", float("nan"), "gate.min_gold_delta"),
     ("eval/decisive_win_rate_lower_vs_sft", float("nan"), "gate.min_decisive_win_rate"),
+    # infinite numbers fail too, either side (a -inf KL or +inf delta would pass a comparison)
+    ("eval/kl_vs_sft", float("-inf"), "gate.max_kl"),
+    ("eval/kl_vs_sft", float("inf"), "gate.max_kl"),
+    ("eval/judge_delta", float("inf"), "gate.min_gold_delta"),
+    ("eval/alignment_tax", float("-inf"), "gate.max_alignment_tax"),
+    # any other score, loss or rate eval reports
+    ("eval/policy_judge_mean", float("nan"), "eval/policy_judge_mean is nan"),
+    ("eval/rm_win_rate_vs_sft", float("inf"), "eval/rm_win_rate_vs_sft is inf"),
 ])
 def test_gate_names_the_failed_threshold(key, value, words):
     passed, reasons = gate_decision({**GOOD, key: value}, GateConfig())

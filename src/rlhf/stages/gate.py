@@ -7,7 +7,8 @@ ties-as-half win rate cannot be used for this: when most comparisons tie, its re
 is capped below any fixed threshold. The champion comparison uses the same test.
 
 Eval computes the verdict (so the pipeline's `dsl.If` can branch on it); promote
-re-checks it before moving `@champion`. A missing or NaN number fails its check.
+re-checks it before moving `@champion`. A missing, NaN or infinite number fails its check,
+and any other score, loss or rate from eval that is not finite fails the gate.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ def _normal_quantile(q: float) -> float:
 
 
 def _bad(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
+    """Missing, or not a finite number (NaN or infinite: a diverged policy or evaluation)."""
+    return x is None or isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
+
+
+CHECKED = ("eval/decisive_win_rate_lower_vs_sft", "eval/judge_delta", "eval/gold_delta", "eval/kl_vs_sft",
+           "eval/alignment_tax", "champion/decisive_win_rate_lower")
+"""The numbers with a threshold of their own; every other number eval reports must be finite."""
 
 
 def gate_decision(summary: dict, g: GateConfig) -> tuple[bool, list[str]]:
@@ -62,6 +69,10 @@ def gate_decision(summary: dict, g: GateConfig) -> tuple[bool, list[str]]:
     tax = summary.get("eval/alignment_tax")
     if tax is not None and (_bad(tax) or tax > g.max_alignment_tax):
         reasons.append(f"alignment tax {tax:.4f} is above gate.max_alignment_tax={g.max_alignment_tax}")
+    for key, x in summary.items():
+        if key.startswith(("eval/", "champion/")) and key not in CHECKED and isinstance(x, float) and _bad(x):
+            reasons.append(f"{key} is {x}: the policy or its evaluation diverged (a score, loss or rate that is "
+                           f"not a finite number)")
     if summary.get("champion/version"):
         cl = summary.get("champion/decisive_win_rate_lower")
         if _bad(cl) or cl <= 0.5 + g.champion_margin:
