@@ -16,13 +16,13 @@ import builtins
 import contextlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 
 from rlhf.config import PipelineConfig
 from rlhf.adapters.settings import Settings
 from rlhf.adapters.tracking import embedded_tracking_uri
+from rlhf.redaction import display_uri
 
 
 class PipelineFailed(RuntimeError):
@@ -159,5 +159,5 @@ def summary_lines(summary: dict, output: str, tracking_uri: str) -> list[str]:
     if tracking_uri.startswith("sqlite:///"):
         lines.append(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
     else:  # never print credentials embedded in the URI (http://user:token@host)
-        lines.append(f"MLflow UI: {re.sub(r'//[^/@]*@', '//', tracking_uri)}")
+        lines.append(f"MLflow UI: {display_uri(tracking_uri)}")
     return lines

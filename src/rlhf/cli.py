@@ -30,6 +30,7 @@ import yaml
 
 from rlhf.config import ConfigError, PipelineConfig, load_config
 from rlhf.adapters.settings import Settings
+from rlhf.redaction import check_transport, display_uri, guard_streams, redact
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="demo", help="Config preset (demo, instructgpt, tiny).")
@@ -53,7 +54,7 @@ def _cmd_stage(args, cfg: PipelineConfig, settings: Settings) -> int:
     if args.name in ("all", "eval"):
         from rlhf.adapters.tracking import tracking_uri_for
 
-        print(f"summary: {output.rstrip('/')}/summary.json\nMLflow: {tracking_uri_for(cfg, settings)}")
+        print(f"summary: {output.rstrip('/')}/summary.json\nMLflow: {display_uri(tracking_uri_for(cfg, settings))}")
     return 0
 
 
@@ -151,6 +152,7 @@ def _cmd_cluster(args, settings: Settings) -> int:
 
     host = args.host or settings.kfp_host
     token = cluster.read_token(args.token_file, settings)
+    check_transport(host, bool(token), settings.insecure, "Kubeflow Pipelines host")
     if args.cmd == "runs":
         rows = cluster.list_runs(host, experiment=args.experiment, namespace=args.namespace, token=token)
         if not rows:
@@ -180,11 +182,12 @@ def _cmd_models(args, settings: Settings) -> int:
     from rlhf.adapters.registry import Registry, pull
     from rlhf.adapters.tracking import embedded_tracking_uri
 
-    uri = args.tracking_uri or settings.mlflow_tracking_uri or embedded_tracking_uri(settings.home)
+    uri = settings.check_tracking_transport(
+        args.tracking_uri or settings.mlflow_tracking_uri or embedded_tracking_uri(settings.home))
     if args.action == "list":
         rows = Registry(uri).list_models(args.prefix or "")
         if not rows:
-            print(f"no registered models in {uri}")
+            print(f"no registered models in {display_uri(uri)}")
         for r in rows:
             aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(r["aliases"].items())) or "-"
             print(f"{r['name']:40s} versions={r['versions']:<4d} latest=v{r['latest_version']}  {aliases}")
@@ -214,7 +217,7 @@ def _cmd_experiment(args, settings: Settings, argv: list[str] | None) -> int:
                                           sets=args.overrides, output=output, settings=settings,
                                           config_dict=config, results=args.results)
         except PipelineFailed as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {redact(e)}", file=sys.stderr)
             return 1
     else:
         report = run_experiment(args.kind, preset=args.preset, quick=args.quick, seeds=seeds, sets=args.overrides,
@@ -226,7 +229,11 @@ def _cmd_experiment(args, settings: Settings, argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_streams()  # whatever this command prints or logs passes through the one redaction
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--insecure", action="store_true",
+                        help="Allow a token or password over plain http to a host outside this machine or the "
+                             "cluster (same as RLHF_INSECURE=1; https is the safe choice).")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     pr = sub.add_parser("run", help="Run the whole pipeline DAG locally through kfp.local.")
@@ -306,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     stack_mod.add_cli(sub)
 
     args = parser.parse_args(argv)
+    if args.insecure:  # before the settings are read, and inherited by the pipeline's steps
+        os.environ["RLHF_INSECURE"] = "1"
     settings = Settings.from_env()
     try:
         if args.cmd == "compile":
@@ -330,13 +339,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return _cmd_run(args, cfg, settings)
             except PipelineFailed as e:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {redact(e)}", file=sys.stderr)
                 return 1
         return _cmd_stage(args, cfg, settings)
     except Exception as e:
         if not isinstance(e, _known_errors()):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(e)}", file=sys.stderr)
         return 2
 
 
@@ -349,11 +358,12 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from rlhf.models import ModelLoadError
     from rlhf.adapters.registry import RegistryError
     from rlhf.train.checkpoint import CheckpointMismatch
+    from rlhf.redaction import InsecureTransport
     from rlhf.adapters.store import StoreError
     from rlhf.ops.trainjob import TrainJobError
 
     return (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError, RegistryError, ClusterError,
-            DistributedError, TrainJobError)
+            DistributedError, TrainJobError, InsecureTransport)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlhf.redaction import redact
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the field and the fix."""
@@ -470,7 +472,8 @@ def load_config(preset: str | None = "demo", config_file: str | Path | None = No
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, ", ".join(origin) or "defaults")) from None
+        # the message repeats the overrides and the rejected values: never a password in them
+        raise ConfigError(redact(_format_validation_error(e, ", ".join(origin) or "defaults"))) from None
 
 
 def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, Any]:

@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlparse
 from rlhf import __version__
 from rlhf.config import ConfigError, PipelineConfig, load_config
 from rlhf.adapters.settings import Settings
+from rlhf.redaction import guard_streams, redact
 from rlhf.adapters.store import open_store
 from rlhf.dispatch import StageRequest, dispatch
 from rlhf.params import UI_PARAMS
@@ -46,13 +47,17 @@ def step_entry(step: str):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             name = kwargs.get("name") or (args[0] if step == "stage" and args else step)
+            guard_streams()  # the step's log (prints, log lines, the traceback) passes through redact
             settings = Settings.from_env()
             path = settings.error_file
             try:
                 out = fn(*args, settings=settings, **kwargs)
             except Exception as e:
+                message = redact(e)
                 if path and not Path(path).exists():  # the first failure is the cause
-                    Path(path).write_text(json.dumps({"step": name, "type": type(e).__name__, "message": str(e)}))
+                    Path(path).write_text(json.dumps({"step": name, "type": type(e).__name__, "message": message}))
+                if message != str(e):  # the exception itself goes to KFP's log and UI: without the secret
+                    raise RuntimeError(f"{type(e).__name__}: {message}") from None
                 raise
             if path and Path(path).exists() and json.loads(Path(path).read_text()).get("step") == name:
                 Path(path).unlink()  # a retry of this step succeeded: its earlier error is not the cause

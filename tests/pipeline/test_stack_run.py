@@ -16,19 +16,25 @@ import pytest
 from rlhf.adapters.store import S3Store
 
 
+PLANTED = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw-Planted-stack-5d1e",
+           "KF_PIPELINES_TOKEN": "kfp-Planted-stack-93af"}
+"""Secrets in the run's environment (the server runs without auth and ignores them): none
+may appear in its output, its MLflow params and tags, or its artifacts (issue 14)."""
+
+
 @pytest.fixture(scope="module")
 def stack_run(local_stack, tmp_path_factory):
     home = tmp_path_factory.mktemp("stack-home")
     name = f"stack-{uuid.uuid4().hex[:6]}"
     output = f"s3://rlhf/runs/{name}"
-    env = {**os.environ, **local_stack.env(), "RLHF_HOME": str(home), "RLHF_RETRY_BACKOFF": "1s"}
+    env = {**os.environ, **local_stack.env(), **PLANTED, "RLHF_HOME": str(home), "RLHF_RETRY_BACKOFF": "1s"}
     r = subprocess.run([sys.executable, "-m", "rlhf.cli", "run", "--preset", "tiny", "--set", "num_threads=1",
                         "--set", "gate.min_decisive_win_rate=0.0", "--set", f"tracking.registered_model={name}",
                         "--set", f"tracking.experiment={name}", "--output", output],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     store = S3Store(output, local_stack.settings())
-    return {"name": name, "output": output, "store": store, "stdout": r.stdout, "home": home,
+    return {"name": name, "output": output, "store": store, "stdout": r.stdout, "stderr": r.stderr, "home": home,
             "summary": store.read_json("summary.json"), "tracking_uri": local_stack.env()["MLFLOW_TRACKING_URI"]}
 
 
@@ -66,6 +72,32 @@ def test_nested_runs_registered_models_and_alias(stack_run):
     assert str(c.get_registered_model(f"{name}-policy").aliases["champion"]) == "1"
     s = stack_run["summary"]
     assert s["promoted"] is True and s["policy_model_uri"] == f"models:/{name}-policy@champion"
+
+
+def test_planted_secrets_appear_nowhere(stack_run, local_stack):
+    """The S3 secret key and the planted MLflow password and KFP token: not in the command's
+    output, not in any MLflow param, tag or model-version tag, not in the run's text artifacts."""
+    secrets = [PLANTED["MLFLOW_TRACKING_PASSWORD"], PLANTED["KF_PIPELINES_TOKEN"],
+               local_stack.env()["AWS_SECRET_ACCESS_KEY"]]
+    seen = [stack_run["stdout"], stack_run["stderr"]]
+    c = mlflow.MlflowClient(stack_run["tracking_uri"])
+    exp = c.get_experiment_by_name(stack_run["name"])
+    for run in c.search_runs([exp.experiment_id]):
+        seen += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
+    for kind in ("sft", "reward", "policy"):
+        for v in c.search_model_versions(f"name = '{stack_run['name']}-{kind}'"):
+            seen += [f"{k}={val}" for k, val in v.tags.items()] + [v.source or "", v.description or ""]
+    env = local_stack.env()
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_REGION"])
+    texts = 0
+    for o in s3.list_objects_v2(Bucket="rlhf", Prefix=f"runs/{stack_run['name']}/")["Contents"]:
+        if o["Key"].endswith((".json", ".yaml", ".md", ".txt", ".log", ".jsonl")) and o["Size"] < 5_000_000:
+            seen.append(s3.get_object(Bucket="rlhf", Key=o["Key"])["Body"].read().decode(errors="replace"))
+            texts += 1
+    assert texts > 5 and len(seen) > 50  # the search saw the run's records
+    leaks = [(s, t[:200]) for t in seen for s in secrets if s in t]
+    assert not leaks, leaks
 
 
 def test_model_pulled_and_generating(stack_run, local_stack, tmp_path):

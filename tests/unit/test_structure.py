@@ -101,7 +101,8 @@ def test_settings_are_read_only_at_process_entry_points():
 
 
 ROOMS = {
-    # room: packages of this project it may import (besides itself and rlhf.config)
+    # room: packages of this project it may import (besides itself, rlhf.config and the leaf
+    # rlhf.redaction, which every message that can carry a secret passes through)
     "math": set(),
     "models": {"rlhf.math"},
     "data": {"rlhf.math", "rlhf.models"},
@@ -113,7 +114,7 @@ ROOMS = {
 
 @pytest.mark.parametrize("room", sorted(ROOMS))
 def test_each_room_imports_only_what_it_may(room):
-    allowed = ROOMS[room] | {f"rlhf.{room}", "rlhf.config", "rlhf"}
+    allowed = ROOMS[room] | {f"rlhf.{room}", "rlhf.config", "rlhf.redaction", "rlhf"}
     bad = {}
     for path in python_files(room):
         mine = {m for m in imports(path) if m == "rlhf" or m.startswith("rlhf.")}

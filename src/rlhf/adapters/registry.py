@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.redaction import redact
+
 CHAMPION = "champion"
 KINDS = ("sft", "reward", "policy")
 
@@ -110,7 +112,7 @@ class Registry:
 
     def set_tags(self, v: Version, tags: dict[str, str]) -> None:
         for k, val in tags.items():
-            self.client.set_model_version_tag(v.name, v.version, k, str(val))
+            self.client.set_model_version_tag(v.name, v.version, k, redact(val))
 
     def set_alias(self, v: Version, alias: str = CHAMPION) -> None:
         self.client.set_registered_model_alias(v.name, alias, v.version)

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf.redaction import check_transport, redact, register
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -73,6 +75,14 @@ class Settings:
     kfp_token_path: str | None = None
     """KF_PIPELINES_SA_TOKEN_PATH (the kfp SDK's own variable): file holding a projected
     service-account token, read when no token is given otherwise (in-cluster Jobs)."""
+    mlflow_tracking_token: str | None = field(default=None, repr=False)
+    """MLFLOW_TRACKING_TOKEN (read by the MLflow client itself): known here so that it is
+    never printed and never sent over plain http. Never logged."""
+    mlflow_tracking_password: str | None = field(default=None, repr=False)
+    """MLFLOW_TRACKING_PASSWORD: see `mlflow_tracking_token`. Never logged."""
+    insecure: bool = False
+    """RLHF_INSECURE=1 (or `--insecure`): allow a token or password over plain http to a
+    host outside this machine or the cluster (`rlhf.redaction.check_transport`)."""
     rank: int = 0
     """RANK (set by torchrun / the Kubeflow Trainer): this process's rank in a distributed stage."""
     world_size: int = 1
@@ -97,6 +107,16 @@ class Settings:
     def __post_init__(self):
         if self.stack_dir is None:
             object.__setattr__(self, "stack_dir", Path(self.home) / ".stack")
+        # every secret this process knows is masked wherever it would be printed or logged
+        register(self.aws_secret_access_key, self.aws_session_token, self.kfp_token, self.mlflow_tracking_token,
+                 self.mlflow_tracking_password)
+
+    def check_tracking_transport(self, uri: str) -> str:
+        """`uri`, once it is safe to send this process's MLflow credentials to it (a token,
+        a password, or user:password@ in the URI itself) (raises ValueError otherwise)."""
+        secret = bool(self.mlflow_tracking_token or self.mlflow_tracking_password) or redact(uri) != uri
+        check_transport(uri, secret, self.insecure, "MLflow tracking URI")
+        return uri
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -126,6 +146,9 @@ class Settings:
             kfp_host=env.get("KF_PIPELINES_ENDPOINT") or None,
             kfp_token=env.get("KF_PIPELINES_TOKEN") or None,
             kfp_token_path=env.get("KF_PIPELINES_SA_TOKEN_PATH") or None,
+            mlflow_tracking_token=env.get("MLFLOW_TRACKING_TOKEN") or None,
+            mlflow_tracking_password=env.get("MLFLOW_TRACKING_PASSWORD") or None,
+            insecure=env.get("RLHF_INSECURE", "0").lower() in {"1", "true", "yes"},
             rank=int(env.get("RANK") or 0),
             world_size=int(env.get("WORLD_SIZE") or 1),
             local_rank=int(env.get("LOCAL_RANK") or 0),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from rlhf.config import flatten
+from rlhf.redaction import redact
 
 
 FLUSH_SECONDS = 10.0
@@ -154,11 +155,11 @@ class MLflowTracker:
             if resume_id:
                 self.mlflow.set_tag("rlhf.resumed", "true")
             else:
-                flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
+                flat = {k: redact("" if v is None else v)[:6000] for k, v in flatten(params).items()}
                 items = list(flat.items())
                 for i in range(0, len(items), 90):
                     self.mlflow.log_params(dict(items[i:i + 90]))
-                self.mlflow.set_tags({"rlhf.stage": name, **self.tags})
+                self.mlflow.set_tags({k: redact(v) for k, v in {"rlhf.stage": name, **self.tags}.items()})
             self.seconds += time.perf_counter() - t_start
             try:
                 yield
@@ -256,7 +257,10 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
 
 
 def tracking_uri_for(cfg, settings) -> str:
-    return cfg.tracking.tracking_uri or settings.mlflow_tracking_uri or embedded_tracking_uri(settings.home)
+    """The run's tracking URI: the config's, else MLFLOW_TRACKING_URI, else the embedded
+    database; refused when it would carry credentials over plain http off the cluster."""
+    uri = cfg.tracking.tracking_uri or settings.mlflow_tracking_uri or embedded_tracking_uri(settings.home)
+    return settings.check_tracking_transport(uri)
 
 
 def make_tracker(cfg, settings, parent_run_id: str | None = None, tags: dict[str, str] | None = None):
@@ -299,8 +303,9 @@ def start_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, run_
         return existing
     client = _client(tracking_uri)
     exp_id = ensure_experiment(experiment, tracking_uri)
-    run = client.create_run(exp_id, run_name=run_name, tags={KFP_RUN_TAG: kfp_run_id, "rlhf.stage": "pipeline", **tags})
-    flat = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in flatten(params).items()]
+    run = client.create_run(exp_id, run_name=run_name, tags={k: redact(v) for k, v in
+                                                             {KFP_RUN_TAG: kfp_run_id, "rlhf.stage": "pipeline", **tags}.items()})
+    flat = [Param(k, redact("" if v is None else v)[:6000]) for k, v in flatten(params).items()]
     for i in range(0, len(flat), 90):
         client.log_batch(run.info.run_id, params=flat[i:i + 90], tags=[RunTag("rlhf.params", "config")] if i == 0 else [])
     return run.info.run_id
@@ -318,7 +323,7 @@ def finish_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, suc
         if child.info.status == "RUNNING":
             client.set_terminated(child.info.run_id, "FAILED")
     if error:
-        client.set_tag(parent, "rlhf.error", error[:5000])
+        client.set_tag(parent, "rlhf.error", redact(error)[:5000])
     client.set_terminated(parent, "FINISHED" if succeeded else "FAILED")
     return parent
 

@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 import yaml
 
 from rlhf.adapters.settings import Settings
+from rlhf.redaction import register
 
 DEFAULT_PIPELINE = "rlhf-instructgpt"
 DEFAULT_EXPERIMENT = "rlhf"
@@ -66,6 +67,7 @@ def _token_from(path: Path, what: str) -> str:
         raise ClusterError(f"{what} {path}: cannot read the token file ({e.strerror or e})") from None
     if not token:
         raise ClusterError(f"{what} {path}: the token file is empty")
+    register(token)  # masked wherever it could be printed
     return token
 
 
