@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 
 from rlhf.adapters.settings import Settings
+from rlhf.redaction import guard_streams, redact
 
 
 def run_request(request: dict, settings: Settings) -> dict:
@@ -46,6 +47,7 @@ def finish_process_group() -> None:
 
 
 def main() -> int:
+    guard_streams()  # each process's log passes through the one redaction, as the CLI's and a step's do
     settings = Settings.from_env()
     if not settings.stage_request:
         print("rlhf.ops.worker: RLHF_STAGE_REQUEST is not set; this module is started by `rlhf` itself "
@@ -56,7 +58,7 @@ def main() -> int:
         finish_process_group()
     except BaseException as e:
         if settings.worker_error_dir:
-            msg = f"rank {settings.rank}: {type(e).__name__}: {e}"
+            msg = redact(f"rank {settings.rank}: {type(e).__name__}: {e}")
             Path(settings.worker_error_dir, f"rank-{settings.rank:05d}.txt").write_text(msg)
         traceback.print_exc()
         return 1
