@@ -110,6 +110,28 @@ def _safe_rel(rel: str, where: str) -> str:
     return "/".join(parts)
 
 
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (its entries); a no-op where the OS cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, then `root` itself."""
+    for p in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+        if not p.is_symlink():
+            _fsync_path(p)
+    _fsync_path(root)
+
+
 def _parse_manifest(data: bytes, uri: str) -> dict[str, str]:
     try:
         manifest = json.loads(data)
@@ -277,8 +299,13 @@ class LocalStore(_JsonMixin):
             _move_or_copy(src, out) if move else shutil.copy2(src, out)
         staging.mkdir(parents=True, exist_ok=True)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        # durable before the marker: a power loss must not leave a committed artifact whose
+        # files (or manifest) never reached the disk
+        _fsync_tree(staging)
         staging.rename(dest)
+        _fsync_path(dest.parent)
         self.write_bytes(f"{prefix.strip('/')}/{COMMIT_MARKER}", b"ok\n")
+        _fsync_path(dest)
         return manifest
 
     def get_dir(self, prefix: str, local_dir: Path | None = None) -> Path:

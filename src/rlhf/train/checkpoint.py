@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf.adapters.store import StoreError
 from rlhf.config import PipelineConfig
 from rlhf.train.distributed import Dist
 from rlhf.train.trainable import Trainable
@@ -223,43 +225,92 @@ def _nodes_of(store, prefix: str) -> int:
     return json.loads(store.read_bytes(key)).get("nodes", 1) - 1 if store.exists(key) else 0
 
 
-def resume_checkpoint(store, stage: str, models: dict, fingerprint: str, dist: Dist | None = None) -> dict | None:
-    """Load the stage's newest committed checkpoint into `models` (see save_checkpoint);
-    return its state, or None when there is none. Every rank calls it.
+class _Unusable(Exception):
+    """A checkpoint that cannot be loaded (failed verification or a broken file)."""
 
-    Refuses checkpoints written under a different training config or process count:
-    resuming them would silently mix two runs (ZeRO partitions depend on the count)."""
+
+def resume_checkpoint(store, stage: str, models: dict, fingerprint: str, dist: Dist | None = None) -> dict | None:
+    """Load the stage's newest usable committed checkpoint into `models` (see
+    save_checkpoint); return its state, or None when there is none. Every rank calls it.
+
+    Each checkpoint is verified against its sha256 manifest before anything is loaded.
+    One that fails (a file lost or changed after its marker was written: a power loss
+    before the data reached the disk, a damaged object) is reported on stderr and skipped
+    for the previous complete one, never silently; when none is usable the error names
+    them all. Refuses checkpoints written under a different training config or process
+    count: resuming them would silently mix two runs (ZeRO partitions depend on the count)."""
     engines, plain, objects_of = _split(models)
     found = _checkpoints(store, stage)
     if not found:
         return None
     world = dist.world if dist else 1
-    if not engines:
-        path = store.get_dir(found[-1])  # verified against its sha256 manifest
-        _check_resumable(store, found[-1], _written_state(path), fingerprint, world)
+    bad = []
+    for prefix in reversed(found):
+        try:
+            if not engines:
+                state = _resume_plain(store, prefix, plain, objects_of, fingerprint, world)
+            else:
+                state = _resume_engines(store, stage, prefix, engines, plain, fingerprint, dist)
+        except _Unusable as e:
+            bad.append(f"{store.uri(prefix)} ({e})")
+            if dist is None or dist.main:
+                print(f"warning: {stage}: checkpoint {store.uri(prefix)} is unusable and is skipped: {e}",
+                      file=sys.stderr, flush=True)
+            continue
+        if bad and (dist is None or dist.main):
+            print(f"warning: {stage}: resuming from {store.uri(prefix)}, the newest usable checkpoint "
+                  f"({len(bad)} newer skipped)", file=sys.stderr, flush=True)
+        for key in ("config_fingerprint", "world_size", "nodes"):
+            state.pop(key, None)
+        state["resumed_from"] = state["step"]
+        return state
+    raise StoreError(f"{stage}: no usable checkpoint: {'; '.join(bad)}. To start the stage over, delete "
+                     f"{store.uri(f'{stage}/checkpoints')}")
+
+
+def _resume_plain(store, prefix: str, plain: dict, objects_of: dict, fingerprint: str, world: int) -> dict:
+    try:
+        path = store.get_dir(prefix)  # verified against its sha256 manifest before anything is read
+    except StoreError as e:
+        raise _Unusable(str(e)) from None
+    _check_resumable(store, prefix, _written_state(path), fingerprint, world)
+    try:
         objects, state = load(path, models=plain)
-        for k, t in objects_of.items():
-            t.load_objects({o.split(".", 1)[1]: v for o, v in objects.items() if o.startswith(f"{k}.")})
-    else:
-        local = scratch_dir(store.uri(""), stage, dist) / "resume"
+    except Exception as e:  # a file the manifest vouches for, yet unreadable: a checkpoint written broken
+        raise _Unusable(f"{type(e).__name__}: {e}") from None
+    for k, t in objects_of.items():
+        t.load_objects({o.split(".", 1)[1]: v for o, v in objects.items() if o.startswith(f"{k}.")})
+    return state
+
+
+def _resume_engines(store, stage: str, prefix: str, engines: dict, plain: dict, fingerprint: str, dist: Dist) -> dict:
+    """DeepSpeed: each node's first rank fetches (and verifies) the checkpoint and its other
+    nodes' parts; all ranks agree before any of them loads, so one node's bad copy makes
+    every rank skip it together."""
+    local = scratch_dir(store.uri(""), stage, dist) / "resume"
+    error = ""
+    if dist.node_main:
+        shutil.rmtree(local, ignore_errors=True)
+        try:
+            store.get_dir(prefix, local)
+            for n in range(1, 1 + _nodes_of(store, prefix)):  # other nodes' ZeRO partitions
+                store.get_dir(f"{prefix}.node-{n}", local)
+        except StoreError as e:
+            error = str(e)
+    if dist.sum(1.0 if error else 0.0) > 0:  # collective: every rank learns that some node failed
         if dist.node_main:
             shutil.rmtree(local, ignore_errors=True)
-            store.get_dir(found[-1], local)
-            for n in range(1, 1 + _nodes_of(store, found[-1])):  # other nodes' ZeRO partitions
-                store.get_dir(f"{found[-1]}.node-{n}", local)
-        dist.barrier()
-        _check_resumable(store, found[-1], _written_state(local), fingerprint, world)
-        main = next((local / "main").glob("step-*"))
-        objects, state = load(main, models=plain)
-        for k, t in engines.items():
-            t.engine.load_checkpoint(str(local / f"ds-{k}"), tag="ckpt")
-        set_rng_state(torch.load(local / f"rng-rank-{dist.rank:05d}.pt", weights_only=True))
-        dist.barrier()
-        if dist.node_main:
-            shutil.rmtree(local, ignore_errors=True)
-    for key in ("config_fingerprint", "world_size", "nodes"):
-        state.pop(key, None)
-    state["resumed_from"] = state["step"]
+        raise _Unusable(error or "another node could not fetch or verify its part")
+    dist.barrier()
+    _check_resumable(store, prefix, _written_state(local), fingerprint, dist.world)
+    main = next((local / "main").glob("step-*"))
+    objects, state = load(main, models=plain)
+    for k, t in engines.items():
+        t.engine.load_checkpoint(str(local / f"ds-{k}"), tag="ckpt")
+    set_rng_state(torch.load(local / f"rng-rank-{dist.rank:05d}.pt", weights_only=True))
+    dist.barrier()
+    if dist.node_main:
+        shutil.rmtree(local, ignore_errors=True)
     return state
 
 
