@@ -180,3 +180,32 @@ def test_load_is_weights_only(tmp_path):
     path = checkpoint.save(tmp_path, 1, models={}, objects={"evil": NotATensor()}, state={})
     with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
         checkpoint.load(path, models={})
+
+
+class _Payload:
+    """What a hostile checkpoint file carries: unpickling it runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file when unpickled
+
+
+def test_deepspeed_files_load_without_pickle(tmp_path):
+    """DeepSpeed checkpoint files are read with weights_only=True: their plain data classes
+    load, a file that names any other global is refused before it runs."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    good = tmp_path / "optim_states.pt"
+    torch.save({"zero_stage": ZeroStageEnum.gradients, "loss_scaler": LossScaler(1.0), "w": torch.ones(2)}, good)
+    loaded = checkpoint.load_weights_only(good)
+    assert loaded["zero_stage"] == ZeroStageEnum.gradients and torch.equal(loaded["w"], torch.ones(2))
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "hostile.pt"
+    torch.save({"optimizer_state_dict": _Payload(str(marker))}, bad)
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.load_weights_only(bad)
+    assert not marker.exists()

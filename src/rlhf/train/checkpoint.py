@@ -225,6 +225,34 @@ def _nodes_of(store, prefix: str) -> int:
     return json.loads(store.read_bytes(key)).get("nodes", 1) - 1 if store.exists(key) else 0
 
 
+DEEPSPEED_CHECKPOINT_GLOBALS = (
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+)
+"""The plain data classes a DeepSpeed checkpoint holds beside tensors (read with
+`torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO checkpoints): the only
+globals its files may name when we load them."""
+
+
+def load_weights_only(path, map_location=None):
+    """`torch.load` of a DeepSpeed checkpoint file with `weights_only=True`: tensors, plain
+    containers and `DEEPSPEED_CHECKPOINT_GLOBALS`, never arbitrary pickled code (DeepSpeed's
+    own engine loads with `weights_only=False`, which runs whatever the file names)."""
+    import importlib
+
+    allowed = []
+    for name in DEEPSPEED_CHECKPOINT_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: that class is not in its files
+            pass
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 class _Unusable(Exception):
     """A checkpoint that cannot be loaded (failed verification or a broken file)."""
 
@@ -306,6 +334,7 @@ def _resume_engines(store, stage: str, prefix: str, engines: dict, plain: dict, 
     main = next((local / "main").glob("step-*"))
     objects, state = load(main, models=plain)
     for k, t in engines.items():
+        t.engine.checkpoint_engine.load = load_weights_only  # no pickle from the store
         t.engine.load_checkpoint(str(local / f"ds-{k}"), tag="ckpt")
     set_rng_state(torch.load(local / f"rng-rank-{dist.rank:05d}.pt", weights_only=True))
     dist.barrier()
