@@ -571,3 +571,52 @@ def test_write_jsonl_replaces_atomically(tmp_path, monkeypatch):
         write_jsonl([PromptRow(prompt="new")], path)
     assert read_jsonl_rows(path, "prompt") == [PromptRow(prompt="old")]
     assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_split_by_hash_holds_out_a_prompt_of_a_small_dataset():
+    """Few prompts whose hashes all land on one side: one still goes to the other side
+    (the lowest-hashed to eval, the highest to train), a function of the prompts alone."""
+    rows = [PromptRow(prompt=f"q{i}") for i in range(10)]
+    score = {r.prompt: int(hashlib.sha256(("s" + r.prompt).encode()).hexdigest()[:16], 16) / 16**16 for r in rows}
+    low, high = min(score.values()), max(score.values())
+    train, evals = split_by_hash(rows, low * 0.99, salt="s")  # below every hash: none would be held out
+    assert [r.prompt for r in evals] == [min(score, key=score.get)] and len(train) == 9
+    train, evals = split_by_hash(rows, min(high * 1.01, 0.999), salt="s")  # above every hash: none would train
+    assert [r.prompt for r in train] == [max(score, key=score.get)] and len(evals) == 9
+    assert split_by_hash(list(reversed(rows)), low * 0.99, salt="s")[1] == [
+        r for r in rows if r.prompt == min(score, key=score.get)]  # the order of the rows does not matter
+    # one prompt, however many rows: it cannot be on both sides
+    same = [PreferenceRow(prompt="p", chosen=f"c{i}", rejected="r") for i in range(5)]
+    assert sorted(map(len, split_by_hash(same, 0.1))) == [0, 5]
+
+
+def test_plain_text_rows_split_by_their_text():
+    rows = [SFTRow(prompt="", completion=f"document {i}") for i in range(400)]
+    train, evals = split_by_hash(rows, 0.1)
+    assert 20 <= len(evals) <= 70 and len(train) + len(evals) == 400
+
+
+def test_ten_conversational_rows_prep_with_a_held_out_row(tmp_path, capsys):
+    """The smallest datasets still split: 10 conversations and 10 comparisons, default
+    eval_fraction (0.1); one prompt only is a clear error whose fix is more prompts."""
+    from rlhf.cli import main
+
+    sft, pref = tmp_path / "sft.jsonl", tmp_path / "pref.jsonl"
+    sft.write_text("".join(json.dumps({"messages": [U(f"say {w}"), A(f" {w}")]}) + "\n"
+                           for w in "red blue green gold pink gray teal navy lime rust".split()))
+    pref.write_text("".join(json.dumps({"prompt": f"pick {i}", "chosen": " yes", "rejected": " no"}) + "\n"
+                            for i in range(10)))
+    args = ["stage", "prep", "--preset", "tiny", "--set", f"data.sft_path={sft}", "--set",
+            f"data.preference_path={pref}", "--quiet"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    sizes = json.loads((tmp_path / "a" / "prep" / "report.json").read_text())["sizes"]
+    assert all(sizes[f"{k}_eval"] >= 1 and sizes[f"{k}_train"] >= 1 for k in ("sft", "preference", "prompt")), sizes
+
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"prompt": "same", "chosen": f" y{i}", "rejected": " n"}) + "\n"
+                           for i in range(10)))
+    assert main(["stage", "prep", "--preset", "tiny", "--set", f"data.sft_path={sft}", "--set",
+                 f"data.preference_path={one}", "--quiet", "--output", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"preference data from {one}" in err and "two different prompts" in err and "eval_fraction" not in err
+    assert not (tmp_path / "b" / "prep" / "_COMMITTED").exists()

@@ -31,18 +31,34 @@ def _eval_score(prompt: str, salt: str) -> float:
     return int(digest[:16], 16) / 16**16
 
 
+def split_key(row: Row) -> str:
+    """What a row is split by: its prompt (rendered turns for conversations); a plain text
+    row (`{"text": ...}`, no prompt) by its text, so such rows do not all hash alike."""
+    return row.prompt or getattr(row, "completion", "")
+
+
 def split_by_hash(rows: Sequence[Row], eval_fraction: float, salt: str = "") -> tuple[list[Row], list[Row]]:
-    """Split into (train, eval) by a hash of ``salt + prompt``.
+    """Split into (train, eval) by a hash of ``salt + prompt`` (`split_key`).
 
     Deterministic and keyed by prompt: every row sharing a prompt lands on the same
     side, so no prompt leaks between train and eval. Order is kept within each side.
+    With 0 < eval_fraction < 1 and at least two distinct prompts, neither side is left
+    empty: a small dataset whose hashes all fall on one side gives its lowest-hashed
+    prompt to eval (or its highest to train), still a function of the prompts alone.
     """
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be within [0, 1], got {eval_fraction}")
+    score = {k: _eval_score(k, salt) for k in dict.fromkeys(split_key(r) for r in rows)}
+    cut, levels = eval_fraction, sorted(set(score.values()))
+    if 0.0 < eval_fraction < 1.0 and len(levels) >= 2:
+        if levels[0] >= cut:  # nothing held out: the lowest-hashed prompt is
+            cut = (levels[0] + levels[1]) / 2
+        elif levels[-1] < cut:  # nothing left to train on: the highest-hashed prompt trains
+            cut = (levels[-2] + levels[-1]) / 2
     train: list[Row] = []
     evals: list[Row] = []
     for row in rows:
-        (evals if _eval_score(row.prompt, salt) < eval_fraction else train).append(row)
+        (evals if score[split_key(row)] < cut else train).append(row)
     return train, evals
 
 

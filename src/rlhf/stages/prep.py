@@ -119,6 +119,20 @@ def check_over_long(kind: str, source: str, counts: dict, limits: dict, max_rate
             "written")
 
 
+def check_split(kind: str, source: str, kept: list, train: list, evl: list) -> None:
+    """DataError when a kind has no row to train on or none held out. `split_by_hash` gives
+    each side a prompt whenever there are two different ones, so the fix is more data."""
+    if train and evl:
+        return
+    if not kept:
+        raise DataError(f"{kind} data from {source}: no rows left after filtering; add rows (or, when the length "
+                        "filter dropped them, raise data.max_total_tokens / data.max_prompt_tokens); nothing was "
+                        "written")
+    raise DataError(f"{kind} data from {source}: all {len(kept)} rows share one prompt, and a run needs rows of at "
+                    "least two different prompts, one to train on and one held out for evaluation (split by "
+                    "prompt, so no prompt is in both); add rows with other prompts; nothing was written")
+
+
 def run(ctx: StageContext) -> StageResult:
     timer, dcfg, builtin = Timer(), ctx.config, ctx.task is not None
     with ctx.tracker.stage_run(ctx.name, ctx.params), tempfile.TemporaryDirectory() as tmp_:
@@ -154,9 +168,7 @@ def run(ctx: StageContext) -> StageResult:
             reports[kind]["length_filter"] = counts
             check_over_long(kind, sources.get(kind, "sft prompts"), counts, limits, dcfg.max_truncate_rate)
             train, evl = split_by_hash(kept, dcfg.eval_fraction, salt=dcfg.split_salt)
-            if not train or not evl:
-                raise DataError(f"{kind} data from {sources.get(kind, 'sft prompts')}: too few rows after filtering "
-                                 f"({len(train)} train / {len(evl)} eval); add data or lower data.eval_fraction")
+            check_split(kind, source_of(kind), kept, train, evl)
             splits[f"{kind}_train"], splits[f"{kind}_eval"] = train, evl
         for name, rs in splits.items():
             write_jsonl(rs, out / f"{name}.jsonl")
