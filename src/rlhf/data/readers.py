@@ -35,6 +35,7 @@ A system message with empty content is dropped; any other empty content is an er
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -373,6 +374,84 @@ def _looks_like_hub_id(source: str) -> bool:
     return bool(_HUB_ID_RE.match(source.partition("?")[0]))
 
 
+MAX_LINE_BYTES = 8 * 1024 * 1024
+"""Longest JSONL line read (bytes, before decoding): a longer one is a bad row, not a
+multi-GB string in memory."""
+MAX_DEPTH = 64
+"""Deepest nesting of arrays and objects in one row (rows are objects of strings and
+message lists: 3 levels); deeper is a bad row, not a RecursionError."""
+
+
+def _no_constant(name: str):
+    raise RowError(f"non-finite number {name} (JSON has no NaN or Infinity)")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise RowError(f"duplicate key {k!r} in one object (which one counts is ambiguous)")
+        out[k] = v
+    return out
+
+
+def _nesting(text: str) -> int:
+    """Deepest bracket nesting outside strings (a linear scan, run before parsing)."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            escaped, in_str = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _check_text(obj: Any) -> None:
+    """Every string (and key) must be encodable UTF-8: JSON escapes can spell lone
+    surrogates (\\ud800) that no tokenizer, hash or file write accepts. Every number
+    must be finite (1e999 parses as infinity)."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RowError(f"invalid Unicode: a lone surrogate \\u{ord(x[e.start]):04x} "
+                               "(an escape that is not a character)") from None
+        elif isinstance(x, float) and not math.isfinite(x):
+            raise RowError("a number out of range (it overflows to infinity)")
+        elif isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, list):
+            stack += x
+
+
+def parse_json_line(text: str) -> Any:
+    """One JSONL line parsed strictly: RowError for bad JSON, nesting deeper than
+    MAX_DEPTH, duplicate keys, NaN/Infinity, integers too long to convert, lone surrogates."""
+    if text.count("[") + text.count("{") > MAX_DEPTH and _nesting(text) > MAX_DEPTH:  # counts: C speed
+        raise RowError(f"nesting deeper than {MAX_DEPTH} levels")
+    try:
+        obj = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise RowError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise RowError(f"nesting deeper than {MAX_DEPTH} levels") from None
+    except RowError:
+        raise
+    except ValueError:  # an integer over Python's 4300-digit conversion limit
+        raise RowError("a number too long to read (over 4300 digits)") from None
+    _check_text(obj)
+    return obj
+
+
 def _iter_jsonl(data: bytes) -> Iterable[tuple[int, Any | RowError]]:
     """Yield (1-based line, parsed object or RowError) for each non-blank line."""
     if data.startswith(_BOM):
@@ -380,6 +459,9 @@ def _iter_jsonl(data: bytes) -> Iterable[tuple[int, Any | RowError]]:
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if raw.endswith(b"\r"):
             raw = raw[:-1]
+        if len(raw) > MAX_LINE_BYTES:
+            yield lineno, RowError(f"line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit of one row")
+            continue
         try:
             text = raw.decode("utf-8", errors="strict")
         except UnicodeDecodeError as e:
@@ -388,9 +470,9 @@ def _iter_jsonl(data: bytes) -> Iterable[tuple[int, Any | RowError]]:
         if not text.strip():
             continue
         try:
-            yield lineno, json.loads(text)
-        except json.JSONDecodeError as e:
-            yield lineno, RowError(f"invalid JSON: {e.msg} (column {e.colno})")
+            yield lineno, parse_json_line(text)
+        except RowError as e:
+            yield lineno, e
 
 
 def _read_local(path: Path, label: str) -> bytes:
@@ -512,6 +594,8 @@ def read_rows(
             rows.append(normalize_record(obj, kind, max_chars=max_chars))
         except RowError as e:
             bad.append(BadRow(source=label, line=line, reason=str(e)))
+        except Exception as e:  # noqa: BLE001 - a row no rule foresaw is still a bad row, never a traceback
+            bad.append(BadRow(source=label, line=line, reason=f"unreadable row ({type(e).__name__}: {e})"))
 
     report = ReadReport(source=label, kind=kind, total=total, accepted=len(rows), bad=bad)
     _check(report, max_reject_rate)
