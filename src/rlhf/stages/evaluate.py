@@ -174,6 +174,23 @@ def comparison_summary(rows: list, out: dict, judge: IndependentJudge, ecfg, see
     return summary, {k: v.tolist() for k, v in scores.items()}
 
 
+def nonfinite_weights(model) -> list[str]:
+    """Names of the model's weight tensors that hold NaN or infinite values."""
+    return [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
+def refuse_diverged(ctx: StageContext, what: list[str], gate, timer) -> StageResult:
+    """A diverged policy is not sampled (it cannot be): its KL and win rates are NaN, and
+    the gate refuses it with the reason (gate_decision reads `eval/policy_nonfinite`)."""
+    summary = {"eval/policy_nonfinite": float(len(what)), "eval/policy_nonfinite_first": what[0],
+               "eval/kl_vs_sft": float("nan"), "eval/decisive_win_rate_vs_sft": float("nan"),
+               "eval/decisive_win_rate_lower_vs_sft": float("nan")}
+    summary["gate/passed"], summary["gate/reasons"] = gate_decision(summary, gate)
+    ctx.tracker.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
+    summary["eval/wall_s"] = timer()
+    return StageResult({**summary, "eval/mlflow_run_id": ctx.tracker.run_id, "tracking_s": ctx.tracker.seconds})
+
+
 def run(ctx: StageContext) -> StageResult:
     timer, ecfg, gate = Timer(), ctx.config, ctx.section("gate")
     device = setup_one_process(ctx.runtime)
@@ -192,7 +209,15 @@ def run(ctx: StageContext) -> StageResult:
         prompts = [r.prompt for r in rows]
 
         # 2. generate + score, 3. compare by the independent judge (and by the proxy RM beside it)
-        out = sample_both(sft, policy, rm, fmt, rows, ecfg, ctx.seed, device)
+        diverged = nonfinite_weights(policy)
+        try:
+            out = None if diverged else sample_both(sft, policy, rm, fmt, rows, ecfg, ctx.seed, device)
+        except RuntimeError as e:  # finite weights whose activations overflow: sampling meets NaN/inf
+            if "nan" not in str(e).lower() and "inf" not in str(e).lower():
+                raise
+            diverged = [f"next-token probabilities ({e})"]
+        if diverged:
+            return refuse_diverged(ctx, diverged, gate, timer)
         judge = independent_judge(ctx, fmt, rows, device, dtype, proxy=rm)
         summary, golds = comparison_summary(rows, out, judge, ecfg, ctx.seed, gate.confidence)
 

@@ -46,7 +46,7 @@ def _bad(x) -> bool:
     return x is None or isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
 
 
-CHECKED = ("eval/decisive_win_rate_lower_vs_sft", "eval/judge_delta", "eval/gold_delta", "eval/kl_vs_sft",
+CHECKED = ("eval/policy_nonfinite", "eval/decisive_win_rate_lower_vs_sft", "eval/judge_delta", "eval/gold_delta", "eval/kl_vs_sft",
            "eval/alignment_tax", "champion/decisive_win_rate_lower")
 """The numbers with a threshold of their own; every other number eval reports must be finite."""
 
@@ -54,6 +54,11 @@ CHECKED = ("eval/decisive_win_rate_lower_vs_sft", "eval/judge_delta", "eval/gold
 def gate_decision(summary: dict, g: GateConfig) -> tuple[bool, list[str]]:
     """(passed, reasons it failed). Pure: thresholds from the config, numbers from eval."""
     reasons = []
+    if summary.get("eval/policy_nonfinite"):
+        reasons.append(f"the policy diverged: {summary.get('eval/policy_nonfinite_first')} (and "
+                       f"{int(summary['eval/policy_nonfinite']) - 1} more) hold NaN or infinite values, so it could not "
+                       "be sampled; lower ppo.lr or raise ppo.kl.init_coef, and look at ppo/approx_kl and the "
+                       "losses in the PPO run")
     lower, judge = summary.get("eval/decisive_win_rate_lower_vs_sft"), summary.get("eval/judge", "the judge")
     if _bad(lower) or lower < g.min_decisive_win_rate:
         reasons.append(
