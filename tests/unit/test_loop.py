@@ -17,13 +17,14 @@ from rlhf.train.trainable import make_trainable
 DATA = [(torch.tensor([float(i), 1.0]), torch.tensor([2.0 * i + 1.0])) for i in range(10)]
 
 
-def run_loop(tmp_path, *, total=7, checkpoint_every=3, stop_at=None, faults=Faults(), seed=0):
+def run_loop(tmp_path, *, total=7, checkpoint_every=3, stop_at=None, faults=Faults(), seed=0, every_s=None):
     torch.manual_seed(0)
     model = make_trainable(torch.nn.Linear(2, 1), Dist(), DistributedConfig(),
                            OptimConfig(lr=0.05, warmup_steps=1, lr_schedule="cosine"), total_steps=total, batch_size=4)
     tracker, store = NullTracker(), LocalStore(tmp_path / "store")
     loop = Loop("sft", total=total, checkpoint_every=checkpoint_every, models={"model": model}, state={"evals": []},
-                store=store, tracker=tracker, dist=Dist(), faults=faults, fingerprint="f" * 16, quiet=True)
+                store=store, tracker=tracker, dist=Dist(), faults=faults, fingerprint="f" * 16, quiet=True,
+                checkpoint_every_s=every_s)
     loop.resume()
 
     def loss(batch) -> StepLoss:
@@ -62,6 +63,35 @@ def test_fit_steps_logs_evaluates_and_checkpoints(tmp_path):
 def test_a_stage_that_stops_early_is_checkpointed_at_its_last_step(tmp_path):
     loop, _, _, store = run_loop(tmp_path, total=20, checkpoint_every=100, stop_at=4)
     assert loop.step == 4 and checkpoints(store) == ["step-00000004"]
+
+
+def test_time_based_checkpoints_beside_the_step_based_ones(tmp_path, monkeypatch):
+    import rlhf.train.loop as loop_mod
+
+    clock = iter(range(0, 10_000, 40))  # each reading 40 s later: every step is "slow"
+    monkeypatch.setattr(loop_mod.time, "monotonic", lambda: float(next(clock)))
+    _, _, _, store = run_loop(tmp_path / "timed", total=5, checkpoint_every=100, every_s=60.0)
+    assert checkpoints(store)  # by time (each step reads as 40 s or more)
+    _, _, _, store = run_loop(tmp_path / "steps", total=5, checkpoint_every=100)
+    assert checkpoints(store) == []  # by steps alone: none in 5 steps
+
+
+def test_sigterm_checkpoints_the_step_and_exits_143_then_resumes_there(tmp_path):
+    """A real SIGTERM (the preemption fault sends it as step 4 ends): step 4 is
+    checkpointed though it is no multiple of checkpoint_every, the loop raises Preempted
+    (exit code 143), and the next run resumes at 4 and ends where an uninterrupted one does."""
+    from rlhf.train.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+    _, straight, _, _ = run_loop(tmp_path / "a", total=7, checkpoint_every=100)
+    with pytest.raises(Preempted) as e:
+        run_loop(tmp_path / "b", total=7, checkpoint_every=100, faults=Faults(term_at_step=4, term_stage="sft"))
+    assert e.value.code == PREEMPTED_EXIT_CODE and "after step 4 of 7" in str(e.value)
+    assert checkpoints(LocalStore(tmp_path / "b" / "store")) == ["step-00000004"]
+    import signal
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is gone again
+    loop, resumed, _, _ = run_loop(tmp_path / "b", total=7, checkpoint_every=100)
+    assert loop.state["resumed_from"] == 4
+    assert torch.equal(resumed.module.weight, straight.module.weight)
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):

@@ -36,6 +36,10 @@ class Settings:
     `ppo:6` limits it to one stage (sft, reward, ppo)."""
     fault_kill_stage: str | None = None
     """The stage part of RLHF_FAULT_KILL_AT_STEP (`ppo:6` -> "ppo"); None = any stage."""
+    fault_term_at_step: int | None = None
+    """RLHF_FAULT_TERM_AT_STEP: preemption tests: a training stage sends itself SIGTERM as
+    this step ends (`ppo:2` for one stage), as a preempted node's kubelet would."""
+    fault_term_stage: str | None = None
     image: str = "ghcr.io/rlhf-pipeline/rlhf:0.1.0"
     """RLHF_IMAGE: the training image the KFP components run in (read at compile time)."""
     retry_backoff: str = "30s"
@@ -123,6 +127,7 @@ class Settings:
         env = dict(os.environ if env is None else env)
         threads = env.get("RLHF_NUM_THREADS")
         fault = env.get("RLHF_FAULT_KILL_AT_STEP", "").strip()
+        term = env.get("RLHF_FAULT_TERM_AT_STEP", "").strip()
         return cls(
             home=Path(env.get("RLHF_HOME", "runs")).expanduser(),
             mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
@@ -132,6 +137,8 @@ class Settings:
             num_threads=int(threads) if threads else None,
             fault_kill_at_step=int(fault.rpartition(":")[2]) if fault else None,
             fault_kill_stage=fault.rpartition(":")[0] or None if fault else None,
+            fault_term_at_step=int(term.rpartition(":")[2]) if term else None,
+            fault_term_stage=term.rpartition(":")[0] or None if term else None,
             image=env.get("RLHF_IMAGE") or cls.image,
             retry_backoff=env.get("RLHF_RETRY_BACKOFF") or cls.retry_backoff,
             git_sha=env.get("RLHF_GIT_SHA") or None,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rlhf.adapters.settings import Settings
 from rlhf.redaction import guard_streams, redact
+from rlhf.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def run_request(request: dict, settings: Settings) -> dict:
@@ -60,6 +61,9 @@ def main() -> int:
         if settings.worker_error_dir:
             msg = redact(f"rank {settings.rank}: {type(e).__name__}: {e}")
             Path(settings.worker_error_dir, f"rank-{settings.rank:05d}.txt").write_text(msg)
+        if isinstance(e, Preempted):  # checkpointed and stopped for SIGTERM: no traceback, the retry code
+            print(f"rank {settings.rank}: {e}", file=sys.stderr, flush=True)
+            return PREEMPTED_EXIT_CODE
         traceback.print_exc()
         return 1
     return 0

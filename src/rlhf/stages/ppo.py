@@ -203,11 +203,10 @@ def run(ctx: StageContext) -> StageResult:
         select = Selection(ctx, models, rows, prompt_ids, dist)
         kl_ctl = kl_controller(pcfg.kl)
         best = {"best": select.best} if select.best else {}
-        loop = Loop(ctx.name, total=pcfg.updates, checkpoint_every=pcfg.checkpoint_every,
-                    models={"policy": models.policy, "value": models.value, **best},
+        loop = Loop(ctx.name, total=pcfg.updates, checkpoint_every=pcfg.checkpoint_every, quiet=ctx.quiet,
+                    checkpoint_every_s=pcfg.checkpoint_every_s, models={"policy": models.policy, "value": models.value, **best},
                     state={"reward_mean": 0.0, "reward_std": 1.0, "stopped": False, "judge": Selection.initial_state()},
-                    store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
-                    quiet=ctx.quiet)
+                    store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint)
         if loop.resume():
             kl_ctl.load_state_dict(loop.state["kl_ctl"])
         else:

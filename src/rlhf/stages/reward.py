@@ -139,7 +139,8 @@ def fit_reward_model(ctx: StageContext, name: str, sft_dir: str, tok, fmt: ChatF
     # optimiser + schedule (DeepSpeed across GPUs); resume; train
     model = make_trainable(model, dist, ctx.runtime.distributed, rcfg, total_steps=total,
                            batch_size=per_step, precision=ctx.runtime.precision)
-    loop = Loop(name, total=total, checkpoint_every=rcfg.checkpoint_every, models={"model": model}, state={},
+    loop = Loop(name, total=total, checkpoint_every=rcfg.checkpoint_every,
+                checkpoint_every_s=rcfg.checkpoint_every_s, models={"model": model}, state={},
                 store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
                 quiet=ctx.quiet)
     loop.resume()

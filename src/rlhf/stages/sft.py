@@ -96,6 +96,7 @@ def run(ctx: StageContext) -> StageResult:
                                batch_size=scfg.batch_size, precision=ctx.runtime.precision)
         best = model.state_dict()
         loop = Loop(ctx.name, total=total, checkpoint_every=scfg.checkpoint_every,
+                    checkpoint_every_s=scfg.checkpoint_every_s,
                     models={"model": model, "best": best},
                     state={"best_loss": float("inf"), "best_step": 0, "bad_evals": 0, "curve": [], "stopped": False},
                     store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,

@@ -19,6 +19,8 @@ those of the whole batch's mean loss; SFT, the reward model and PPO all step thr
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -27,6 +29,7 @@ import torch
 from rlhf.train.checkpoint import resume_checkpoint, save_checkpoint
 from rlhf.train.distributed import Dist
 from rlhf.train.faults import Faults
+from rlhf.train.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from rlhf.train.progress import StepClock, Timer, progress
 from rlhf.train.schedule import batch_order
 from rlhf.train.trainable import Trainable
@@ -37,8 +40,10 @@ class Loop:
     call `advance` after the optimizer step and `end_step` once its metrics are known."""
 
     def __init__(self, stage: str, *, total: int, checkpoint_every: int, models: dict, state: dict, store, tracker,
-                 dist: Dist, faults: Faults, fingerprint: str, quiet: bool):
+                 dist: Dist, faults: Faults, fingerprint: str, quiet: bool, checkpoint_every_s: float | None = None):
         self.stage, self.total, self.checkpoint_every = stage, total, checkpoint_every
+        self.checkpoint_every_s, self.last_checkpoint = checkpoint_every_s, time.monotonic()
+        self.preemption = Preemption()
         self.models, self.state = models, {"step": 0, **state}
         self.store, self.tracker, self.dist, self.faults, self.fingerprint = store, tracker, dist, faults, fingerprint
         self.quiet = quiet or not dist.main
@@ -64,8 +69,12 @@ class Loop:
     def __iter__(self) -> Iterator[int]:
         self.bar = progress(self.total, self.stage, self.quiet)
         self.bar.update(self.step)
-        while not self.done:
-            yield self.step
+        self.preemption.install()  # SIGTERM from here on: finish the step, checkpoint, exit 143
+        try:
+            while not self.done:
+                yield self.step
+        finally:
+            self.preemption.uninstall()
         self.bar.close()
 
     def advance(self, units: float, **parts: float) -> int:
@@ -76,14 +85,29 @@ class Loop:
         return self.step
 
     def end_step(self, metrics: dict[str, float], **postfix: str) -> None:
-        """Log the step's metrics; checkpoint when due (or when the stage stopped early)."""
+        """Log the step's metrics; checkpoint when due: every `checkpoint_every` steps, every
+        `checkpoint_every_s` seconds, when the stage stopped early, or when SIGTERM came
+        (then exit with 143 for the retry to resume here)."""
         self.bar.update(1)
         self.bar.set_postfix(**postfix)
         self.tracker.log_metrics(metrics, step=self.step)
-        if self.step % self.checkpoint_every == 0 or self.state.get("stopped"):
+        self.faults.terminate_after_step(self.step, self.stage)  # preemption tests: SIGTERM mid-stage
+        timed = self.checkpoint_every_s is not None and time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s
+        # every rank decides alike: a signal or a clock on any rank counts for all (one reduction)
+        votes = self.dist.sum_dict({"term": float(self.preemption.requested), "timed": float(timed)})
+        preempted = votes["term"] > 0
+        if self.step % self.checkpoint_every == 0 or self.state.get("stopped") or preempted or votes["timed"] > 0:
             save_checkpoint(self.store, self.stage, self.step, self.models, self.state, self.fingerprint, self.dist)
             self.tracker.flush()
+            self.last_checkpoint = time.monotonic()
         self.faults.after_step(self.step, self.stage)
+        if preempted and not self.done:
+            self.bar.close()
+            message = (f"{self.stage}: SIGTERM: stopped after step {self.step} of {self.total} and checkpointed it; "
+                       f"exiting with {PREEMPTED_EXIT_CODE} for the retry to resume there")
+            if self.dist.main:
+                print(message, file=sys.stderr, flush=True)
+            raise Preempted(message)
 
     def result(self, unit: str) -> dict:
         """The loop's part of the stage result (with the process's peak GPU memory on a GPU:
