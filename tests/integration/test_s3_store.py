@@ -11,6 +11,7 @@ import argparse
 import io
 import json
 import os
+import tempfile
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -187,9 +188,24 @@ def test_fetch_plain_prefix_without_manifest(local_stack, s3_store, tmp_path):
     out = s3_store.fetch(uri, tmp_path / "m")
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == ["config.json", "tokenizer/vocab.json"]
-    # models.loading fetches s3:// model sources the same way, into a fresh temp folder.
+    # models.loading fetches s3:// model sources the same way, into a temp folder: once
+    # per process however often a stage loads it, removed at exit
+    from rlhf.models import loading
+
     local = resolve_source(uri, s3_store)
     assert (Path(local) / "config.json").read_text() == '{"model_type": "llama"}'
+    calls = []
+    fetch = s3_store.fetch
+    s3_store.fetch = lambda *a: calls.append(a) or fetch(*a)
+    assert resolve_source(uri, s3_store) == local and calls == []  # the tokenizer, then the weights: one download
+    loading._remove_downloads()  # what the process's exit runs
+    assert not Path(local).exists()
+    s3_store.fetch = lambda *a: (_ for _ in ()).throw(StoreError("connection reset"))
+    before = set(Path(tempfile.gettempdir()).glob("rlhf-model-*"))
+    with pytest.raises(StoreError):
+        resolve_source(uri, s3_store)
+    assert set(Path(tempfile.gettempdir()).glob("rlhf-model-*")) == before  # a failed download leaves nothing
+    s3_store.fetch = fetch
     with pytest.raises(StoreError, match="nothing to fetch under"):
         s3_store.fetch(s3_store.uri("no-such-model"), tmp_path / "none")
 

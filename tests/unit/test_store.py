@@ -261,3 +261,21 @@ def test_manifest_entries_cannot_escape(store, src_dir, tmp_path):
     (store.root / "a" / "MANIFEST.json").write_text(json.dumps({"../../etc/passwd": "0" * 64}))
     with pytest.raises(StoreError, match="not a plain relative path"):
         store.get_dir("a", tmp_path / "copy")
+
+
+def test_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    """A write that fails half-way (here: the disk fills at fsync) leaves neither the new
+    object nor a `.tmp` file, and the old object stays."""
+    import os
+
+    store = LocalStore(tmp_path)
+    store.write_bytes("a/x.json", b"old")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        store.write_bytes("a/x.json", b"new")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.json"]
+    assert (tmp_path / "a" / "x.json").read_bytes() == b"old"

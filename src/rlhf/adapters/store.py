@@ -16,6 +16,7 @@ folders that users upload themselves (no manifest, no marker). Both read absolut
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import hashlib
 import json
@@ -260,11 +261,16 @@ class LocalStore(_JsonMixin):
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except BaseException:  # a full disk, a kill: no .tmp file left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def put_dir(self, local_dir: Path, prefix: str, move: bool = False) -> dict:
         """Copy a folder under `prefix` with a sha256 manifest, then the commit marker.

@@ -1,12 +1,15 @@
 """Load or build models. Safetensors only; `trust_remote_code` only when the user opts in.
 
 A model source is a hub id, a local folder, or an `s3://` URI (fetched through the
-artifact store into a local folder first).
+artifact store into a local folder first: once per process, however many times the
+stage loads its tokenizer and weights, and removed when the process exits).
 """
 
 from __future__ import annotations
 
+import atexit
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,12 +30,34 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+_DOWNLOADS: dict[str, tuple[Path, Path]] = {}
+"""s3:// model source -> (its local copy, the temp folder holding it) in this process
+(one download per stage process)."""
+
+
+def _remove_downloads() -> None:
+    for _, tmp in _DOWNLOADS.values():
+        shutil.rmtree(tmp, ignore_errors=True)
+    _DOWNLOADS.clear()
+
+
+atexit.register(_remove_downloads)
+
+
 def resolve_source(source: str, store=None) -> str:
-    """Local folder for s3:// sources (via the store); other sources pass through."""
+    """Local folder for s3:// sources (via the store, verified, fetched once per process
+    and removed at its exit); other sources pass through."""
     if source.startswith("s3://"):
         if store is None:
             raise ModelLoadError(f"{source}: an s3:// model needs an artifact store configured")
-        return str(store.fetch(source, Path(tempfile.mkdtemp(prefix="rlhf-model-"))))
+        if source not in _DOWNLOADS or not _DOWNLOADS[source][0].is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix="rlhf-model-"))
+            try:
+                _DOWNLOADS[source] = (Path(store.fetch(source, tmp)), tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed download leaves nothing behind
+                raise
+        return str(_DOWNLOADS[source][0])
     return source
 
 
