@@ -11,6 +11,8 @@
     rlhf models list | pull NAME@ALIAS --to DIR
     rlhf experiment kl|size|tax [--quick] [--seeds 0,1,2] [--output DIR] [--results docs/RESULTS.md] [--kfp]
     rlhf stack up|down|status
+    rlhf gc ROOT|s3://... [--older-than 24h] [--dry-run]
+    rlhf --insecure ...   (credentials over plain http to hosts off this machine and cluster)
 
 `run` executes the Kubeflow pipeline itself on this machine (kfp.local); `stage` runs
 one engine stage directly. Both read and write through the artifact store (a local
@@ -37,6 +39,25 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML file deep-merged over the preset.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override one field, e.g. --set ppo.kl.init_coef=0.05 (repeatable).")
+
+
+def _cmd_gc(args, settings: Settings) -> int:
+    from rlhf.adapters.store import open_store
+    from rlhf.ops.gc import collect, parse_age
+
+    try:
+        age = parse_age(args.older_than)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    store = open_store(args.root, settings)
+    found = collect(store, age, dry_run=args.dry_run)
+    for item in found:
+        print(f"{'would remove' if args.dry_run else 'removed'} {store.uri(item.prefix)}: {item.why} "
+              f"({item.files} files, {item.bytes} bytes, {item.age_s / 3600:.1f} h old)")
+    total = sum(i.bytes for i in found)
+    print(f"{len(found)} leftovers, {total} bytes{' (dry run: nothing removed)' if args.dry_run else ''}; "
+          f"committed artifacts untouched")
+    return 0
 
 
 def _cmd_stage(args, cfg: PipelineConfig, settings: Settings) -> int:
@@ -308,6 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     pm.add_argument("--prefix", default=None, help="For list: only names starting with this.")
     pm.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else embedded).")
 
+    pg = sub.add_parser("gc", help="Remove what interrupted writes left in a run root (staging folders, temp files, "
+                                   "uncommitted checkpoints and uploads); never a committed artifact.")
+    pg.add_argument("root", help="A run root or artifact root: local folder or s3://bucket/prefix.")
+    pg.add_argument("--older-than", default="24h",
+                    help="Only leftovers whose newest file is older than this (e.g. 30m, 24h, 7d; default 24h), so "
+                         "writes in progress are left alone.")
+    pg.add_argument("--dry-run", action="store_true", help="List what would be removed; remove nothing.")
+
     from rlhf.ops import stack as stack_mod
 
     stack_mod.add_cli(sub)
@@ -325,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_cluster(args, settings)
         if args.cmd == "stack":
             return stack_mod.handle_cli(args, settings)
+        if args.cmd == "gc":
+            return _cmd_gc(args, settings)
         cfg = load_config(args.preset, args.config, args.overrides)
         if args.cmd == "config":
             print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")

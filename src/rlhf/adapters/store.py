@@ -64,6 +64,7 @@ class ArtifactStore(Protocol):
     def list_dirs(self, prefix: str) -> list[str]: ...
     def delete(self, prefix: str) -> None: ...
     def fetch(self, uri: str, local_dir: Path) -> Path: ...
+    def walk(self, prefix: str = "") -> Iterator[tuple[str, float, int]]: ...
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -347,6 +348,17 @@ class LocalStore(_JsonMixin):
         if not base.is_dir():
             return []
         return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def walk(self, prefix: str = "") -> Iterator[tuple[str, float, int]]:
+        """(key relative to the store root, modification time, size) of every file under
+        `prefix`, hidden staging folders and temp files included."""
+        base = self._path(prefix) if prefix else self.root
+        for dirpath, _, files in os.walk(base):
+            for name in files:
+                path = Path(dirpath) / name
+                with contextlib.suppress(FileNotFoundError):  # another process may be replacing it
+                    st = path.lstat()
+                    yield path.relative_to(self.root).as_posix(), st.st_mtime, st.st_size
 
     def delete(self, prefix: str) -> None:
         p = self._path(prefix)
@@ -732,6 +744,20 @@ class S3Store(_JsonMixin):
                     if name and not name.startswith("."):
                         names.append(name)
         return sorted(names)
+
+    def walk(self, prefix: str = "") -> Iterator[tuple[str, float, int]]:
+        """(key relative to the store root, last modified, size) of every object under `prefix`."""
+        bucket, base = self._locate(prefix)
+        root = self._locate("")[1]
+        listing = f"{base}/" if base else ""
+        with self._errors(self.uri(prefix), bucket):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=listing, PaginationConfig={"PageSize": self.list_page_size})
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(root) + 1:] if root else obj["Key"]
+                    if key and not key.endswith("/"):
+                        yield key, obj["LastModified"].timestamp(), obj["Size"]
 
     def delete(self, prefix: str) -> None:
         """Marker first (the artifact stops looking complete), then everything under it."""
