@@ -43,11 +43,11 @@ def test_local_leftovers_old_enough_go_and_the_rest_stays(tmp_path, capsys):
     root = tmp_path / "run"
     store = LocalStore(root)
     _fill(store, tmp_path)
-    staging = root / "eval" / ".model.staging"
+    staging = root / "eval" / ".model.staging-k3j9x2"
     staging.mkdir(parents=True)
     (staging / "model.safetensors").write_bytes(b"half")
     (root / "sft" / ".result.json.abc123.tmp").write_bytes(b"{")
-    young = root / "ppo" / ".model.staging"  # another stage writing right now
+    young = root / "ppo" / ".model.staging-a81bq0"  # another stage writing right now
     young.mkdir(parents=True)
     (young / "a.bin").write_bytes(b"new")
     old = time.time() - 3 * 3600
@@ -56,7 +56,7 @@ def test_local_leftovers_old_enough_go_and_the_rest_stays(tmp_path, capsys):
             os.utime(p, (old, old))
 
     found = {x.prefix for x in leftovers(store, 3600)}
-    assert found == GONE | {"eval/.model.staging", "sft/.result.json.abc123.tmp"}
+    assert found == GONE | {"eval/.model.staging-k3j9x2", "sft/.result.json.abc123.tmp"}
 
     assert main(["gc", str(root), "--older-than", "1h", "--dry-run"]) == 0
     assert "would remove" in capsys.readouterr().out and staging.exists()

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
@@ -274,13 +275,15 @@ class LocalStore(_JsonMixin):
             raise
 
     def put_dir(self, local_dir: Path, prefix: str, move: bool = False) -> dict:
-        """Copy a folder under `prefix` with a sha256 manifest, then the commit marker.
+        """Copy a folder under `prefix` with a sha256 manifest and the commit marker.
 
-        Returns the manifest ({relative path: sha256}). An existing artifact at the
-        prefix is replaced: its marker is removed first so it never looks complete
-        while half-overwritten. `move=True` renames the files instead of copying them
-        when both folders share a filesystem (a multi-GB checkpoint is not written
-        twice); `local_dir` is left without those files.
+        Returns the manifest ({relative path: sha256}). The new version is built complete
+        (files, manifest, marker, fsynced) in a staging folder of its own, then takes the
+        prefix by rename: an existing artifact stays committed until that moment, and two
+        writers of one prefix (two runs preparing the same data) each commit a whole
+        version, the last one winning, neither failing. `move=True` renames the files
+        instead of copying them when both folders share a filesystem (a multi-GB
+        checkpoint is not written twice); `local_dir` is left without those files.
         """
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
@@ -292,28 +295,52 @@ class LocalStore(_JsonMixin):
         if dest in src_resolved.parents:
             raise StoreError(f"put_dir: {local_dir} lies inside {self.uri(prefix)}, which is replaced; "
                              "write the new files somewhere else first")
-        self.delete(prefix)
-        staging = dest.parent / f".{dest.name}.staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        manifest: dict[str, str] = {}
-        files = [src for src in sorted(local_dir.rglob("*")) if src.is_file()]
-        # Symlinks first: with `move`, their targets may be renamed away a moment later.
-        for src in sorted(files, key=lambda f: not f.is_symlink()):
-            rel = src.relative_to(local_dir).as_posix()
-            manifest[rel] = sha256_file(src)
-            out = staging / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            _move_or_copy(src, out) if move else shutil.copy2(src, out)
-        staging.mkdir(parents=True, exist_ok=True)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        # durable before the marker: a power loss must not leave a committed artifact whose
-        # files (or manifest) never reached the disk
-        _fsync_tree(staging)
-        staging.rename(dest)
-        _fsync_path(dest.parent)
-        self.write_bytes(f"{prefix.strip('/')}/{COMMIT_MARKER}", b"ok\n")
-        _fsync_path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.staging-"))
+        try:
+            manifest: dict[str, str] = {}
+            files = [src for src in sorted(local_dir.rglob("*")) if src.is_file()]
+            # Symlinks first: with `move`, their targets may be renamed away a moment later.
+            for src in sorted(files, key=lambda f: not f.is_symlink()):
+                rel = src.relative_to(local_dir).as_posix()
+                manifest[rel] = sha256_file(src)
+                out = staging / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                _move_or_copy(src, out) if move else shutil.copy2(src, out)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            (staging / COMMIT_MARKER).write_bytes(b"ok\n")  # hidden until the rename makes it the prefix's
+            # durable before the commit: a power loss must not leave a committed artifact whose
+            # files (or manifest) never reached the disk
+            _fsync_tree(staging)
+            self._swap_in(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after a swap; a failed write leaves nothing
         return manifest
+
+    def _swap_in(self, staging: Path, dest: Path) -> None:
+        """Rename `staging` to `dest`; an existing `dest` is renamed aside first and removed
+        after. A concurrent writer may swap in between: then try again (bounded)."""
+        aside = []
+        try:
+            for _ in range(100):
+                try:
+                    staging.rename(dest)
+                    _fsync_path(dest.parent)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                        raise
+                old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:12]}"
+                try:
+                    dest.rename(old)
+                    aside.append(old)
+                except FileNotFoundError:  # the other writer moved it aside already
+                    pass
+            raise StoreError(f"put_dir: {self.uri(str(dest.relative_to(self.root)))} kept changing under "
+                             "100 attempts to commit it; another process is rewriting it in a loop")
+        finally:
+            for old in aside:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
     def get_dir(self, prefix: str, local_dir: Path | None = None) -> Path:
         """Return a local folder holding the committed artifact at `prefix`, verified."""

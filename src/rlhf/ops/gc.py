@@ -1,7 +1,7 @@
 """`rlhf gc`: remove what interrupted writes left in a run root, never a committed artifact.
 
 A crash, a preemption or a kill mid-write can leave, in a local folder or an S3 prefix:
-- staging folders (`.<name>.staging/`) and temp files (`.<name>.<random>.tmp`) of the
+- staging folders (`.<name>.staging-<id>/`, `.<name>.old-<id>/`) and temp files (`.<name>.<random>.tmp`) of the
   local store;
 - artifact folders whose upload never reached its commit marker (files and maybe a
   `MANIFEST.json`, no `_COMMITTED`), above all step checkpoints (`<stage>/checkpoints/
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from rlhf.adapters.store import COMMIT_MARKER, MANIFEST
 
 _STEP = re.compile(r"^(step-\d+)(\.node-\d+)?$")
+_STAGING = re.compile(r"^\..+\.(staging|old|partial)(-[0-9A-Za-z_]+)?$")
+"""The local store's staging folders of a write, and versions it moved aside to commit a new one."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def _group_of(key: str, committed: set[str], manifested: set[str]) -> tuple[str,
         if "/".join(parts[:i]) in committed:
             return None  # inside a committed artifact
     for i, part in enumerate(parts):
-        if part.startswith(".") and part.endswith(".staging"):
+        if _STAGING.match(part) and i < len(parts) - 1:
             return "/".join(parts[:i + 1]), "staging folder of an interrupted write"
     if parts[-1].startswith(".") and parts[-1].endswith(".tmp"):
         return key, "temp file of an interrupted write"

@@ -1,0 +1,61 @@
+"""Two writers of one artifact prefix (two runs preparing the same data; issue 14 item 3):
+both succeed, the prefix always ends committed and verifiable, and a committed version is
+never removed before the next one is committed."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+from rlhf.adapters.store import LocalStore
+
+
+def _writer(root: str, tag: str, rounds: int, barrier) -> None:
+    store = LocalStore(root)
+    src = os.path.join(root, f"../src-{tag}")
+    os.makedirs(src, exist_ok=True)
+    for i in range(rounds):
+        with open(os.path.join(src, "train.jsonl"), "wb") as f:
+            f.write(f"{tag}-{i}\n".encode() * 20000)
+        with open(os.path.join(src, "report.json"), "w") as f:
+            f.write(f'{{"writer": "{tag}", "round": {i}}}')
+        barrier.wait()
+        store.put_dir(src, "_datasets/abc/prep")
+
+
+def test_two_writers_of_one_prefix_both_commit_whole_versions(tmp_path):
+    root = tmp_path / "store"
+    store = LocalStore(root)
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(str(root), tag, 5, barrier)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]  # no "Directory not empty", no FileNotFoundError
+    out = store.get_dir("_datasets/abc/prep")  # committed and every file matches the manifest
+    writer = (out / "report.json").read_text()
+    tag = "a" if '"a"' in writer else "b"
+    assert (out / "train.jsonl").read_bytes().startswith(tag.encode())  # one writer's whole version
+    assert [p.name for p in (root / "_datasets" / "abc").iterdir()] == ["prep"]  # no staging or old copy left
+
+
+def test_replacing_keeps_the_old_version_committed_until_the_new_one_is(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "store")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"old")
+    store.put_dir(src, "model")
+    (src / "w.bin").write_bytes(b"new")
+    seen = []
+    swap = LocalStore._swap_in
+
+    def watching(self, staging, dest):  # the moment the new version is complete, before it takes the prefix
+        seen.append((store.is_committed("model"), (dest / "w.bin").read_bytes()))
+        return swap(self, staging, dest)
+
+    monkeypatch.setattr(LocalStore, "_swap_in", watching)
+    store.put_dir(src, "model")
+    assert seen == [(True, b"old")]
+    assert (store.get_dir("model") / "w.bin").read_bytes() == b"new"
