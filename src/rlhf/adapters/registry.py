@@ -45,7 +45,9 @@ class Registry:
     def __init__(self, tracking_uri: str):
         from mlflow import MlflowClient
 
-        self.tracking_uri = tracking_uri
+        from rlhf.adapters.tracking import ready_store
+
+        self.tracking_uri = ready_store(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     @staticmethod
@@ -147,7 +149,9 @@ def pull(tracking_uri: str, ref: str, dest: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri)
+    from rlhf.adapters.tracking import ready_store
+
+    mlflow.set_tracking_uri(ready_store(tracking_uri))
     uri = parse_model_ref(ref)
     try:
         parts = mlflow.transformers.load_model(uri, return_type="components")

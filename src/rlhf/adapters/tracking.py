@@ -97,6 +97,35 @@ def embedded_tracking_uri(home: Path) -> str:
     return f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
 
 
+_READY: set[str] = set()
+
+
+def ready_store(tracking_uri: str) -> str:
+    """`tracking_uri`, its embedded sqlite database created or migrated first under a file
+    lock (`<db>.lock`), once per process. Two runs started at once in a fresh RLHF_HOME
+    otherwise both migrate the new database and one fails (`duplicate column name: step`,
+    `table ... already exists`); with the lock the second finds it ready. Servers (http,
+    https, databricks) migrate their own databases: nothing to do."""
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY:
+        return tracking_uri
+    import fcntl
+
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            SqlAlchemyStore(tracking_uri, (db.parent / "mlartifacts").resolve().as_uri())
+            RegistryStore(tracking_uri)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(tracking_uri)
+    return tracking_uri
+
+
 def _timed(method):
     """Adds the call's duration to `self.seconds` (time spent talking to MLflow)."""
 
@@ -124,7 +153,7 @@ class MLflowTracker:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(ready_store(tracking_uri))
         self.tracking_uri = tracking_uri
         self.experiment_id = ensure_experiment(experiment, tracking_uri)
         self.log_models = log_models
@@ -240,7 +269,7 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
     artifacts go to `mlartifacts/` beside the database (not ./mlruns in the cwd)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(ready_store(tracking_uri))
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -278,7 +307,7 @@ KFP_RUN_TAG = "rlhf.kfp_run_id"
 def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    return MlflowClient(tracking_uri=ready_store(tracking_uri))
 
 
 def find_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str) -> str | None:
