@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from rlhf.adapters.store import StoreError
 from rlhf.train.checkpoint import resume_checkpoint, save_checkpoint
 
-TINY = ["--preset", "tiny", "--set", "num_threads=1", "--set", "sft.max_epochs=4", "--set", "sft.patience=100",
-        "--set", "sft.checkpoint_every=5", "--set", "tracking.log_models=false"]
+TINY = ["--preset", "tiny", "--set", "num_threads=1", "--set", "sft.max_epochs=1", "--set", "sft.patience=100",
+        "--set", "sft.checkpoint_every=4", "--set", "tracking.log_models=false"]
 
 
 def rlhf(*args, env_extra=None) -> subprocess.CompletedProcess:
@@ -45,16 +45,16 @@ def test_sft_resumes_from_the_previous_checkpoint_when_the_newest_is_corrupt(tmp
         shutil.copytree(base / "prep", out / "prep")
     assert rlhf("stage", "sft", *TINY, "--output", str(clean)).returncode == 0
 
-    r = rlhf("stage", "sft", *TINY, "--output", str(crashed), env_extra={"RLHF_FAULT_KILL_AT_STEP": "13"})
+    r = rlhf("stage", "sft", *TINY, "--output", str(crashed), env_extra={"RLHF_FAULT_KILL_AT_STEP": "9"})
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     ckpts = sorted(p for p in (crashed / "sft" / "checkpoints").glob("step-*") if (p / "_COMMITTED").exists())
-    assert [p.name for p in ckpts] == ["step-00000005", "step-00000010"]
+    assert [p.name for p in ckpts] == ["step-00000004", "step-00000008"]
     _flip(ckpts[-1] / "model.safetensors")  # marker kept, bytes changed
 
     r = rlhf("stage", "sft", *TINY, "--output", str(crashed))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "checkpoint" in r.stderr and "step-00000010 is unusable" in r.stderr and "checksum mismatch" in r.stderr
-    assert "resuming from" in r.stderr and "step-00000005" in r.stderr
+    assert "checkpoint" in r.stderr and "step-00000008 is unusable" in r.stderr and "checksum mismatch" in r.stderr
+    assert "resuming from" in r.stderr and "step-00000004" in r.stderr
     a = load_file(str(clean / "sft" / "model" / "model.safetensors"))
     b = load_file(str(crashed / "sft" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
