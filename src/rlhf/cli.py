@@ -201,10 +201,11 @@ def _cmd_cluster(args, settings: Settings) -> int:
 
 def _cmd_models(args, settings: Settings) -> int:
     from rlhf.adapters.registry import Registry, pull
-    from rlhf.adapters.tracking import embedded_tracking_uri
+    from rlhf.adapters.tracking import check_reachable, embedded_tracking_uri
 
     uri = settings.check_tracking_transport(
         args.tracking_uri or settings.mlflow_tracking_uri or embedded_tracking_uri(settings.home))
+    check_reachable(uri)  # seconds, not the client's minutes of retries, when the server is away
     if args.action == "list":
         rows = Registry(uri).list_models(args.prefix or "")
         if not rows:
@@ -390,11 +391,12 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from rlhf.adapters.registry import RegistryError
     from rlhf.train.checkpoint import CheckpointMismatch
     from rlhf.redaction import InsecureTransport
+    from rlhf.adapters.tracking import TrackingUnreachable
     from rlhf.adapters.store import StoreError
     from rlhf.ops.trainjob import TrainJobError
 
     return (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError, RegistryError, ClusterError,
-            DistributedError, TrainJobError, InsecureTransport)
+            DistributedError, TrainJobError, InsecureTransport, TrackingUnreachable)
 
 
 if __name__ == "__main__":

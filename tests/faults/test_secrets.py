@@ -85,3 +85,21 @@ def test_a_failing_step_s_error_carries_no_password(env, tmp_path):
     for path in run.rglob("*"):  # whatever the run left (its error record, logs, summaries)
         if path.is_file() and path.stat().st_size < 10_000_000:
             assert_clean(path.read_text(errors="replace"))
+
+
+def test_a_tracking_server_that_never_answers_is_an_error_within_seconds(env):
+    """A server that accepts connections and never replies: `rlhf models list` says so and
+    exits, instead of the MLflow client's minutes of silent retries."""
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+    t0 = time.monotonic()
+    r = rlhf(env, "models", "list", "--tracking-uri", f"http://127.0.0.1:{server.getsockname()[1]}")
+    assert r.returncode == 2 and "did not answer within 10 s" in r.stderr
+    assert time.monotonic() - t0 < 60
+    server.close()

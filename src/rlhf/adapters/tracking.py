@@ -97,6 +97,33 @@ def embedded_tracking_uri(home: Path) -> str:
     return f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
 
 
+class TrackingUnreachable(RuntimeError):
+    """The tracking server does not answer."""
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """For an http(s) tracking server: one GET /health within `timeout_s`, else a clear
+    error, instead of the MLflow client's minutes of silent retries (an interactive
+    command waited over 2 minutes on a server that accepted and never answered)."""
+    import urllib.error
+    import urllib.request
+
+    from rlhf.redaction import display_uri
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an auth page): the MLflow client reports what it means
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingUnreachable(
+            f"the MLflow tracking server at {display_uri(tracking_uri)} did not answer within {timeout_s:.0f} s "
+            f"({reason}); check MLFLOW_TRACKING_URI / --tracking-uri and that the server is up") from None
+
+
 _READY: set[str] = set()
 
 
