@@ -392,11 +392,13 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from rlhf.train.checkpoint import CheckpointMismatch
     from rlhf.redaction import InsecureTransport
     from rlhf.adapters.tracking import TrackingUnreachable
+    from rlhf.train.loop import TrainingDiverged
     from rlhf.adapters.store import StoreError
     from rlhf.ops.trainjob import TrainJobError
 
     return (DataError, ConfigError, CheckpointMismatch, ModelLoadError, StoreError, RegistryError, ClusterError,
-            DistributedError, TrainJobError, InsecureTransport, TrackingUnreachable)
+            DistributedError, TrainJobError, InsecureTransport, TrackingUnreachable,
+            TrainingDiverged)
 
 
 if __name__ == "__main__":

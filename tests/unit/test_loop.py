@@ -134,3 +134,22 @@ def test_faults_kill_only_at_their_step_and_stage(monkeypatch):
     Faults(3, "ppo").after_step(3, "ppo")
     Faults(5).after_step(5, "reward")
     assert len(killed) == 2
+
+
+def test_a_nan_loss_stops_the_stage_without_checkpointing_it(tmp_path):
+    from rlhf.train.loop import TrainingDiverged
+
+    store = LocalStore(tmp_path / "store")
+    model = make_trainable(torch.nn.Linear(2, 1), Dist(), DistributedConfig(), OptimConfig(), total_steps=4,
+                           batch_size=4)
+    loop = Loop("ppo", total=4, checkpoint_every=1, models={"model": model}, state={}, store=store,
+                tracker=NullTracker(), dist=Dist(), faults=Faults(), fingerprint="f" * 16, quiet=True)
+    it = iter(loop)
+    next(it)
+    loop.advance(1)
+    loop.end_step({"ppo/policy_loss": 0.5})
+    next(it)
+    loop.advance(1)
+    with pytest.raises(TrainingDiverged, match=r"ppo: training diverged at step 2: ppo/value_loss = nan.*ppo.lr"):
+        loop.end_step({"ppo/policy_loss": 0.4, "ppo/value_loss": float("nan")})
+    assert store.list_dirs("ppo/checkpoints") == ["step-00000001"]

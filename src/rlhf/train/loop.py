@@ -19,6 +19,7 @@ those of the whole batch's mean loss; SFT, the reward model and PPO all step thr
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,10 @@ from rlhf.train.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from rlhf.train.progress import StepClock, Timer, progress
 from rlhf.train.schedule import batch_order
 from rlhf.train.trainable import Trainable
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite."""
 
 
 class Loop:
@@ -91,6 +96,13 @@ class Loop:
         self.bar.update(1)
         self.bar.set_postfix(**postfix)
         self.tracker.log_metrics(metrics, step=self.step)
+        bad = sorted(k for k, v in metrics.items() if "loss" in k and isinstance(v, float) and not math.isfinite(v))
+        if bad:  # never checkpoint a diverged model: the retry resumes from the last good one
+            self.tracker.flush()
+            raise TrainingDiverged(
+                f"{self.stage}: training diverged at step {self.step}: {', '.join(f'{k} = {metrics[k]}' for k in bad)}; "
+                f"no checkpoint was written for it. Lower {self.stage}.lr or raise warm-up, check the data; the newest "
+                f"checkpoint before it is kept")
         self.faults.terminate_after_step(self.step, self.stage)  # preemption tests: SIGTERM mid-stage
         timed = self.checkpoint_every_s is not None and time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s
         # every rank decides alike: a signal or a clock on any rank counts for all (one reduction)
