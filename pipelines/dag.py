@@ -20,6 +20,7 @@ TRAINING_RETRIES = 2
 LAUNCHER_CPU, LAUNCHER_MEMORY = ("1", "2"), ("2Gi", "4Gi")
 LAUNCHER_MARGIN_S = 900  # it outlives its Trainer job's deadline, to report how the job ended
 RETRY_BACKOFF = Settings.from_env().retry_backoff
+FINISH_RETRIES = 5
 
 
 def _training(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
@@ -104,6 +105,9 @@ def _pipeline_func(profile: Profile | None):
         form = bound.arguments  # name -> pipeline channel, one per row of rlhf.params.PARAMS
         finish = c.finish_run(**_taken_by(c.finish_run, form), kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         finish.set_display_name("finish").set_caching_options(False)
+        # the exit task restores @champion after a failed run: it retries through an MLflow outage
+        # (backoff doubling: about 15 minutes in all at the default 30 s); restoring is idempotent
+        finish.set_retry(num_retries=FINISH_RETRIES, backoff_duration=RETRY_BACKOFF, backoff_factor=2.0)
         _place(finish, "finish", profile)
         with dsl.ExitHandler(finish, name="rlhf"):
             start = c.start_run(**form, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)  # the whole form

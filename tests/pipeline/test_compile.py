@@ -69,6 +69,8 @@ def test_dag_shape(spec):
         assert inner[t]["retryPolicy"]["maxRetryCount"] == 2, t
         assert not inner[t].get("cachingOptions", {}).get("enableCache"), t
     assert inner["prep-data"]["cachingOptions"]["enableCache"] is True
+    exit_task = doc["root"]["dag"]["tasks"]["finish-run"]  # restores @champion after a failure: retried
+    assert exit_task["retryPolicy"]["maxRetryCount"] == 5 and exit_task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     assert not inner["start-run"].get("cachingOptions", {}).get("enableCache")
     # the gate: promote under If(eval passed), register-only under Else
     conditions = {name: t["triggerPolicy"]["condition"] for comp in doc["components"].values()
