@@ -128,6 +128,12 @@ grace period (or a crash) loses; SIGTERM itself always checkpoints the step in f
 """
 
 
+def checkpoint_every_s_field():
+    """The `checkpoint_every_s` field every training stage's section has."""
+    return Field(CHECKPOINT_EVERY_S, gt=0, description="Seconds between resumable checkpoints beside the step-based "
+                 "ones (a preempted or crashed step loses at most this much work on slow steps); empty: by steps only.")
+
+
 class OptimConfig(_Model):
     """AdamW and its learning-rate schedule: the fields every trained stage shares
     (`rlhf.train.trainable.make_trainable` reads them)."""
@@ -153,7 +159,7 @@ class SFTConfig(OptimConfig):
     eval_every: int = Field(100, gt=0, description="Steps between held-out loss evaluations.")
     patience: int = Field(3, gt=0, description="Stop after this many evaluations without held-out improvement; the best weights are kept.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
-    checkpoint_every_s: float | None = Field(CHECKPOINT_EVERY_S, gt=0, description="Seconds between resumable checkpoints beside the step-based ones (a preempted or crashed step loses at most this much work on slow steps); empty: by steps only.")
+    checkpoint_every_s: float | None = checkpoint_every_s_field()
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
 
     @model_validator(mode="after")
@@ -178,7 +184,7 @@ class RewardConfig(OptimConfig):
     judge_fraction: float = Field(0.2, ge=0, lt=0.9, description="Without a gold judge (user data): the share of the training comparisons (split by prompt hash, the same for every seed) that trains a second, held-out reward model instead of the PPO reward model. It is the run's independent judge: PPO's checkpoint selection, eval's win rates and the gate use it, never the reward model PPO optimised against. 0 = no held-out judge (eval and the gate then fall back to the PPO reward model, and say so).")
     comparison_max_new_tokens: int | None = Field(None, gt=0, description="Most tokens in each SFT sample of those comparisons; empty = ppo.max_new_tokens (the reward model then judges responses as long as the policy's). Filled in when the config is validated.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
-    checkpoint_every_s: float | None = Field(CHECKPOINT_EVERY_S, gt=0, description="Seconds between resumable checkpoints beside the step-based ones (a preempted or crashed step loses at most this much work on slow steps); empty: by steps only.")
+    checkpoint_every_s: float | None = checkpoint_every_s_field()
     max_steps: int | None = Field(None, gt=0, description="Hard cap on optimizer steps (for tests).")
 
     @model_validator(mode="after")
@@ -233,7 +239,7 @@ class PPOConfig(OptimConfig):
     select: Literal["judge", "last"] = Field("judge", description="Which policy the stage saves: the one the judge scored best (checkpoint selection against over-optimisation; its update is in the summary as ppo/selected_update) or the last.")
     patience: int | None = Field(4, gt=0, description="Stop early after this many judge evaluations in a row below the best judge score by more than the evaluation's standard error, while the proxy (PPO reward model) score is above its value at that best: reward hacking has set in. Empty = never stop early.")
     checkpoint_every: int = Field(20, gt=0, description="Updates between resumable checkpoints.")
-    checkpoint_every_s: float | None = Field(CHECKPOINT_EVERY_S, gt=0, description="Seconds between resumable checkpoints beside the step-based ones (a preempted or crashed step loses at most this much work on slow steps); empty: by steps only.")
+    checkpoint_every_s: float | None = checkpoint_every_s_field()
 
     @model_validator(mode="after")
     def _check(self):

@@ -117,7 +117,7 @@ class Settings:
 
     def check_tracking_transport(self, uri: str) -> str:
         """`uri`, once it is safe to send this process's MLflow credentials to it (a token,
-        a password, or user:password@ in the URI itself) (raises ValueError otherwise)."""
+        a password, or user:password@ in the URI itself); `rlhf.redaction.InsecureTransport` otherwise."""
         secret = bool(self.mlflow_tracking_token or self.mlflow_tracking_password) or redact(uri) != uri
         check_transport(uri, secret, self.insecure, "MLflow tracking URI")
         return uri

@@ -340,7 +340,10 @@ class LocalStore(_JsonMixin):
                              "100 attempts to commit it; another process is rewriting it in a loop")
         finally:
             for old in aside:
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
 
     def get_dir(self, prefix: str, local_dir: Path | None = None) -> Path:
         """Return a local folder holding the committed artifact at `prefix`, verified."""
@@ -775,14 +778,13 @@ class S3Store(_JsonMixin):
     def walk(self, prefix: str = "") -> Iterator[tuple[str, float, int]]:
         """(key relative to the store root, last modified, size) of every object under `prefix`."""
         bucket, base = self._locate(prefix)
-        root = self._locate("")[1]
         listing = f"{base}/" if base else ""
         with self._errors(self.uri(prefix), bucket):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=listing, PaginationConfig={"PageSize": self.list_page_size})
             for page in pages:
                 for obj in page.get("Contents", []):
-                    key = obj["Key"][len(root) + 1:] if root else obj["Key"]
+                    key = obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"]
                     if key and not key.endswith("/"):
                         yield key, obj["LastModified"].timestamp(), obj["Size"]
 

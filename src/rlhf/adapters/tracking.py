@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from rlhf.config import flatten
-from rlhf.redaction import redact
+from rlhf.redaction import display_uri, redact
 
 
 FLUSH_SECONDS = 10.0
@@ -107,8 +107,6 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     command waited over 2 minutes on a server that accepted and never answered)."""
     import urllib.error
     import urllib.request
-
-    from rlhf.redaction import display_uri
 
     if not tracking_uri.startswith(("http://", "https://")):
         return
@@ -359,8 +357,8 @@ def start_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, run_
         return existing
     client = _client(tracking_uri)
     exp_id = ensure_experiment(experiment, tracking_uri)
-    run = client.create_run(exp_id, run_name=run_name, tags={k: redact(v) for k, v in
-                                                             {KFP_RUN_TAG: kfp_run_id, "rlhf.stage": "pipeline", **tags}.items()})
+    tags = {k: redact(v) for k, v in {KFP_RUN_TAG: kfp_run_id, "rlhf.stage": "pipeline", **tags}.items()}
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     flat = [Param(k, redact("" if v is None else v)[:6000]) for k, v in flatten(params).items()]
     for i in range(0, len(flat), 90):
         client.log_batch(run.info.run_id, params=flat[i:i + 90], tags=[RunTag("rlhf.params", "config")] if i == 0 else [])

@@ -46,8 +46,8 @@ def _bad(x) -> bool:
     return x is None or isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
 
 
-CHECKED = ("eval/policy_nonfinite", "eval/decisive_win_rate_lower_vs_sft", "eval/judge_delta", "eval/gold_delta", "eval/kl_vs_sft",
-           "eval/alignment_tax", "champion/decisive_win_rate_lower")
+CHECKED = ("eval/policy_nonfinite", "eval/decisive_win_rate_lower_vs_sft", "eval/judge_delta", "eval/gold_delta",
+           "eval/kl_vs_sft", "eval/alignment_tax", "champion/decisive_win_rate_lower")
 """The numbers with a threshold of their own; every other number eval reports must be finite."""
 
 
