@@ -37,3 +37,47 @@ def stand_ins(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("stand_ins")
     return {arch: build_stand_in(root / arch, arch) for arch in ("qwen2", "llama")}
+
+
+# ----------------------------------------------------------------------------- the MLflow outage scenario
+# tests/faults/test_mlflow_outage.py kills the MLflow server of its own stack for ten
+# minutes mid-SFT (issue 14, acceptance 2). It spends those minutes waiting, so it starts
+# in the background as the session begins (when that test is selected), the other tests
+# run meanwhile, and the test itself runs last and reads the scenario's report.
+
+OUTAGE_TEST = "test_mlflow_outage.py"
+_outage: dict = {}
+
+
+def pytest_collection_finish(session):
+    selected = [item for item in session.items if item.path.name == OUTAGE_TEST]
+    if not selected:
+        return
+    session.items[:] = [item for item in session.items if item.path.name != OUTAGE_TEST] + selected
+    import subprocess
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="rlhf-outage-"))
+    seconds = os.environ.get("RLHF_TEST_OUTAGE_S", "600")
+    log = open(work / "scenario.log", "w")
+    _outage.update(work=work, log=log, proc=subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "faults" / "outage_scenario.py"), str(work), seconds],
+        stdout=log, stderr=subprocess.STDOUT))
+
+
+def pytest_sessionfinish(session):
+    proc = _outage.get("proc")
+    if proc is not None and proc.poll() is None:  # interrupted or failed early: stop it (it stops its stack)
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except Exception:  # noqa: BLE001
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def outage_scenario() -> dict:
+    """The background scenario: {"work": folder, "proc": the process}."""
+    if "proc" not in _outage:
+        pytest.fail("the outage scenario was not started (tests/conftest.py starts it at collection)")
+    return _outage

@@ -265,6 +265,7 @@ class TrackingConfig(_Model):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; empty uses MLFLOW_TRACKING_URI, else the embedded sqlite database $RLHF_HOME/mlflow.db.")
     log_models: bool = Field(True, description="Log trained models with mlflow.transformers.")
     registered_model: str = Field("rlhf-demo", description="Base name for registered models (<name>-sft, -reward, -policy).")
+    outage_tolerance_s: float = Field(900.0, gt=0, description="How long a stage keeps training (metrics wait in order, saved in the run's store) and starting or finishing a stage's run keeps retrying while the MLflow tracking server does not answer; past it the stage fails with a clear error and its KFP retry resumes.")
 
     @field_validator("tracking_uri")
     @classmethod

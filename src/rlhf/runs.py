@@ -152,18 +152,35 @@ def start(preset: str, config_json: str, overrides: dict[str, Any], artifact_roo
             "run_root": run_root, "parent_run_id": parent, "data_key": key}
 
 
+PREP_WAIT_S = 6 * 3600.0
+"""How long a run waits while another run (renewing its claim) prepares the same data."""
+
+
 @step_entry("prep")
 def prep(prep_config_json: str, artifact_root: str, key: str, settings: Settings) -> dict:
-    """Data prep into the content-addressed dataset folder, unless it is committed there."""
+    """Data prep into the content-addressed dataset folder, unless it is committed there.
+
+    Once per dataset, however many runs start at once: the preparing run holds the
+    dataset's lease (`prep.lease`, store compare-and-swap), builds the data in a local
+    staging folder and commits it whole (`put_dir`, marker last); the others wait and
+    use the committed data. A preparer that dies stops renewing its lease, and the next
+    waiter takes over after its expiry."""
+    from rlhf.adapters.lease import Lease, owner_id
+
     cfg = PipelineConfig.model_validate_json(prep_config_json)
     root = join(artifact_root, "_datasets", key)
     store = open_store(root, settings)
+    prepared = False
     if not store.is_committed("prep"):
-        dispatch(StageRequest("prep", root, root, tracking=False), cfg, settings)
+        done = functools.partial(store.is_committed, "prep")
+        with Lease(store, "prep.lease", owner_id()).held(PREP_WAIT_S, done=done) as mine:
+            if mine and not done():
+                dispatch(StageRequest("prep", root, root, tracking=False), cfg, settings)
+                prepared = True
     report = json.loads(store.read_bytes("prep/report.json"))
     manifest = store.read_bytes("prep/MANIFEST.json")
     return {"uri": store.uri("prep"), "root": store.uri(""), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-            "sizes": report["sizes"], "hashes": report["hashes"], "data_key": key}
+            "sizes": report["sizes"], "hashes": report["hashes"], "data_key": key, "prepared_here": prepared}
 
 
 @step_entry("stage")

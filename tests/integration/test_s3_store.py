@@ -319,3 +319,19 @@ def test_stack_refuses_a_busy_port(tmp_path, local_stack):
     with pytest.raises(StackError, match=f"S3 port {busy} on 127.0.0.1 is already in use.*--s3-port"):
         Stack(tmp_path / "other", s3_port=busy).up()
     assert not (tmp_path / "other" / "stack.json").exists()
+
+
+def test_conditional_writes_and_a_lease_on_s3(s3_store):
+    """S3's compare-and-swap (If-None-Match / If-Match), as the dataset and champion leases use it."""
+    from rlhf.adapters.lease import Lease
+
+    assert s3_store.read_versioned("cas") is None
+    assert s3_store.write_if("cas", b"1", None) and not s3_store.write_if("cas", b"2", None)
+    data, etag = s3_store.read_versioned("cas")
+    assert data == b"1" and not s3_store.write_if("cas", b"3", '"0000"')
+    assert s3_store.write_if("cas", b"4", etag) and not s3_store.write_if("cas", b"5", etag)
+    a, b = Lease(s3_store, "x.lease", "run-a"), Lease(s3_store, "x.lease", "run-b")
+    assert a.try_acquire() and not b.try_acquire()
+    a.release()
+    assert b.try_acquire()
+    b.release()

@@ -40,6 +40,14 @@ class Settings:
     """RLHF_FAULT_TERM_AT_STEP: preemption tests: a training stage sends itself SIGTERM as
     this step ends (`ppo:2` for one stage), as a preempted node's kubelet would."""
     fault_term_stage: str | None = None
+    fault_pace_dir: str | None = None
+    """RLHF_FAULT_PACE_DIR: outage tests: while `<dir>/slow` exists, every training step
+    sleeps `<dir>/slow`'s number of seconds and appends "stage step unix-time" to
+    `<dir>/steps.log`, so a tiny stage lasts through a long outage."""
+    fault_promote_barrier: str | None = None
+    """RLHF_FAULT_PROMOTE_BARRIER: race tests: promote waits (up to 10 min) until two
+    processes have reached it through this folder, so two runs' evals both precede both
+    promotions and one of them loses the race for `@champion`."""
     image: str = "ghcr.io/rlhf-pipeline/rlhf:0.1.0"
     """RLHF_IMAGE: the training image the KFP components run in (read at compile time)."""
     retry_backoff: str = "30s"
@@ -138,6 +146,8 @@ class Settings:
             fault_kill_at_step=int(fault.rpartition(":")[2]) if fault else None,
             fault_kill_stage=fault.rpartition(":")[0] or None if fault else None,
             fault_term_at_step=int(term.rpartition(":")[2]) if term else None,
+            fault_pace_dir=env.get("RLHF_FAULT_PACE_DIR") or None,
+            fault_promote_barrier=env.get("RLHF_FAULT_PROMOTE_BARRIER") or None,
             fault_term_stage=term.rpartition(":")[0] or None if term else None,
             image=env.get("RLHF_IMAGE") or cls.image,
             retry_backoff=env.get("RLHF_RETRY_BACKOFF") or cls.retry_backoff,

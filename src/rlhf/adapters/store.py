@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -66,6 +67,8 @@ class ArtifactStore(Protocol):
     def delete(self, prefix: str) -> None: ...
     def fetch(self, uri: str, local_dir: Path) -> Path: ...
     def walk(self, prefix: str = "") -> Iterator[tuple[str, float, int]]: ...
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None: ...
+    def write_if(self, key: str, data: bytes, expected: str | None) -> bool: ...
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -273,6 +276,31 @@ class LocalStore(_JsonMixin):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """The object and its version token (sha256 of its bytes), or None when absent."""
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_if(self, key: str, data: bytes, expected: str | None) -> bool:
+        """Compare-and-swap: write only if the object's version is still `expected` (None:
+        only if it does not exist); False when another writer came first. Processes on
+        one machine are serialised by a lock file beside the object."""
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p.with_name(f".{p.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = self.read_versioned(key)
+                if (current[1] if current else None) != expected:
+                    return False
+                self.write_bytes(key, data)
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def put_dir(self, local_dir: Path, prefix: str, move: bool = False) -> dict:
         """Copy a folder under `prefix` with a sha256 manifest and the commit marker.
@@ -623,6 +651,33 @@ class S3Store(_JsonMixin):
         bucket, obj = self._locate(key)
         with self._errors(self.uri(key), bucket):
             self.client.put_object(Bucket=bucket, Key=obj, Body=data)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """The object and its version token (its ETag), or None when absent."""
+        bucket, obj = self._locate(key)
+        with self._errors(self.uri(key), bucket):
+            try:
+                got = self.client.get_object(Bucket=bucket, Key=obj)
+            except Exception as e:
+                if _error_code(e) in _MISSING_CODES:
+                    return None
+                raise
+            return got["Body"].read(), got["ETag"]
+
+    def write_if(self, key: str, data: bytes, expected: str | None) -> bool:
+        """Compare-and-swap by S3 conditional writes: If-Match on the expected ETag, or
+        If-None-Match: * for "only if absent" (AWS S3, SeaweedFS, MinIO); False when
+        another writer came first (412 Precondition Failed, 409 conflict)."""
+        bucket, obj = self._locate(key)
+        condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+        with self._errors(self.uri(key), bucket):
+            try:
+                self.client.put_object(Bucket=bucket, Key=obj, Body=data, **condition)
+            except Exception as e:
+                if _error_code(e) in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
+                    return False
+                raise
+        return True
 
     def _delete_keys(self, bucket: str, keys: list[str], uri: str) -> None:
         """In batches of DELETE_BATCH keys (the most one DeleteObjects request takes)."""

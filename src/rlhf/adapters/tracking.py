@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from rlhf.adapters.outbox import Outbox, outage_error, tolerant
 from rlhf.config import flatten
 from rlhf.redaction import display_uri, redact
 
@@ -174,13 +176,17 @@ class MLflowTracker:
     """
 
     def __init__(self, experiment: str, tracking_uri: str, log_models: bool = True,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None):
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 outage_tolerance_s: float = 900.0):
         import mlflow
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(ready_store(tracking_uri))
         self.tracking_uri = tracking_uri
-        self.experiment_id = ensure_experiment(experiment, tracking_uri)
+        self.tolerance_s = outage_tolerance_s
+        self.experiment_id = self._tolerant(lambda: ensure_experiment(experiment, tracking_uri),
+                                            f"experiment {experiment!r}")
+        self._outbox: Outbox | None = None  # a server: metrics go through the outbox, never blocking a step
         self.log_models = log_models
         self.parent_run_id = parent_run_id
         self.tags = dict(tags or {})
@@ -189,36 +195,97 @@ class MLflowTracker:
         self._last_flush = time.monotonic()
         self.seconds = 0.0  # spent in MLflow calls (stage results report it: pipeline overhead)
 
+    def _tolerant(self, fn, what: str):
+        """`fn()`, retried through an outage of a tracking server (up to the tolerance)."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return fn()
+        return tolerant(fn, self.tracking_uri, self.tolerance_s, what)
+
     @contextlib.contextmanager
     def stage_run(self, name: str, params: dict[str, Any], store=None) -> Iterator[None]:
         """Start the stage's run, or resume it when the store holds its id (a retried or
-        restarted stage continues the same run). FAILED if the body raises."""
+        restarted stage continues the same run). FAILED if the body raises.
+
+        With a tracking server, starting waits through an outage (up to
+        tracking.outage_tolerance_s) and metrics go through an `Outbox`: a step never
+        waits for the server, and metrics an earlier attempt could not deliver
+        (`<stage>/mlflow_spool.json`) are replayed first."""
         key = f"{name}/mlflow_run_id"
         resume_id = None
         if store is not None and store.exists(key):
             resume_id = store.read_bytes(key).decode().strip() or None
         parent = self.parent_run_id
         t_start = time.perf_counter()
-        with self.mlflow.start_run(run_id=resume_id, run_name=None if resume_id else name,
-                                   experiment_id=None if resume_id else self.experiment_id,
-                                   nested=bool(parent), parent_run_id=parent if not resume_id else None,
-                                   log_system_metrics=False) as run:
+        run = self._tolerant(lambda: self.mlflow.start_run(
+            run_id=resume_id, run_name=None if resume_id else name,
+            experiment_id=None if resume_id else self.experiment_id, nested=bool(parent),
+            parent_run_id=parent if not resume_id else None, log_system_metrics=False), f"starting the {name} run")
+        with run:
             self.run_id = run.info.run_id
             if store is not None and not resume_id:
                 store.write_bytes(key, self.run_id.encode())
-            if resume_id:
-                self.mlflow.set_tag("rlhf.resumed", "true")
-            else:
-                flat = {k: redact("" if v is None else v)[:6000] for k, v in flatten(params).items()}
-                items = list(flat.items())
-                for i in range(0, len(items), 90):
-                    self.mlflow.log_params(dict(items[i:i + 90]))
-                self.mlflow.set_tags({k: redact(v) for k, v in {"rlhf.stage": name, **self.tags}.items()})
+            self._tolerant(lambda: self._log_start(name, params, resumed=bool(resume_id)), f"the {name} run's params")
+            self._open_outbox(store, f"{name}/mlflow_spool.json")
             self.seconds += time.perf_counter() - t_start
+            ok = False
             try:
                 yield
+                ok = True
             finally:
-                self.flush()
+                self._close_outbox(ok)
+
+    def _log_start(self, name: str, params: dict[str, Any], resumed: bool) -> None:
+        if resumed:
+            self.mlflow.set_tag("rlhf.resumed", "true")
+            return
+        flat = {k: redact("" if v is None else v)[:6000] for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 90):
+            self.mlflow.log_params(dict(items[i:i + 90]))
+        self.mlflow.set_tags({k: redact(v) for k, v in {"rlhf.stage": name, **self.tags}.items()})
+
+    def _open_outbox(self, store, spool_key: str) -> None:
+        """With a server: the outbox, first holding what an earlier attempt left spooled."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        from mlflow.entities import Metric
+
+        run_id, client = self.run_id, self.mlflow.MlflowClient()
+
+        def send(batch: list) -> None:
+            client.log_batch(run_id, metrics=batch, synchronous=True)
+
+        def spool(pending: list) -> None:
+            if store is None:
+                return
+            if pending:
+                store.write_bytes(spool_key, json.dumps([[m.key, m.value, m.timestamp, m.step] for m in pending]).encode())
+            elif store.exists(spool_key):
+                store.delete(spool_key)
+
+        self._outbox = Outbox(send, spool, self.tracking_uri, self.tolerance_s)
+        if store is not None and store.exists(spool_key):
+            waiting = [Metric(k, v, ts, step) for k, v, ts, step in json.loads(store.read_bytes(spool_key))]
+            print(f"tracking: replaying {len(waiting)} metrics an earlier attempt could not deliver", flush=True)
+            self._outbox._spooled = True
+            self._outbox.put(waiting)
+
+    def _close_outbox(self, ok: bool) -> None:
+        """Deliver what waits: through an outage up to the tolerance when the stage
+        succeeded; a few seconds when it failed (the retry replays the spool)."""
+        self.flush()
+        box, self._outbox = self._outbox, None
+        if box is None:
+            return
+        t = time.perf_counter()
+        delivered = box.drain(None if ok else 5.0)
+        box.close()
+        self.seconds += time.perf_counter() - t
+        if delivered:
+            box.clear_spool()
+        elif ok:
+            raise outage_error(self.tracking_uri, box.tolerance_s, box.tolerance_s,
+                               "the stage finished, but its metrics are undelivered (saved in the run's store)")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffered: one sqlite/HTTP round trip per flush, not per training step."""
@@ -231,6 +298,10 @@ class MLflowTracker:
 
     @_timed
     def flush(self) -> None:
+        if self._outbox is not None:  # never waits for the server; fails past the outage tolerance
+            batch, self._buffer, self._last_flush = self._buffer, [], time.monotonic()
+            self._outbox.put(batch)
+            return
         if self._buffer and self.run_id:
             client = self.mlflow.MlflowClient()
             for i in range(0, len(self._buffer), 1000):
@@ -243,11 +314,11 @@ class MLflowTracker:
         if rows:
             import pandas as pd
 
-            self.mlflow.log_table(pd.DataFrame(rows), artifact_file=name)
+            self._tolerant(lambda: self.mlflow.log_table(pd.DataFrame(rows), artifact_file=name), name)
 
     @_timed
     def log_dict(self, obj: dict, name: str) -> None:
-        self.mlflow.log_dict(obj, name)
+        self._tolerant(lambda: self.mlflow.log_dict(obj, name), name)
 
     @_timed
     def log_model(self, model_dir: Path, kind: str, name: str = "model") -> str | None:
@@ -263,15 +334,15 @@ class MLflowTracker:
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
             task = "text-generation"
-        info = self.mlflow.transformers.log_model(
+        info = self._tolerant(lambda: self.mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tok}, name=name, task=task,
-            pip_requirements=_pip_requirements())
+            pip_requirements=_pip_requirements()), f"logging the {kind} model")
         return info.model_uri
 
     @_timed
     def log_parent_dict(self, parent_run_id: str | None, obj: dict, name: str) -> None:
         if parent_run_id:
-            self.mlflow.MlflowClient().log_dict(parent_run_id, obj, name)
+            self._tolerant(lambda: self.mlflow.MlflowClient().log_dict(parent_run_id, obj, name), name)
 
     def load_registered(self, name: str, alias: str) -> dict | None:
         """{"version", "model", "tokenizer"} of a registered model's alias, or None when unset."""
@@ -321,7 +392,7 @@ def make_tracker(cfg, settings, parent_run_id: str | None = None, tags: dict[str
     if settings.rank != 0:  # one process of a distributed stage logs: rank 0
         return NullTracker()
     return MLflowTracker(cfg.tracking.experiment, tracking_uri_for(cfg, settings), cfg.tracking.log_models,
-                         parent_run_id=parent_run_id, tags=tags)
+                         parent_run_id=parent_run_id, tags=tags, outage_tolerance_s=cfg.tracking.outage_tolerance_s)
 
 
 # ----------------------------------------------------------------------------- pipeline runs

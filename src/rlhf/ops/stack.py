@@ -327,6 +327,41 @@ class Stack:
             self._stop()
         return self.status()
 
+    def stop_service(self, service: str, kill: bool = False) -> None:
+        """Stop one service of the running stack (`kill`: SIGKILL at once, as a crashed or
+        evicted server); its port and data stay recorded for `start_service`."""
+        self._check_service(service)
+        with self._lock():
+            pid = ((self._state() or {}).get("pids") or {}).get(service)
+            if pid and self._stoppable(service, pid):
+                if kill:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pid, signal.SIGKILL)
+                _stop_groups([pid], self.grace_s, self._reap)
+            self._reap()
+
+    def start_service(self, service: str) -> dict:
+        """Start one service of the running stack again, on its recorded port and data
+        (after it died or `stop_service`); a healthy one is left alone."""
+        self._check_service(service)
+        with self._lock():
+            state = self._state()
+            if not state:
+                raise StackError(f"the stack in {self.dir} is not up: start it with `rlhf stack up`")
+            ports, pids = state["ports"], state["pids"]
+            if not (self._alive(service, pids.get(service)) and self._healthy(service, ports[service])):
+                if not _port_free(ports[service]):
+                    raise StackError(f"{service} port {ports[service]} on {HOST} is taken by another process")
+                pids[service] = self._start_seaweed(ports) if service == "s3" else self._start_mlflow(ports)
+                self.state_file.write_text(json.dumps({"pids": pids, "ports": ports}, indent=2, sort_keys=True))
+                self._wait_healthy(ports, pids)
+        return self.status()
+
+    @staticmethod
+    def _check_service(service: str) -> None:
+        if service not in SERVICES:
+            raise StackError(f"unknown service {service!r}; the stack has {', '.join(SERVICES)}")
+
     # -- internals
 
     def _pick_ports(self) -> dict[str, int]:

@@ -17,6 +17,7 @@ Steps: 1. inputs  2. register (or find) sft/reward/policy  3. gate, alias  4. re
 from __future__ import annotations
 
 from rlhf.adapters.registry import CHAMPION, KINDS, Registry, RegistryError, Version, model_name
+from rlhf.stages.challenge import CHAMPION_WAIT_S, champion_lease, rechallenge
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.gate import gate_decision
 from rlhf.stages.table import STAGE_OF_KIND as STAGE_OF
@@ -71,27 +72,44 @@ def lineage(ctx: StageContext) -> dict[str, str]:
             "rlhf.data_key": pipeline["data_key"], "rlhf.git_sha": pipeline["git_sha"]}
 
 
-def move_alias(reg: Registry, policy: Version, passed: bool, reasons: list[str], compared, ctx: StageContext) -> bool:
+def move_alias(reg: Registry, policy: Version, passed: bool, reasons: list[str], evaluation: dict,
+               ctx: StageContext) -> tuple[bool, str | None]:
     """Move `@champion` to the policy when asked and the gate passed (recording the
-    previous champion first); tag the version either way. Returns whether it passed."""
-    current = reg.by_alias(policy.name, CHAMPION)
-    promote = ctx.options.get("move_alias", True)
-    if promote and passed and current is not None and current.version not in (policy.version, compared):
-        passed = False
-        reasons.append(f"the champion moved to version {current.version} after this run compared against "
-                       f"{compared or 'none'}; rerun the pipeline to compare against the new champion")
+    previous champion first); tag the version either way. Returns whether it passed, and
+    what happened in a lost race (None: there was none).
+
+    A compare-and-swap: under the champion lease, the alias moves only if it is still on
+    the version eval compared against. If another run moved it meanwhile (a lost race),
+    this policy is compared again with the new champion (`rechallenge`) and the gate
+    decided again; the reasons say so either way."""
+    promote, note = ctx.options.get("move_alias", True), None
     if promote and passed:
-        if current is None or current.version != policy.version:
-            # what to restore if anything after this fails (the exit handler reads it)
-            ctx.store.write_json(PREVIOUS_CHAMPION, {"name": policy.name,
-                                                     "version": current.version if current else None})
-            reg.set_alias(policy, CHAMPION)
-            ctx.faults.after_step(2, "promote")  # crash tests: killed right after moving the alias
+        ctx.faults.barrier()  # race tests: both runs evaluated before either moves the alias
+        with champion_lease(ctx, policy.name).held(CHAMPION_WAIT_S):
+            current = reg.by_alias(policy.name, CHAMPION)
+            compared = evaluation.get("champion/version")
+            if current is not None and current.version not in (policy.version, compared):
+                again = rechallenge(ctx)
+                passed, reasons[:] = gate_decision({**evaluation, **again}, ctx.config)
+                note = (f"the champion moved to version {current.version} after eval compared against "
+                        f"{compared or 'none'} (another run promoted meanwhile); compared again with version "
+                        f"{current.version}: {'better, promoted' if passed else 'not better, not promoted'}")
+                print(f"promote: {note}", flush=True)
+                if not passed:
+                    reasons.insert(0, note)
+                reg.set_tags(policy, {"rlhf.champion_race": note[:5000]})
+            if passed and (current is None or current.version != policy.version):
+                # what to restore if anything after this fails (the exit handler reads it)
+                ctx.store.write_json(PREVIOUS_CHAMPION, {"name": policy.name,
+                                                         "version": current.version if current else None})
+                reg.set_alias(policy, CHAMPION)
+                ctx.faults.after_step(2, "promote")  # crash tests: killed right after moving the alias
+    if promote and passed:
         reg.set_tags(policy, {"rlhf.gate": "passed"})
-        return True
+        return True, note
     reasons[:] = reasons or ["the pipeline's gate did not pass"]
     reg.set_tags(policy, {"rlhf.gate": "failed", "rlhf.gate_reasons": "; ".join(reasons)[:5000]})
-    return False
+    return False, note
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -114,7 +132,7 @@ def run(ctx: StageContext) -> StageResult:
         ctx.faults.after_step(1, "promote")  # crash tests: killed between registering and the alias
 
         # 3. gate and alias
-        passed = move_alias(reg, policy, passed, reasons, evaluation.get("champion/version"), ctx)
+        passed, race = move_alias(reg, policy, passed, reasons, evaluation, ctx)
         champion = reg.by_alias(policy.name, CHAMPION)
         promoted = champion is not None and champion.version == policy.version
         ctx.tracker.log_dict({"versions": {k: v.version for k, v in versions.items()}, "promoted": promoted,
@@ -127,4 +145,5 @@ def run(ctx: StageContext) -> StageResult:
         "policy_version_uri": policy.uri,
         "registered_versions": {model_name(base, k): v.version for k, v in versions.items()},
         "champion_version": champion.version if champion else None, "gate_passed": passed, "gate_reasons": reasons,
+        "champion_race": race,
         "mlflow_run_id": ctx.tracker.run_id})

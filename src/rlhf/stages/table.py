@@ -41,7 +41,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("reward", "rlhf.stages.reward", "reward", trains=True, model_key="reward/model", registers="reward"),
     StageSpec("ppo", "rlhf.stages.ppo", "ppo", trains=True, model_key="ppo/model", registers="policy"),
     StageSpec("eval", "rlhf.stages.evaluate", "eval", also_reads=("gate",), updates_summary=True),
-    StageSpec("promote", "rlhf.stages.promote", "gate", standalone=False, reads_prep=False, updates_summary=True),
+    StageSpec("promote", "rlhf.stages.promote", "gate", standalone=False, reads_prep=False, also_reads=("eval",),
+              updates_summary=True),
 )}
 
 STAGE_OF_KIND = {s.registers: s.name for s in STAGES.values() if s.registers}

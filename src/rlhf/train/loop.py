@@ -113,6 +113,7 @@ class Loop:
             self.tracker.flush()
             self.last_checkpoint = time.monotonic()
         self.faults.after_step(self.step, self.stage)
+        self.faults.pace(self.step, self.stage)
         if preempted and not self.done:
             self.bar.close()
             message = (f"{self.stage}: SIGTERM: stopped after step {self.step} of {self.total} and checkpointed it; "
