@@ -97,7 +97,7 @@ def build_context(spec: StageSpec, req: StageRequest, cfg: PipelineConfig, store
         if not prep_store.is_committed("prep"):
             raise StoreError(f"the dataset {prep_store.uri('prep')} is gone (deleted, or a cached prep step from "
                              "another store): rerun with caching off for the data prep step")
-        report = json.loads(prep_store.read_bytes("prep/report.json"))
+        report = json.loads(prep_store.read_artifact_file("prep", "report.json"))
         tags["rlhf.data_hashes"] = json.dumps(report.get("hashes", {}), sort_keys=True)[:5000]
     tracker = (make_tracker(cfg, settings, parent_run_id=req.parent_run_id or None, tags=tags) if req.tracking
                else NullTracker())
@@ -117,7 +117,7 @@ def _with_artifact(spec: StageSpec, store, result: dict) -> dict:
     """The stage's result plus where its model lives (URI and manifest hash)."""
     if spec.model_key:
         result["artifact_uri"] = store.uri(spec.model_key)
-        result["manifest_sha256"] = hashlib.sha256(store.read_bytes(f"{spec.model_key}/MANIFEST.json")).hexdigest()
+        result["manifest_sha256"] = hashlib.sha256(store.read_artifact_file(spec.model_key, "MANIFEST.json")).hexdigest()
     return result
 
 

@@ -177,8 +177,8 @@ def prep(prep_config_json: str, artifact_root: str, key: str, settings: Settings
             if mine and not done():
                 dispatch(StageRequest("prep", root, root, tracking=False), cfg, settings)
                 prepared = True
-    report = json.loads(store.read_bytes("prep/report.json"))
-    manifest = store.read_bytes("prep/MANIFEST.json")
+    report = json.loads(store.read_artifact_file("prep", "report.json"))
+    manifest = store.read_artifact_file("prep", "MANIFEST.json")
     return {"uri": store.uri("prep"), "root": store.uri(""), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
             "sizes": report["sizes"], "hashes": report["hashes"], "data_key": key, "prepared_here": prepared}
 

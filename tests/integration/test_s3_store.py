@@ -22,7 +22,7 @@ import rlhf.adapters.store as store_mod
 from rlhf.models.loading import resolve_source
 from rlhf.adapters.settings import Settings
 from rlhf.ops.stack import Stack, StackError, add_cli, handle_cli
-from rlhf.adapters.store import COMMIT_MARKER, MiB, LocalStore, S3Store, StoreError, sha256_file
+from rlhf.adapters.store import COMMIT_MARKER, MANIFEST, MiB, LocalStore, S3Store, StoreError, sha256_file
 
 
 def _keys(store: S3Store, prefix: str = "") -> list[str]:
@@ -106,7 +106,7 @@ def test_marker_is_written_last_and_required(s3_store, src_dir, tmp_path, monkey
 
         monkeypatch.setattr(client, name, spy)
     s3_store.put_dir(src_dir, "art")
-    assert calls[0] == f"delete_object:{COMMIT_MARKER}"
+    assert not any(c.startswith("delete_object") for c in calls)  # nothing was committed there
     assert calls[-2:] == ["put_object:MANIFEST.json", f"put_object:{COMMIT_MARKER}"]
     assert sorted(c for c in calls if c.startswith("upload_file")) == [
         "upload_file:config.json", "upload_file:notes.txt", "upload_file:weights.bin"]
@@ -166,10 +166,62 @@ def test_put_dir_replaces_stale_files(s3_store, src_dir, tmp_path):
     (other / "only.txt").write_text("v2")
     manifest = s3_store.put_dir(other, "models/sft")
     assert set(manifest) == {"only.txt"}
-    assert _keys(s3_store, "models/sft") == sorted(["only.txt", "MANIFEST.json", COMMIT_MARKER])
+    keys = _keys(s3_store, "models/sft")  # the new version beside the marker that names it; the old one gone
+    version = json.loads(s3_store.read_bytes(f"models/sft/{COMMIT_MARKER}"))["version"]
+    assert keys == sorted([f"{version}/only.txt", f"{version}/MANIFEST.json", COMMIT_MARKER])
     out = s3_store.get_dir("models/sft")  # the cache saw the new manifest
     assert (out / "only.txt").read_text() == "v2"
     assert not (out / "weights.bin").exists()
+    assert json.loads(s3_store.read_artifact_file("models/sft", "MANIFEST.json")) == manifest
+    fetched = s3_store.fetch(s3_store.uri("models/sft"), tmp_path / "fetched")  # a user pointing at it
+    assert sorted(p.name for p in fetched.iterdir()) == sorted(["only.txt", "MANIFEST.json", COMMIT_MARKER])
+    s3_store.put_dir(src_dir, "models/sft")  # and over a version again
+    assert (s3_store.get_dir("models/sft", tmp_path / "v3") / "sub" / "notes.txt").read_text() == "hello\n"
+    assert not [k for k in _keys(s3_store, "models/sft") if k.startswith(version)]
+
+
+def test_replacing_keeps_the_committed_version_whole_until_the_new_one_is(s3_store, src_dir, tmp_path, monkeypatch):
+    """put_dir over a committed artifact never removes or changes it before the new
+    version is committed: a reader in the middle of the upload gets the old version
+    whole, and a writer that loses the switch to another leaves the other's version."""
+    s3_store.put_dir(src_dir, "data")
+    old = {p.relative_to(src_dir).as_posix(): p.read_bytes() for p in src_dir.rglob("*") if p.is_file()}
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    (new_dir / "weights.bin").write_bytes(b"new weights")
+    seen = []
+    real_upload = s3_store.client.upload_file
+
+    def upload_and_read(*args, **kw):
+        real_upload(*args, **kw)
+        reader = S3Store(s3_store.uri(""), s3_store.settings)  # another process, in effect
+        assert reader.is_committed("data")
+        got = reader.get_dir("data", tmp_path / f"read-{len(seen)}")
+        seen.append({p.relative_to(got).as_posix(): p.read_bytes() for p in got.rglob("*")
+                     if p.is_file() and p.name not in (MANIFEST, COMMIT_MARKER)})
+
+    monkeypatch.setattr(s3_store.client, "upload_file", upload_and_read)
+    s3_store.put_dir(new_dir, "data")
+    monkeypatch.undo()
+    assert seen == [old]  # mid-upload: the old version, whole
+    assert (s3_store.get_dir("data", tmp_path / "after") / "weights.bin").read_bytes() == b"new weights"
+
+    # a second writer whose switch finds the marker moved by another: refused, nothing of it left
+    other = S3Store(s3_store.uri(""), s3_store.settings)
+    real_write_if = other.write_if
+
+    def someone_else_first(key, data, expected):
+        s3_store.put_dir(src_dir, "data")  # the other writer commits while this one uploaded
+        return real_write_if(key, data, expected)
+
+    monkeypatch.setattr(other, "write_if", someone_else_first)
+    with pytest.raises(StoreError, match="another writer committed .*/data while this one uploaded"):
+        other.put_dir(new_dir, "data")
+    monkeypatch.undo()
+    got = s3_store.get_dir("data", tmp_path / "theirs")
+    assert (got / "weights.bin").read_bytes() == old["weights.bin"]
+    versions = {k.split("/")[0] for k in _keys(s3_store, "data") if k.startswith(".v-")}
+    assert len(versions) == 1  # the loser's upload was removed
 
 
 # ----------------------------------------------------------------------------- user folders (fetch)

@@ -124,10 +124,10 @@ def test_throttling_that_never_ends_fails_after_max_attempts(fake, no_backoff):
 
 
 def test_upload_part_throttling_is_retried(fake, no_backoff, tmp_path):
-    """put_dir: the marker delete, the listing and each upload retry on their own."""
+    """put_dir: the marker read, the listing and each upload retry on their own."""
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f.bin").write_bytes(b"abc")
-    fake.script = [("ok", b""),                               # DELETE old marker
+    fake.script = [("NoSuchKey", 404),                        # GET the marker: nothing committed
                    ("ok", b"<ListBucketResult></ListBucketResult>"),  # list old objects
                    ("SlowDown", 503), ("ok", b"")]            # PUT f.bin: throttled once
     manifest = _store(fake.url).put_dir(tmp_path / "d", "art")
@@ -157,7 +157,7 @@ def test_access_denied_on_upload_is_a_store_error(fake, no_backoff, tmp_path):
     """boto3 wraps upload errors in S3UploadFailedError (message only); we still see the code."""
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f.bin").write_bytes(b"abc")
-    fake.script = [("ok", b""), ("ok", b"<ListBucketResult></ListBucketResult>"), ("AccessDenied", 403)]
+    fake.script = [("NoSuchKey", 404), ("ok", b"<ListBucketResult></ListBucketResult>"), ("AccessDenied", 403)]
     with pytest.raises(StoreError, match="access to bucket 'b'.*refused"):
         _store(fake.url).put_dir(tmp_path / "d", "art")
     assert not any(p.endswith("_COMMITTED") for m, p in fake.requests if m == "PUT")

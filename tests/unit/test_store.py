@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -94,8 +95,29 @@ def test_get_dir_verifies_and_copies(store, src_dir, tmp_path):
     assert out == tmp_path / "copy"
     assert (out / "weights.bin").read_bytes() == (src_dir / "weights.bin").read_bytes()
     assert (out / "sub" / "notes.txt").read_text() == "hello\n"
-    # Without a destination, a local store hands out its own folder.
-    assert store.get_dir("models/sft") == store.root / "models" / "sft"
+
+
+
+def test_a_reader_keeps_its_version_while_a_writer_replaces_it(store, src_dir, tmp_path):
+    """Without a destination a local store hands out a view (hard links, no copy): a new
+    version committed meanwhile, which removes the old folder, leaves it as it was."""
+    store.put_dir(src_dir, "models/sft")
+    view = store.get_dir("models/sft")
+    assert view.parent == store.root / "models" and view.name.startswith(".sft.view-")
+    assert os.stat(view / "weights.bin").st_ino == os.stat(store.root / "models/sft/weights.bin").st_ino
+    assert store.get_dir("models/sft") == view  # unchanged artifact: the same view
+    old = (src_dir / "weights.bin").read_bytes()
+    (src_dir / "weights.bin").write_bytes(b"version two")
+    (src_dir / "sub" / "notes.txt").unlink()
+    store.put_dir(src_dir, "models/sft")
+    assert (view / "weights.bin").read_bytes() == old and (view / "sub" / "notes.txt").read_text() == "hello\n"
+    new = store.get_dir("models/sft")
+    assert new != view and (new / "weights.bin").read_bytes() == b"version two"
+    assert not (new / "sub").exists()
+    assert store.list_dirs("models") == ["sft"]  # views are hidden
+    # views are removed when the process exits; one a kill left behind is gc's to collect
+    from rlhf.ops.gc import leftovers
+    assert {x.prefix for x in leftovers(store, older_than_s=0)} >= {f"models/{view.name}", f"models/{new.name}"}
 
 
 def test_get_dir_detects_corruption(store, src_dir, tmp_path):

@@ -39,6 +39,8 @@ MANIFEST = "MANIFEST.json"
 MiB = 1 << 20
 DELETE_BATCH = 1000
 """S3 DeleteObjects takes at most 1000 keys per request."""
+VERSION_PREFIX = ".v-"
+"""S3: a version written over a committed artifact lives in `<prefix>/.v-<id>/` (see put_dir)."""
 
 
 class StoreError(RuntimeError):
@@ -62,6 +64,7 @@ class ArtifactStore(Protocol):
     def read_json(self, key: str): ...
     def put_dir(self, local_dir: Path, prefix: str, move: bool = False) -> dict: ...
     def get_dir(self, prefix: str, local_dir: Path | None = None) -> Path: ...
+    def read_artifact_file(self, prefix: str, rel: str) -> bytes: ...
     def is_committed(self, prefix: str) -> bool: ...
     def list_dirs(self, prefix: str) -> list[str]: ...
     def delete(self, prefix: str) -> None: ...
@@ -176,6 +179,32 @@ def _move_tree(staging: Path, dest: Path) -> Path:
     return dest
 
 
+_VIEWS: list[Path] = []
+"""Read-only views handed out by LocalStore.get_dir in this process (removed at exit)."""
+
+
+@atexit.register
+def _remove_views() -> None:
+    for view in _VIEWS:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def _link_or_copy(dir_fd: int, rel: str, dest: Path, link: bool) -> None:
+    """`rel` of the open folder `dir_fd` at `dest`: a hard link when `link` (same inode: no
+    bytes copied, and the file outlives its removal from the artifact) and the
+    filesystem has them, else a copy of the file as opened."""
+    if link:
+        try:
+            os.link(rel, dest, src_dir_fd=dir_fd)
+            return
+        except FileNotFoundError:
+            raise
+        except OSError:  # no hard links here (or across devices): copy
+            pass
+    with open(os.open(rel, os.O_RDONLY, dir_fd=dir_fd), "rb") as f, open(dest, "wb") as out:
+        shutil.copyfileobj(f, out, 16 * MiB)
+
+
 def _staging_for(dest: Path) -> Path:
     """A fresh folder next to `dest`, so the final hand-over is a rename."""
     dest = Path(dest)
@@ -224,6 +253,7 @@ class LocalStore(_JsonMixin):
         self.root.mkdir(parents=True, exist_ok=True)
         self._settings = settings
         self._s3_stores: dict[str, S3Store] = {}
+        self._views: dict[Path, tuple[bytes, Path]] = {}
 
     def _path(self, key: str) -> Path:
         if key.startswith("file://"):
@@ -374,17 +404,75 @@ class LocalStore(_JsonMixin):
                     old.unlink(missing_ok=True)
 
     def get_dir(self, prefix: str, local_dir: Path | None = None) -> Path:
-        """Return a local folder holding the committed artifact at `prefix`, verified."""
+        """A local folder holding the committed artifact at `prefix`, verified.
+
+        Into `local_dir` (a copy), or when None a read-only *view*: hard links to the
+        committed files in a hidden folder beside the artifact (`.<name>.view-<id>`, no copy
+        of the bytes), removed when the process exits. The view is immutable: a writer
+        that commits a new version meanwhile (put_dir renames it in and removes the old
+        folder) does not change or remove what a reader was handed. A view of an unchanged
+        artifact is made once per store object."""
+        uri = self.uri(prefix)
+        src = self._path(prefix)
+        for _ in range(5):  # a writer may swap a new version in meanwhile: then take that one
+            try:  # everything below is read through this folder handle: one version, even if renamed away
+                fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+            except (FileNotFoundError, NotADirectoryError):
+                raise StoreError(f"no complete artifact at {uri} (commit marker missing)") from None
+            try:
+                got = self._linked(fd, src, uri, local_dir)
+            finally:
+                os.close(fd)
+            if got is not None:
+                return got
+        raise StoreError(f"{uri} kept changing while it was read (5 attempts); another process is "
+                         "rewriting it in a loop")
+
+    def _linked(self, fd: int, src: Path, uri: str, local_dir: Path | None) -> Path | None:
+        """get_dir from the open folder `fd`; None when its version was removed meanwhile."""
+        try:
+            os.stat(COMMIT_MARKER, dir_fd=fd)
+        except FileNotFoundError:
+            if (src / COMMIT_MARKER).is_file():
+                return None  # this folder was replaced (moved aside) between open and stat
+            raise StoreError(f"no complete artifact at {uri} (commit marker missing)") from None
+        try:
+            with open(os.open(MANIFEST, os.O_RDONLY, dir_fd=fd), "rb") as f:
+                manifest_bytes = f.read()
+        except FileNotFoundError:
+            raise StoreError(f"{uri}: MANIFEST.json is missing; the artifact is corrupted") from None
+        manifest = _parse_manifest(manifest_bytes, uri)
+        if local_dir is None:
+            cached = self._views.get(src)
+            if cached is not None and cached[0] == manifest_bytes and cached[1].is_dir():
+                return cached[1]
+            out = Path(tempfile.mkdtemp(dir=src.parent, prefix=f".{src.name}.view-"))
+        else:
+            out = _staging_for(Path(local_dir))
+        try:
+            for rel in manifest:
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(fd, rel, out / rel, link=local_dir is None)
+            _verify_folder(out, manifest, uri)  # what is handed out is what was checked
+            (out / MANIFEST).write_bytes(manifest_bytes)
+            if local_dir is not None:
+                (out / COMMIT_MARKER).write_bytes(b"ok\n")
+                return _move_tree(out, Path(local_dir))
+        except FileNotFoundError:  # the old version's files went (removed after a new commit)
+            shutil.rmtree(out, ignore_errors=True)
+            return None
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        self._views[src] = (manifest_bytes, out)
+        _VIEWS.append(out)
+        return out
+
+    def read_artifact_file(self, prefix: str, rel: str) -> bytes:
+        """One file of the committed artifact at `prefix`."""
         if not self.is_committed(prefix):
             raise StoreError(f"no complete artifact at {self.uri(prefix)} (commit marker missing)")
-        src = self._path(prefix)
-        if not (src / MANIFEST).is_file():
-            raise StoreError(f"{self.uri(prefix)}: MANIFEST.json is missing; the artifact is corrupted")
-        _verify_folder(src, _parse_manifest((src / MANIFEST).read_bytes(), self.uri(prefix)), self.uri(prefix))
-        if local_dir is None:
-            return src
-        shutil.copytree(src, local_dir, dirs_exist_ok=True)
-        return Path(local_dir)
+        return self.read_bytes(f"{prefix}/{_safe_rel(rel, self.uri(prefix))}")
 
     def fetch(self, uri: str, local_dir: Path) -> Path:
         """Copy a folder given by an absolute URI (local path, file:// or s3://) into `local_dir`.
@@ -708,9 +796,13 @@ class S3Store(_JsonMixin):
     def put_dir(self, local_dir: Path, prefix: str, move: bool = False) -> dict:
         """Upload a folder under `prefix`: files, then MANIFEST.json, then the commit marker.
 
-        The old artifact's marker goes first, so readers never take a half-replaced
-        artifact for a complete one; objects of the old artifact that the new one does
-        not have are deleted before the new marker is written. `move` is accepted for
+        A prefix with nothing committed gets the files in place (`<prefix>/<path>`). Over a
+        committed artifact the new version goes beside it (`<prefix>/.v-<id>/<path>`) and
+        the marker switches to it in one conditional PUT (its body names the version):
+        the committed version stays whole, for readers too, until the new one is
+        committed, and the old objects are deleted after. One writer per prefix: a writer
+        that finds the marker changed by another at the switch fails and leaves the
+        other's version (prep's dataset lease keeps it to one). `move` is accepted for
         interface parity and ignored (the caller may delete `local_dir` afterwards).
         """
         local_dir = Path(local_dir)
@@ -725,60 +817,106 @@ class S3Store(_JsonMixin):
         manifest = {rel: sha256_file(src) for rel, src in files.items()}
         self._forget_downloads(prefix)
 
-        marker = _child(base, COMMIT_MARKER)
+        marker = f"s3://{bucket}/{_child(base, COMMIT_MARKER)}"
+        current = self.read_versioned(marker)
+        old = set(self._keys(bucket, f"{base}/", uri))
+        version = None if current is None else f"{VERSION_PREFIX}{uuid.uuid4().hex[:12]}"
+        at = base if version is None else f"{base}/{version}"
+        mine = {f"{at}/{rel}" for rel in manifest} | {f"{at}/{MANIFEST}"}
         with self._errors(uri, bucket):
-            self.client.delete_object(Bucket=bucket, Key=marker)
-            old = set(self._keys(bucket, f"{base}/", uri))
             for rel, src in files.items():
-                self.client.upload_file(str(src), bucket, f"{base}/{rel}", Config=self.transfer_config)
-            self.client.put_object(Bucket=bucket, Key=f"{base}/{MANIFEST}",
+                self.client.upload_file(str(src), bucket, f"{at}/{rel}", Config=self.transfer_config)
+            self.client.put_object(Bucket=bucket, Key=f"{at}/{MANIFEST}",
                                    Body=json.dumps(manifest, indent=2, sort_keys=True).encode())
-            keep = {f"{base}/{rel}" for rel in manifest} | {f"{base}/{MANIFEST}", marker}
-            stale = sorted(old - keep)
-            self._delete_keys(bucket, stale + _folder_keys(stale, base, keep), uri)
-            self.client.put_object(Bucket=bucket, Key=marker, Body=b"ok\n")
+        if version is None:  # nothing committed to keep: leftovers of an interrupted write go first
+            stale = sorted(old - mine - {_child(base, COMMIT_MARKER)})
+            self._delete_keys(bucket, stale + _folder_keys(stale, base, mine), uri)
+        body = b"ok\n" if version is None else json.dumps({"version": version}).encode()
+        if not self.write_if(marker, body, None if current is None else current[1]):
+            if version is not None:
+                self._delete_keys(bucket, sorted(mine), uri)
+            raise StoreError(f"put_dir: another writer committed {uri} while this one uploaded; its version "
+                             "stands (one writer per prefix: retry the step to use it)")
+        if version is not None:  # the new version is committed: the old one goes
+            stale = sorted(old - {_child(base, COMMIT_MARKER)})
+            self._delete_keys(bucket, stale + _folder_keys(stale, base, mine), uri)
         return manifest
+
+    def _committed_at(self, bucket: str, base: str, uri: str) -> tuple[str, bytes] | None:
+        """(object prefix of the committed version, marker body), or None when uncommitted."""
+        got = self.read_versioned(f"s3://{bucket}/{_child(base, COMMIT_MARKER)}")
+        if got is None:
+            return None
+        body = got[0]
+        if body.startswith(b"{"):
+            try:
+                version = json.loads(body)["version"]
+            except (ValueError, KeyError, TypeError):
+                raise StoreError(f"{uri}/{COMMIT_MARKER} is not a commit marker ({body[:80]!r}); the artifact is "
+                                 "corrupted (write it again, e.g. rerun the stage that produced it)") from None
+            if not (isinstance(version, str) and version.startswith(VERSION_PREFIX) and "/" not in version):
+                raise StoreError(f"{uri}/{COMMIT_MARKER} names version {version!r}; the artifact is corrupted")
+            return f"{base}/{version}", body
+        return base, body
+
+    def read_artifact_file(self, prefix: str, rel: str) -> bytes:
+        """One file of the committed artifact at `prefix` (wherever its version lives)."""
+        bucket, base = self._locate(prefix)
+        where = self._committed_at(bucket, base, self.uri(prefix))
+        if where is None:
+            raise StoreError(f"no complete artifact at {self.uri(prefix)} (commit marker missing)")
+        return self.read_bytes(f"s3://{bucket}/{where[0]}/{_safe_rel(rel, self.uri(prefix))}")
 
     def get_dir(self, prefix: str, local_dir: Path | None = None) -> Path:
         """Download the committed artifact at `prefix`, verified file by file.
 
         Into `local_dir`, or when None into this store's scratch folder (removed at
         interpreter exit; a prefix whose manifest has not changed is not downloaded
-        twice). Nothing is handed out unless every file matches the manifest.
+        twice). Nothing is handed out unless every file matches the manifest. A version
+        committed over it while downloading (its files then disappear) is downloaded
+        instead: the result is always one whole committed version.
         """
         bucket, base = self._locate(prefix)
         uri = self.uri(prefix)
-        if not self.is_committed(prefix):
-            raise StoreError(f"no complete artifact at {uri} (commit marker missing)")
-        try:
-            manifest_bytes = self.read_bytes(f"s3://{bucket}/{_child(base, MANIFEST)}")
-        except StoreError as e:
-            if not str(e).startswith("no object"):
-                raise
-            raise StoreError(f"{uri}: MANIFEST.json is missing; the artifact is corrupted") from None
-        manifest = _parse_manifest(manifest_bytes, uri)
-
-        cached = self._downloads.get(base) if local_dir is None else None
-        if cached is not None and cached[0] == manifest_bytes and cached[1].is_dir():
-            return cached[1]
-        # A fresh scratch folder per download: a folder handed out earlier stays untouched.
-        dest = Path(local_dir) if local_dir is not None else (
-            Path(tempfile.mkdtemp(dir=self._scratch_dir())) / (base.rsplit("/", 1)[-1] or self.bucket))
-        staging = _staging_for(dest)
-        try:
-            for rel in manifest:
-                if not self._download(bucket, _child(base, rel), staging / rel, uri):
-                    raise StoreError(f"{uri}/{rel} is listed in the manifest but missing; the artifact is corrupted "
-                                     "(write it again, e.g. rerun the stage that produced it)")
-            _verify_folder(staging, manifest, uri)
-            (staging / MANIFEST).write_bytes(manifest_bytes)
-            (staging / COMMIT_MARKER).write_bytes(b"ok\n")
-            out = _move_tree(staging, dest)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if local_dir is None:
-            self._downloads[base] = (manifest_bytes, out)
-        return out
+        for _ in range(5):
+            where = self._committed_at(bucket, base, uri)
+            if where is None:
+                raise StoreError(f"no complete artifact at {uri} (commit marker missing)")
+            at, marker_body = where
+            try:
+                manifest_bytes = self.read_bytes(f"s3://{bucket}/{_child(at, MANIFEST)}")
+            except StoreError as e:
+                if not str(e).startswith("no object"):
+                    raise
+                if self._committed_at(bucket, base, uri) != where:
+                    continue
+                raise StoreError(f"{uri}: MANIFEST.json is missing; the artifact is corrupted") from None
+            manifest = _parse_manifest(manifest_bytes, uri)
+            cached = self._downloads.get(base) if local_dir is None else None
+            if cached is not None and cached[0] == manifest_bytes and cached[1].is_dir():
+                return cached[1]
+            # A fresh scratch folder per download: a folder handed out earlier stays untouched.
+            dest = Path(local_dir) if local_dir is not None else (
+                Path(tempfile.mkdtemp(dir=self._scratch_dir())) / (base.rsplit("/", 1)[-1] or self.bucket))
+            staging = _staging_for(dest)
+            try:
+                missing = [rel for rel in manifest if not self._download(bucket, _child(at, rel), staging / rel, uri)]
+                if missing and self._committed_at(bucket, base, uri) != where:
+                    continue  # a new version was committed and the old one removed meanwhile
+                if missing:
+                    raise StoreError(f"{uri}/{missing[0]} is listed in the manifest but missing; the artifact is "
+                                     "corrupted (write it again, e.g. rerun the stage that produced it)")
+                _verify_folder(staging, manifest, uri)
+                (staging / MANIFEST).write_bytes(manifest_bytes)
+                (staging / COMMIT_MARKER).write_bytes(b"ok\n")
+                out = _move_tree(staging, dest)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            if local_dir is None:
+                self._downloads[base] = (manifest_bytes, out)
+            return out
+        raise StoreError(f"{uri} kept changing while it was read (5 attempts); another process is "
+                         "rewriting it in a loop")
 
     def fetch(self, uri: str, local_dir: Path) -> Path:
         """Copy everything under an absolute URI (s3://any-bucket/prefix, or a local path)
@@ -798,6 +936,8 @@ class S3Store(_JsonMixin):
         if not keys:
             self._check_bucket(bucket, uri)
             raise StoreError(f"nothing to fetch under {uri}: check the URI (`aws s3 ls {uri}/`)")
+        if base and f"{listing}{COMMIT_MARKER}" in keys:  # one of our artifacts: its committed version
+            return self.get_dir(uri, local_dir)
         local_dir = Path(local_dir)
         staging = _staging_for(local_dir)
         try:

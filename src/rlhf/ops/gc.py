@@ -1,8 +1,8 @@
 """`rlhf gc`: remove what interrupted writes left in a run root, never a committed artifact.
 
 A crash, a preemption or a kill mid-write can leave, in a local folder or an S3 prefix:
-- staging folders (`.<name>.staging-<id>/`, `.<name>.old-<id>/`) and temp files (`.<name>.<random>.tmp`) of the
-  local store;
+- staging folders (`.<name>.staging-<id>/`, `.<name>.old-<id>/`), readers' views (`.<name>.view-<id>/`)
+  and temp files (`.<name>.<random>.tmp`) of the local store;
 - artifact folders whose upload never reached its commit marker (files and maybe a
   `MANIFEST.json`, no `_COMMITTED`), above all step checkpoints (`<stage>/checkpoints/
   step-N/`, with their DeepSpeed node parts `step-N.node-K/`) that a restarted stage
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from rlhf.adapters.store import COMMIT_MARKER, MANIFEST
 
 _STEP = re.compile(r"^(step-\d+)(\.node-\d+)?$")
-_STAGING = re.compile(r"^\..+\.(staging|old|partial)(-[0-9A-Za-z_]+)?$")
-"""The local store's staging folders of a write, and versions it moved aside to commit a new one."""
+_STAGING = re.compile(r"^\..+\.(staging|old|partial|view)(-[0-9A-Za-z_]+)?$")
+"""The local store's staging folders of a write, versions it moved aside to commit a new one,
+and the read-only views it hands readers (removed when their process exits; left by a kill)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ def _group_of(key: str, committed: set[str], manifested: set[str]) -> tuple[str,
             return None  # inside a committed artifact
     for i, part in enumerate(parts):
         if _STAGING.match(part) and i < len(parts) - 1:
+            if part.split(".")[-1].startswith("view"):
+                return "/".join(parts[:i + 1]), "reader's view left by a process that did not exit cleanly"
             return "/".join(parts[:i + 1]), "staging folder of an interrupted write"
     if parts[-1].startswith(".") and parts[-1].endswith(".tmp"):
         return key, "temp file of an interrupted write"
