@@ -40,12 +40,12 @@ def stand_ins(tmp_path_factory) -> dict:
 
 
 # ----------------------------------------------------------------------------- the MLflow outage scenario
-# tests/faults/test_mlflow_outage.py kills the MLflow server of its own stack for ten
+# tests/faults/test_service_outages.py kills the MLflow server of its own stack for ten
 # minutes mid-SFT (issue 14, acceptance 2). It spends those minutes waiting, so it starts
 # in the background as the session begins (when that test is selected), the other tests
 # run meanwhile, and the test itself runs last and reads the scenario's report.
 
-OUTAGE_TEST = "test_mlflow_outage.py"
+OUTAGE_TEST = "test_service_outages.py"
 _outage: dict = {}
 
 

@@ -204,6 +204,9 @@ def finish(preset: str, config_json: str, overrides: dict[str, Any], artifact_ro
         cfg = resolve_config(preset, config_json, overrides)
     except ConfigError:  # start failed on it: no parent run, nothing registered
         return {"parent_run_id": None, "state": state, "removed_versions": []}
+    from rlhf.train.faults import Faults
+
+    Faults.from_settings(settings).hold()  # outage tests take MLflow down here
     uri = tracking_uri_for(cfg, settings)
     store = open_store(join(artifact_root, run_name or kfp_run_id), settings)
     succeeded = state == "SUCCEEDED"

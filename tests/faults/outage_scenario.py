@@ -1,4 +1,5 @@
-"""Issue 14, acceptance 2: the MLflow server killed for 10 minutes mid-SFT, then restarted.
+"""Issue 14, acceptances 2 and 4: the MLflow server killed for 10 minutes mid-SFT, then
+restarted; later in the same run, SeaweedFS (the S3 server) killed mid-PPO and restarted.
 
     python tests/faults/outage_scenario.py WORKDIR [OUTAGE_S]
 
@@ -8,13 +9,16 @@ environment, artifacts in its S3) the tiny preset with SFT stretched to a few hu
 steps, paced by RLHF_FAULT_PACE_DIR (each step sleeps while WORKDIR/pace/slow exists,
 logging "stage step time"). At SFT step 3 the MLflow server is killed with SIGKILL; it
 is started again on the same port and database OUTAGE_S seconds later (default 600),
-and the pacing ends. The report (WORKDIR/report.json) holds the run's exit code and
-output tail, the kill and restart times, every paced step, and what the server holds
-afterwards: the sft run's `sft/loss` history and the pipeline's summary.
+and the pace drops to S3_PACE_S. At PPO update 1 SeaweedFS is killed (SIGKILL, as a
+crashed pod) and started again S3_DOWN_S later on its port and data; then the pacing
+ends. The report (WORKDIR/report.json) holds the run's exit code and output tail, the
+kill and restart times, every paced step, what the MLflow server holds afterwards (the
+sft run's `sft/loss` history, the champion's files) and the verification of every
+committed artifact of the run and its dataset.
 
-Run by tests/faults/test_mlflow_outage.py: the suite starts it in the background at the
-beginning of the session (tests/conftest.py), because it spends ten minutes waiting,
-and the test reads the report at the end.
+Run by tests/faults/test_service_outages.py: the suite starts it in the background at
+the beginning of the session (tests/conftest.py), because it spends ten minutes
+waiting, and the tests read the report at the end.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ from pathlib import Path
 PACE_S = 3.0
 """Seconds per SFT step while the outage lasts (about 200 steps in 10 minutes)."""
 KILL_AT_STEP = 3
+S3_PACE_S = 0.5
+"""Seconds per step after the MLflow outage, until SeaweedFS is back."""
+S3_DOWN_S = 10.0
 SETS = ["num_threads=1", "gate.min_decisive_win_rate=0.0", "tracking.registered_model=outage",
         "tracking.experiment=outage", "sft.max_epochs=20", "sft.patience=1000", "sft.checkpoint_every=20",
-        "sft.eval_every=20"]
+        "sft.eval_every=20", "ppo.updates=6"]
 
 
 def _steps(pace: Path) -> list[tuple[str, int, float]]:
@@ -46,6 +53,29 @@ def _steps(pace: Path) -> list[tuple[str, int, float]]:
         if len(parts) == 3:
             out.append((parts[0], int(parts[1]), float(parts[2])))
     return out
+
+
+def _verify_all(root, into: Path) -> dict[str, str]:
+    """Every committed artifact under `root` (the run and its dataset): "ok" when it
+    downloads and every file matches its manifest, else the error."""
+    out = {}
+    committed = sorted({k.rsplit("/", 1)[0] for k, _, _ in root.walk("") if k.endswith("/_COMMITTED")})
+    for i, prefix in enumerate(committed):
+        try:
+            root.get_dir(prefix, into / str(i))
+            out[prefix] = "ok"
+        except Exception as e:  # noqa: BLE001 - reported, the test shows it
+            out[prefix] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _champion_files(uri: str, into: Path) -> list[str]:
+    """The files of `models:/outage-policy@champion`, downloaded through the MLflow server."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts("models:/outage-policy@champion", dst_path=str(into)))
+    return sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
 
 
 def scenario(work: Path, outage_s: float) -> dict:
@@ -78,6 +108,16 @@ def scenario(work: Path, outage_s: float) -> dict:
             time.sleep(outage_s)
             stack.start_service("mlflow")
             report["restarted_at"] = time.time()
+            (pace / "slow").write_text(str(S3_PACE_S))
+            while not any(s == "ppo" and n >= 1 for s, n, _ in _steps(pace)):
+                if run.poll() is not None or time.monotonic() > deadline + 1800:
+                    raise RuntimeError(f"PPO never reached update 1 (run exit {run.poll()})")
+                time.sleep(0.2)
+            stack.stop_service("s3", kill=True)
+            report["s3_killed_at"] = time.time()
+            time.sleep(S3_DOWN_S)
+            stack.start_service("s3")
+            report["s3_restarted_at"] = time.time()
             (pace / "slow").unlink()
             report["returncode"] = run.wait(timeout=1800)
         text = (work / "run.log").read_text(errors="replace")
@@ -99,6 +139,8 @@ def scenario(work: Path, outage_s: float) -> dict:
         store = S3Store(output, stack.settings())
         report["summary"] = store.read_json("summary.json") if store.exists("summary.json") else None
         report["sft_result"] = store.read_json("sft/result.json") if store.exists("sft/result.json") else None
+        report["artifacts"] = _verify_all(S3Store("s3://rlhf/runs", stack.settings()), work / "verify")
+        report["champion_files"] = _champion_files(uri, work / "champion")
     finally:
         if "run" in locals() and run.poll() is None:  # interrupted: leave no pipeline running
             os.killpg(run.pid, signal.SIGTERM)

@@ -48,6 +48,9 @@ class Settings:
     """RLHF_FAULT_PROMOTE_BARRIER: race tests: promote waits (up to 10 min) until two
     processes have reached it through this folder, so two runs' evals both precede both
     promotions and one of them loses the race for `@champion`."""
+    fault_hold_finish: str | None = None
+    """RLHF_FAULT_HOLD_FINISH: outage tests: the exit task waits (up to 10 min) for
+    `<dir>/go` before it touches the registry, logging each attempt in `<dir>/attempts`."""
     image: str = "ghcr.io/rlhf-pipeline/rlhf:0.1.0"
     """RLHF_IMAGE: the training image the KFP components run in (read at compile time)."""
     retry_backoff: str = "30s"
@@ -148,6 +151,7 @@ class Settings:
             fault_term_at_step=int(term.rpartition(":")[2]) if term else None,
             fault_pace_dir=env.get("RLHF_FAULT_PACE_DIR") or None,
             fault_promote_barrier=env.get("RLHF_FAULT_PROMOTE_BARRIER") or None,
+            fault_hold_finish=env.get("RLHF_FAULT_HOLD_FINISH") or None,
             fault_term_stage=term.rpartition(":")[0] or None if term else None,
             image=env.get("RLHF_IMAGE") or cls.image,
             retry_backoff=env.get("RLHF_RETRY_BACKOFF") or cls.retry_backoff,

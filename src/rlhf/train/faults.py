@@ -14,6 +14,10 @@ seconds), each step ends with that sleep and a line "stage step unix-time" in
 
 `RLHF_FAULT_PROMOTE_BARRIER=D` holds promote until two processes have reached it
 (a file each in D): two concurrent runs then race for `@champion` every time.
+
+`RLHF_FAULT_HOLD_FINISH=D` holds the exit task (finish) before it touches the registry
+until `D/go` exists; each attempt appends a line to `D/attempts` first. A test takes the
+MLflow server down at exactly that moment.
 """
 
 from __future__ import annotations
@@ -38,11 +42,25 @@ class Faults:
     """Pace steps while `<pace_dir>/slow` exists (None: never)."""
     barrier_dir: str | None = None
     """Promote waits here for a second process (None: never)."""
+    hold_dir: str | None = None
+    """The exit task waits for `<hold_dir>/go` (None: never)."""
 
     @classmethod
     def from_settings(cls, settings) -> "Faults":
         return cls(settings.fault_kill_at_step, settings.fault_kill_stage, settings.fault_term_at_step,
-                   settings.fault_term_stage, settings.fault_pace_dir, settings.fault_promote_barrier)
+                   settings.fault_term_stage, settings.fault_pace_dir, settings.fault_promote_barrier,
+                   settings.fault_hold_finish)
+
+    def hold(self, timeout_s: float = 600.0) -> None:
+        if self.hold_dir is None:
+            return
+        folder = Path(self.hold_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "attempts", "a") as f:
+            f.write(f"{os.getpid()} {time.time():.3f}\n")
+        deadline = time.monotonic() + timeout_s
+        while not (folder / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def barrier(self, timeout_s: float = 600.0) -> None:
         if self.barrier_dir is None:
