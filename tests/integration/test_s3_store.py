@@ -378,10 +378,13 @@ def test_conditional_writes_and_a_lease_on_s3(s3_store):
     from rlhf.adapters.lease import Lease
 
     assert s3_store.read_versioned("cas") is None
-    assert s3_store.write_if("cas", b"1", None) and not s3_store.write_if("cas", b"2", None)
+    first = s3_store.write_if("cas", b"1", None)
+    assert first and s3_store.write_if("cas", b"2", None) is None
     data, etag = s3_store.read_versioned("cas")
-    assert data == b"1" and not s3_store.write_if("cas", b"3", '"0000"')
-    assert s3_store.write_if("cas", b"4", etag) and not s3_store.write_if("cas", b"5", etag)
+    assert data == b"1" and etag == first  # the token a write returns is the one a read sees
+    assert s3_store.write_if("cas", b"3", '"0000"') is None
+    assert s3_store.write_if("cas", b"4", etag) == s3_store.read_versioned("cas")[1]
+    assert s3_store.write_if("cas", b"5", etag) is None
     a, b = Lease(s3_store, "x.lease", "run-a"), Lease(s3_store, "x.lease", "run-b")
     assert a.try_acquire() and not b.try_acquire()
     a.release()

@@ -17,9 +17,10 @@ from rlhf.adapters.store import LocalStore
 def test_write_if_is_a_compare_and_swap(tmp_path):
     store = LocalStore(tmp_path)
     assert store.read_versioned("a") is None
-    assert store.write_if("a", b"1", None) and not store.write_if("a", b"2", None)
+    first = store.write_if("a", b"1", None)
+    assert first and store.write_if("a", b"2", None) is None
     data, token = store.read_versioned("a")
-    assert data == b"1"
+    assert data == b"1" and token == first  # the token a write returns is the one a read sees
     assert not store.write_if("a", b"3", "stale-token")
     assert store.write_if("a", b"4", token) and store.read_bytes("a") == b"4"
     assert not store.write_if("a", b"5", token)  # the token was consumed by the swap

@@ -62,9 +62,9 @@ class Lease:
             if not free:
                 return False
         token = current[1] if current else None
-        if not self.store.write_if(self.key, self._record(), token):
+        self._token = self.store.write_if(self.key, self._record(), token)
+        if self._token is None:
             return False
-        self._token = self.store.read_versioned(self.key)[1]
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{self.key}", daemon=True)
         self._thread.start()
@@ -100,11 +100,9 @@ class Lease:
                 return
 
     def _swap(self, record: bytes) -> bool:
-        if self._token is None or not self.store.write_if(self.key, record, self._token):
-            return False
-        current = self.store.read_versioned(self.key)
-        self._token = current[1] if current else None
-        return True
+        if self._token is not None:
+            self._token = self.store.write_if(self.key, record, self._token)
+        return self._token is not None
 
     def release(self) -> None:
         self._stop.set()

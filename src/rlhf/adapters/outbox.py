@@ -102,11 +102,19 @@ class Outbox:
             self._save(pending)  # the server is away: keep them where a crash cannot lose them
             self.check()
 
+    def replay(self, metrics: list) -> None:
+        """Queue metrics an earlier attempt saved in the store: they stay there until
+        delivered (a crash now loses nothing), then the spool is cleared."""
+        self._spooled = True
+        self.put(metrics)
+
     def check(self) -> None:
-        waited = time.monotonic() - self.outage if self.outage is not None else 0.0
+        with self._cond:
+            outage, waiting = self.outage, len(self._pending)
+        waited = time.monotonic() - outage if outage is not None else 0.0
         if waited > self.tolerance_s:
             raise outage_error(self.tracking_uri, waited, self.tolerance_s,
-                               f"{len(self._pending)} metrics are undelivered and saved in the run's store")
+                               f"{waiting} metrics are undelivered and saved in the run's store")
 
     def drain(self, timeout_s: float | None = None) -> bool:
         """Wait until everything queued is delivered (at most `timeout_s`, default: the

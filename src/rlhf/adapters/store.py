@@ -5,7 +5,10 @@ complete only once its commit marker (``_COMMITTED``) exists: writers put every 
 first, then ``MANIFEST.json`` ({relative path: sha256}), and the marker last; readers
 refuse prefixes without it and check every file against the manifest. A crash
 mid-write therefore never leaves something that looks complete, and a flipped bit in
-storage is caught before a model is loaded from it.
+storage is caught before a model is loaded from it. Writing over a committed artifact
+never removes it before the new version is committed (a local rename; on S3 a version
+beside it and a conditional switch of the marker), and `get_dir` hands a reader a view
+that no later commit changes.
 
 `LocalStore` is a folder; `S3Store` is a bucket prefix (AWS S3 or any S3-compatible
 server such as SeaweedFS or MinIO). Both have the same methods, plus `fetch` for
@@ -71,7 +74,7 @@ class ArtifactStore(Protocol):
     def fetch(self, uri: str, local_dir: Path) -> Path: ...
     def walk(self, prefix: str = "") -> Iterator[tuple[str, float, int]]: ...
     def read_versioned(self, key: str) -> tuple[bytes, str] | None: ...
-    def write_if(self, key: str, data: bytes, expected: str | None) -> bool: ...
+    def write_if(self, key: str, data: bytes, expected: str | None) -> str | None: ...
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -315,10 +318,11 @@ class LocalStore(_JsonMixin):
             return None
         return data, hashlib.sha256(data).hexdigest()
 
-    def write_if(self, key: str, data: bytes, expected: str | None) -> bool:
+    def write_if(self, key: str, data: bytes, expected: str | None) -> str | None:
         """Compare-and-swap: write only if the object's version is still `expected` (None:
-        only if it does not exist); False when another writer came first. Processes on
-        one machine are serialised by a lock file beside the object."""
+        only if it does not exist). Returns the new version token, or None when another
+        writer came first. Processes on one machine are serialised by a lock file beside
+        the object."""
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         with open(p.with_name(f".{p.name}.lock"), "a") as lock:
@@ -326,9 +330,9 @@ class LocalStore(_JsonMixin):
             try:
                 current = self.read_versioned(key)
                 if (current[1] if current else None) != expected:
-                    return False
+                    return None
                 self.write_bytes(key, data)
-                return True
+                return hashlib.sha256(data).hexdigest()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -752,20 +756,20 @@ class S3Store(_JsonMixin):
                 raise
             return got["Body"].read(), got["ETag"]
 
-    def write_if(self, key: str, data: bytes, expected: str | None) -> bool:
+    def write_if(self, key: str, data: bytes, expected: str | None) -> str | None:
         """Compare-and-swap by S3 conditional writes: If-Match on the expected ETag, or
-        If-None-Match: * for "only if absent" (AWS S3, SeaweedFS, MinIO); False when
-        another writer came first (412 Precondition Failed, 409 conflict)."""
+        If-None-Match: * for "only if absent" (AWS S3, SeaweedFS, MinIO). Returns the new
+        ETag, or None when another writer came first (412 Precondition Failed, 409)."""
         bucket, obj = self._locate(key)
         condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
         with self._errors(self.uri(key), bucket):
             try:
-                self.client.put_object(Bucket=bucket, Key=obj, Body=data, **condition)
+                put = self.client.put_object(Bucket=bucket, Key=obj, Body=data, **condition)
             except Exception as e:
                 if _error_code(e) in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
-                    return False
+                    return None
                 raise
-        return True
+        return put["ETag"]
 
     def _delete_keys(self, bucket: str, keys: list[str], uri: str) -> None:
         """In batches of DELETE_BATCH keys (the most one DeleteObjects request takes)."""

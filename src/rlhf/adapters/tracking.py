@@ -9,17 +9,34 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from rlhf.adapters.outbox import Outbox, outage_error, tolerant
+from rlhf.adapters.outbox import Outbox, answers, outage_error, tolerant
 from rlhf.config import flatten
 from rlhf.redaction import display_uri, redact
 
 
 FLUSH_SECONDS = 10.0
 """Metrics reach MLflow at most this long after they are logged."""
+
+
+@contextlib.contextmanager
+def _client_env(**values: str) -> Iterator[None]:
+    """The MLflow client reads its HTTP retry settings from the environment per request."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _pip_requirements() -> list[str]:
@@ -220,7 +237,8 @@ class MLflowTracker:
             run_id=resume_id, run_name=None if resume_id else name,
             experiment_id=None if resume_id else self.experiment_id, nested=bool(parent),
             parent_run_id=parent if not resume_id else None, log_system_metrics=False), f"starting the {name} run")
-        with run:
+        ended_ok = False
+        try:
             self.run_id = run.info.run_id
             if store is not None and not resume_id:
                 store.write_bytes(key, self.run_id.encode())
@@ -233,6 +251,27 @@ class MLflowTracker:
                 ok = True
             finally:
                 self._close_outbox(ok)
+            ended_ok = True
+        finally:
+            self._end_run(name, ended_ok)
+
+    def _end_run(self, name: str, ok: bool) -> None:
+        """FINISHED or FAILED. A failing stage (a preempted pod within its grace period)
+        does not wait for a server that does not answer: the run stays RUNNING, and the
+        retry resumes it or the exit task marks it FAILED."""
+        status = "FINISHED" if ok else "FAILED"
+        if ok or not self.tracking_uri.startswith(("http://", "https://")) or answers(self.tracking_uri):
+            self.mlflow.end_run(status)
+            return
+        # end_run leaves this process's active run first, then asks the server: with the
+        # client's retries off that ask fails at once instead of after minutes
+        with _client_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"):
+            try:
+                self.mlflow.end_run(status)
+            except Exception:  # noqa: BLE001 - the server is away; said below
+                print(f"tracking: the MLflow server at {display_uri(self.tracking_uri)} does not answer; the {name} "
+                      "run stays RUNNING (a retry resumes it, the exit task marks it FAILED)", file=sys.stderr,
+                      flush=True)
 
     def _log_start(self, name: str, params: dict[str, Any], resumed: bool) -> None:
         if resumed:
@@ -267,8 +306,7 @@ class MLflowTracker:
         if store is not None and store.exists(spool_key):
             waiting = [Metric(k, v, ts, step) for k, v, ts, step in json.loads(store.read_bytes(spool_key))]
             print(f"tracking: replaying {len(waiting)} metrics an earlier attempt could not deliver", flush=True)
-            self._outbox._spooled = True
-            self._outbox.put(waiting)
+            self._outbox.replay(waiting)
 
     def _close_outbox(self, ok: bool) -> None:
         """Deliver what waits: through an outage up to the tolerance when the stage
