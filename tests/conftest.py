@@ -39,45 +39,70 @@ def stand_ins(tmp_path_factory) -> dict:
     return {arch: build_stand_in(root / arch, arch) for arch in ("qwen2", "llama")}
 
 
-# ----------------------------------------------------------------------------- the MLflow outage scenario
+# ----------------------------------------------------------------------------- the service outage scenario
 # tests/faults/test_service_outages.py kills the MLflow server of its own stack for ten
-# minutes mid-SFT (issue 14, acceptance 2). It spends those minutes waiting, so it starts
-# in the background as the session begins (when that test is selected), the other tests
-# run meanwhile, and the test itself runs last and reads the scenario's report.
+# minutes mid-SFT, and SeaweedFS later (issue 14, acceptances 2 and 4). It spends those
+# minutes waiting, so it starts in the background as the session begins (when that test
+# is selected), the other tests run meanwhile, and the test itself runs last and reads
+# the scenario's report. Under pytest-xdist every worker collects it: the first one to
+# claim the run's folder starts it, and the test (on whichever worker) waits for the
+# report there.
 
 OUTAGE_TEST = "test_service_outages.py"
 _outage: dict = {}
 
 
+def _outage_dir(config) -> Path:
+    import tempfile
+    import uuid
+
+    uid = getattr(config, "workerinput", {}).get("testrunuid")
+    if uid is None:  # no xdist: this process is the whole session
+        uid = _outage.setdefault("uid", uuid.uuid4().hex)
+    return Path(tempfile.gettempdir()) / f"rlhf-outage-{uid}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook reports this worker's order to the scheduler
 def pytest_collection_finish(session):
     selected = [item for item in session.items if item.path.name == OUTAGE_TEST]
     if not selected:
         return
     session.items[:] = [item for item in session.items if item.path.name != OUTAGE_TEST] + selected
+    work = _outage_dir(session.config)
+    _outage["work"] = work
+    try:
+        work.mkdir()  # the first process of the session to get here starts the scenario
+    except FileExistsError:
+        return
     import subprocess
-    import tempfile
 
-    work = Path(tempfile.mkdtemp(prefix="rlhf-outage-"))
     seconds = os.environ.get("RLHF_TEST_OUTAGE_S", "600")
     log = open(work / "scenario.log", "w")
-    _outage.update(work=work, log=log, proc=subprocess.Popen(
+    _outage.update(log=log, proc=subprocess.Popen(
         [sys.executable, str(Path(__file__).parent / "faults" / "outage_scenario.py"), str(work), seconds],
         stdout=log, stderr=subprocess.STDOUT))
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish(session, exitstatus):
     proc = _outage.get("proc")
-    if proc is not None and proc.poll() is None:  # interrupted or failed early: stop it (it stops its stack)
-        proc.terminate()
+    if proc is None or proc.poll() is not None:
+        return
+    if exitstatus != pytest.ExitCode.INTERRUPTED:  # another worker may still wait for its report
         try:
-            proc.wait(timeout=120)
+            proc.wait(timeout=1800)
+            return
         except Exception:  # noqa: BLE001
-            proc.kill()
+            pass
+    proc.terminate()  # interrupted: stop it (it stops its stack)
+    try:
+        proc.wait(timeout=120)
+    except Exception:  # noqa: BLE001
+        proc.kill()
 
 
 @pytest.fixture(scope="session")
 def outage_scenario() -> dict:
-    """The background scenario: {"work": folder, "proc": the process}."""
-    if "proc" not in _outage:
+    """The background scenario: {"work": its folder (report.json appears there when it ends)}."""
+    if "work" not in _outage:
         pytest.fail("the outage scenario was not started (tests/conftest.py starts it at collection)")
     return _outage

@@ -183,4 +183,6 @@ def test_stages_take_swapped_adapters(tmp_path):
     assert tracker.params["sft"]["batch_size"] == cfg.sft.batch_size
     losses = [m["sft/loss"] for _, m in tracker.metrics if "sft/loss" in m]
     assert len(losses) == result["steps"]
-    assert tracker.models["policy"].endswith("sft/model")
+    logged = Path(tracker.models["policy"])  # the committed sft/model, as a reader's view of it
+    assert logged.parent == tmp_path / "sft" and logged.name.startswith(".model.view-")
+    assert (logged / "model.safetensors").read_bytes() == (tmp_path / "sft/model/model.safetensors").read_bytes()

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 TINY = ["--preset", "tiny", "--set", "num_threads=1",
-        "--set", "sft.max_epochs=4", "--set", "sft.patience=100", "--set", "sft.checkpoint_every=5",
+        "--set", "sft.max_epochs=2", "--set", "sft.patience=100", "--set", "sft.checkpoint_every=5",
         "--set", "reward.epochs=2", "--set", "reward.checkpoint_every=5",
         "--set", "ppo.updates=6", "--set", "ppo.checkpoint_every=2",
         "--set", "tracking.log_models=false"]
