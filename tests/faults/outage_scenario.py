@@ -123,6 +123,7 @@ def scenario(work: Path, outage_s: float) -> dict:
         text = (work / "run.log").read_text(errors="replace")
         report["run_log_tail"] = text[-6000:]
         report["tracking_messages"] = [line.strip() for line in text.splitlines() if "tracking: " in line][:50]
+        report["store_messages"] = [line.strip() for line in text.splitlines() if "store: S3 at" in line][:50]
         report["steps"] = _steps(pace)
         uri = stack.env()["MLFLOW_TRACKING_URI"]
         client = mlflow.MlflowClient(uri)

@@ -51,6 +51,8 @@ class FakeS3:
                     return
                 status, body = (200, action[1]) if action[0] == "ok" else (action[1], _error_xml(action[0]))
                 self.send_response(status)
+                if self.command == "PUT" and status == 200:
+                    self.send_header("ETag", '"d41d8cd98f00b204e9800998ecf8427e"')
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Content-Type", "application/xml")
                 self.end_headers()
@@ -92,10 +94,11 @@ def no_backoff(monkeypatch):
     return delays
 
 
-def _store(url: str, attempts: int = 5, **kw) -> S3Store:
+def _store(url: str, attempts: int = 5, outage_s: float = 0, **kw) -> S3Store:
+    """outage_s 0: botocore's retries only (RLHF_S3_OUTAGE_TOLERANCE_S is tested on its own below)."""
     settings = Settings.from_env({
         "AWS_ENDPOINT_URL_S3": url, "AWS_ACCESS_KEY_ID": "fake-key", "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_REGION": "us-east-1", "RLHF_S3_MAX_ATTEMPTS": str(attempts)})
+        "AWS_REGION": "us-east-1", "RLHF_S3_MAX_ATTEMPTS": str(attempts), "RLHF_S3_OUTAGE_TOLERANCE_S": str(outage_s)})
     return S3Store("s3://b/root", settings, **kw)
 
 
@@ -186,6 +189,28 @@ def test_unreachable_endpoint_says_which_variable(no_backoff):
     with pytest.raises(StoreError, match="cannot reach S3.*AWS_ENDPOINT_URL_S3"):
         _store(f"http://127.0.0.1:{port}", attempts=2).read_bytes("k")
     assert len(no_backoff) == 1  # connection errors are retried too
+
+
+def test_a_server_that_does_not_answer_is_waited_for_up_to_the_outage_tolerance(fake, no_backoff, monkeypatch,
+                                                                                 capsys):
+    """A restarting S3 pod drops or refuses connections for longer than botocore's few
+    quick attempts: the request keeps trying (1, 2, 4, then 5 s apart) until the server
+    answers, within RLHF_S3_OUTAGE_TOLERANCE_S, and says so once."""
+    import rlhf.adapters.store as store_mod
+
+    waits: list[int] = []
+    monkeypatch.setattr(store_mod, "_outage_delay", lambda attempts: waits.append(attempts) or 0.01)
+    fake.script = [("drop",)] * 6 + [("ok", b"payload")]
+    assert _store(fake.url, attempts=2, outage_s=60).read_bytes("k") == b"payload"  # 7 requests, not 2
+    assert len(fake.requests) == 7 and waits == [1, 2, 3, 4, 5, 6]
+    said = capsys.readouterr().err
+    assert said.count("does not answer") == 1 and "retrying for up to 60 s (RLHF_S3_OUTAGE_TOLERANCE_S)" in said
+    # past the tolerance the request fails with the reason
+    monkeypatch.setattr(store_mod, "_outage_delay", lambda attempts: 0.3)
+    fake.script, fake.requests = [("drop",)] * 100, []
+    with pytest.raises(StoreError, match=r"cannot reach S3 .* after 2 attempts and 1 s"):
+        _store(fake.url, attempts=2, outage_s=1).read_bytes("k")
+    assert 3 <= len(fake.requests) <= 8
 
 
 # ----------------------------------------------------------------------------- config

@@ -67,6 +67,10 @@ class Settings:
     s3_max_attempts: int = 8
     """RLHF_S3_MAX_ATTEMPTS: attempts per S3 request (first try included) for throttling
     (503 SlowDown, 429) and dropped connections; access errors are never retried."""
+    s3_outage_tolerance_s: float = 120.0
+    """RLHF_S3_OUTAGE_TOLERANCE_S: how long a request keeps retrying while the S3 server
+    does not answer at all (refused or timed-out connections: a restarting SeaweedFS or
+    MinIO pod) before the stage fails; 0 leaves only the RLHF_S3_MAX_ATTEMPTS retries."""
     artifact_root: str | None = None
     """RLHF_ARTIFACT_ROOT: where pipeline runs put their artifacts, a local folder or
     s3://bucket/prefix; None means a folder under `home`."""
@@ -159,6 +163,7 @@ class Settings:
             error_file=env.get("RLHF_ERROR_FILE") or None,
             aws_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
             s3_max_attempts=_positive_int(env, "RLHF_S3_MAX_ATTEMPTS", 8),
+            s3_outage_tolerance_s=_seconds(env, "RLHF_S3_OUTAGE_TOLERANCE_S", 120.0),
             artifact_root=env.get("RLHF_ARTIFACT_ROOT") or None,
             stack_dir=Path(env["RLHF_STACK_DIR"]).expanduser() if env.get("RLHF_STACK_DIR") else None,
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
@@ -191,6 +196,19 @@ def _positive_int(env: dict[str, str], name: str, default: int) -> int:
         value = 0
     if value < 1:
         raise ValueError(f"{name}={raw!r}: expected a whole number >= 1 (unset it for the default {default})")
+    return value
+
+
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name}={raw!r}: expected seconds >= 0 (unset it for the default {default:g})")
     return value
 
 

@@ -26,7 +26,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -545,6 +547,11 @@ _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimi
                    "TooManyRequests", "TooManyRequestsException", "RequestTimeout", "429", "503"}
 
 
+def _outage_delay(attempts: int) -> float:
+    """Seconds before the next try while the S3 server does not answer: 1, 2, 4, then 5."""
+    return min(0.5 * 2 ** min(attempts, 4), 5.0)
+
+
 def _client_error(exc: BaseException):
     """The botocore ClientError behind `exc`, if any. boto3's upload_file re-raises a
     ClientError as S3UploadFailedError with only a message, so follow the chain."""
@@ -618,6 +625,9 @@ class S3Store(_JsonMixin):
             multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize,
             max_concurrency=max_concurrency, preferred_transfer_client="classic")
         self.list_page_size = 1000  # keys per ListObjectsV2 page (S3's maximum); tests shrink it
+        self._outage_said = False
+        if self.settings.s3_outage_tolerance_s > 0:  # decides before botocore's own handler (first answer wins)
+            self.client.meta.events.register_first("needs-retry.s3", self._through_outage)
         self._checked_buckets: set[str] = set()
         self._scratch: Path | None = None
         self._downloads: dict[str, tuple[bytes, Path]] = {}
@@ -643,6 +653,26 @@ class S3Store(_JsonMixin):
 
     # -- errors
 
+    def _through_outage(self, attempts: int, caught_exception=None, request_dict=None, **_) -> float | None:
+        """botocore's retry hook: while the server does not answer at all (a restarting
+        pod refuses or times out connections), retry the request for up to
+        `s3_outage_tolerance_s`, backing off to 5 s; botocore's own few quick attempts
+        would give up within seconds. None leaves the decision to botocore."""
+        from botocore.exceptions import ConnectionError, HTTPClientError
+
+        if not isinstance(caught_exception, (ConnectionError, HTTPClientError)) or request_dict is None:
+            return None
+        began = request_dict.setdefault("context", {}).setdefault("rlhf_outage_began", time.monotonic())
+        left = self.settings.s3_outage_tolerance_s - (time.monotonic() - began)
+        if left <= 0:
+            return None
+        if not self._outage_said:
+            self._outage_said = True
+            print(f"store: S3 at {self.endpoint or 'AWS S3'} does not answer ({type(caught_exception).__name__}); "
+                  f"retrying for up to {self.settings.s3_outage_tolerance_s:g} s (RLHF_S3_OUTAGE_TOLERANCE_S)",
+                  file=sys.stderr, flush=True)
+        return min(_outage_delay(attempts), left)
+
     def _translate(self, exc: BaseException, uri: str, bucket: str) -> StoreError:
         from botocore.exceptions import (ConnectionError, HTTPClientError, NoCredentialsError,
                                          PartialCredentialsError)
@@ -665,8 +695,8 @@ class S3Store(_JsonMixin):
                               "RLHF_S3_MAX_ATTEMPTS")
         if isinstance(exc, (ConnectionError, HTTPClientError)):
             return StoreError(f"{uri}: cannot reach S3 at {where} after {self.settings.s3_max_attempts} attempts "
-                              f"({type(exc).__name__}): check AWS_ENDPOINT_URL_S3 and that the server is up "
-                              "(`rlhf stack status` for the local stack)")
+                              f"and {self.settings.s3_outage_tolerance_s:g} s ({type(exc).__name__}): check "
+                              "AWS_ENDPOINT_URL_S3 and that the server is up (`rlhf stack status` for the local stack)")
         detail = str(_client_error(exc) or exc)
         return StoreError(f"{uri}: S3 request to {where} failed: {detail}")
 
@@ -769,6 +799,9 @@ class S3Store(_JsonMixin):
                 if _error_code(e) in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
                     return None
                 raise
+        if not put.get("ETag"):
+            raise StoreError(f"{self.uri(key)}: S3 at {self.endpoint or 'AWS S3'} returned no ETag for a conditional "
+                             "write; use an S3 server with conditional writes (AWS S3, SeaweedFS, MinIO)")
         return put["ETag"]
 
     def _delete_keys(self, bucket: str, keys: list[str], uri: str) -> None:
