@@ -45,16 +45,50 @@ def default_output(cfg_name: str, settings: Settings) -> str:
     return f"{root.rstrip('/')}/{cfg_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[str, str] | None = None) -> dict:
+STEP_LOG = "pipeline.log"
+"""Every step's log (kfp.local's executor output, the steps' own lines), in the run folder."""
+
+
+def step_log_path(output: str, settings: Settings) -> Path:
+    """Where `rlhf run` writes the steps' log while it runs: in a local run folder itself;
+    for an s3:// run folder under RLHF_HOME, copied to the run folder at the end."""
+    artifact_root, run_name = split_output(output)
+    if artifact_root.startswith("s3://"):
+        return settings.home.resolve() / ".kfp" / "logs" / f"{run_name}-{os.getpid()}.log"
+    return Path(artifact_root) / run_name / STEP_LOG
+
+
+def run_local(cfg: PipelineConfig, output: str, settings: Settings, env: dict[str, str] | None = None,
+              output_mode: str = "verbose") -> dict:
     """Run the whole DAG; return the run's summary. Raises PipelineFailed with the failing
-    step's own error when a step fails (after the exit handler has run)."""
-    from rlhf.pipelines import rlhf_pipeline
+    step's own error when a step fails (after the exit handler has run).
+
+    `output_mode`: "verbose" streams every step's log here; "progress" writes it to
+    `step_log_path` and prints a line per finished step; "quiet" only writes it."""
     from rlhf.adapters.store import open_store
 
     artifact_root, run_name = split_output(output)
     store = open_store(f"{artifact_root}/{run_name}", settings)
     if store.exists("pipeline.json"):
         raise PipelineFailed(f"{store.uri('')} already holds a pipeline run; choose a new --output")
+    if output_mode == "verbose":
+        return _run_dag(cfg, store, artifact_root, run_name, settings, env)
+    from rlhf.pipelines.local.steplog import step_log
+
+    log = step_log_path(output, settings)
+    try:
+        with step_log(log, progress=output_mode == "progress"):
+            return _run_dag(cfg, store, artifact_root, run_name, settings, env)
+    finally:
+        if artifact_root.startswith("s3://") and log.is_file():
+            with contextlib.suppress(Exception):  # the run's own outcome matters more than its log's copy
+                store.write_bytes(STEP_LOG, log.read_bytes())
+
+
+def _run_dag(cfg: PipelineConfig, store, artifact_root: str, run_name: str, settings: Settings,
+             env: dict[str, str] | None) -> dict:
+    from rlhf.pipelines import rlhf_pipeline
+
     with local_runner(cfg, settings, env) as error_file:
         try:
             rlhf_pipeline(preset="", config_json=cfg.model_dump_json(), artifact_root=artifact_root,

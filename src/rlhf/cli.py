@@ -1,6 +1,6 @@
 """`rlhf` command line.
 
-    rlhf run [--preset P] [--config F] [--set k=v ...] [--output DIR|s3://...] [--stack]
+    rlhf run [--preset P] [--config F] [--set k=v ...] [--output DIR|s3://...] [--stack] [--quiet|--verbose]
     rlhf stage prep|sft|reward|ppo|eval|all [--preset P] [--config F] [--set k=v ...] [--output DIR] [--quiet]
     rlhf config show [--preset P] [--config F] [--set k=v ...]
     rlhf compile [--pipeline rlhf|experiment] [--output pipeline.yaml] [--profile F [--preset P] [--config F] [--set k=v ...]]
@@ -81,7 +81,7 @@ def _cmd_stage(args, cfg: PipelineConfig, settings: Settings) -> int:
 
 def _cmd_run(args, cfg: PipelineConfig, settings: Settings) -> int:
     """The whole DAG through kfp.local (embedded default, or the local stack with --stack)."""
-    from rlhf.pipelines.local import default_output, run_local, summary_lines
+    from rlhf.pipelines.local import default_output, run_local, step_log_path, summary_lines
     from rlhf.adapters.tracking import tracking_uri_for
 
     env: dict[str, str] = {}
@@ -93,8 +93,13 @@ def _cmd_run(args, cfg: PipelineConfig, settings: Settings) -> int:
         env = stack.env()
         settings = Settings.from_env({**os.environ, **env})
     output = args.output or default_output(args.preset or "run", settings)
+    mode = "verbose" if args.verbose else "quiet" if args.quiet else "progress"
     print(f"running the pipeline through kfp.local; artifacts in {output}", flush=True)
-    summary = run_local(cfg, output, settings, env)
+    if mode != "verbose":
+        log = step_log_path(output, settings)
+        copied = f" (copied to {output.rstrip('/')}/pipeline.log at the end)" if output.startswith("s3://") else ""
+        print(f"step logs: {log}{copied}; --verbose shows them here", flush=True)
+    summary = run_local(cfg, output, settings, env, output_mode=mode)
     print("\n".join(summary_lines(summary, output, tracking_uri_for(cfg, settings))))
     return 0
 
@@ -265,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
                          "$RLHF_HOME, plus <preset>-<time>.")
     pr.add_argument("--stack", action="store_true",
                     help="Start (if needed) and use the local stack: SeaweedFS S3 + mlflow server.")
+    shown = pr.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true",
+                       help="Print only the summary (and a failing step's error); the steps' logs go to the run "
+                            "folder's pipeline.log.")
+    shown.add_argument("--verbose", action="store_true",
+                       help="Stream every step's log (kfp.local's executor output) here as it runs. By default they "
+                            "go to the run folder's pipeline.log and a line per finished step is printed.")
 
     ps = sub.add_parser("stage", help="Run one pipeline stage (no KFP).")
     from rlhf.stages.table import STAGES

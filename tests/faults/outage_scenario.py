@@ -120,7 +120,13 @@ def scenario(work: Path, outage_s: float) -> dict:
             report["s3_restarted_at"] = time.time()
             (pace / "slow").unlink()
             report["returncode"] = run.wait(timeout=1800)
+        from rlhf.adapters.store import S3Store
+
+        store = S3Store(output, stack.settings())
+        # the command's output, then every step's log (`rlhf run` keeps those in the run folder)
         text = (work / "run.log").read_text(errors="replace")
+        if store.exists("pipeline.log"):
+            text += store.read_bytes("pipeline.log").decode(errors="replace")
         report["run_log_tail"] = text[-6000:]
         report["tracking_messages"] = [line.strip() for line in text.splitlines() if "tracking: " in line][:50]
         report["store_messages"] = [line.strip() for line in text.splitlines() if "store: S3 at" in line][:50]
@@ -135,9 +141,6 @@ def scenario(work: Path, outage_s: float) -> dict:
             history = client.get_metric_history(sft[0].info.run_id, "sft/loss")
             report["sft_loss_history"] = [[m.step, m.timestamp, m.value] for m in history]
             report["sft_status"] = sft[0].info.status
-        from rlhf.adapters.store import S3Store
-
-        store = S3Store(output, stack.settings())
         report["summary"] = store.read_json("summary.json") if store.exists("summary.json") else None
         report["sft_result"] = store.read_json("sft/result.json") if store.exists("sft/result.json") else None
         report["artifacts"] = _verify_all(S3Store("s3://rlhf/runs", stack.settings()), work / "verify")

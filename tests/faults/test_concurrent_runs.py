@@ -53,6 +53,7 @@ def two_runs(local_stack, tmp_path_factory):
         assert out[key]["rc"] == 0, (key, out[key]["stdout"][-3000:], out[key]["stderr"][-3000:])
         store = S3Store(f"{root}/{key}", settings)
         out[key]["summary"] = store.read_json("summary.json")
+        out[key]["log"] = store.read_bytes("pipeline.log").decode(errors="replace")  # every step's log
         out[key]["promote"] = store.read_json("promote/result.json")
     return {"root": root, "name": name, "runs": out, "settings": settings,
             "tracking_uri": local_stack.env()["MLFLOW_TRACKING_URI"]}
@@ -60,8 +61,8 @@ def two_runs(local_stack, tmp_path_factory):
 
 def test_both_complete_and_the_data_is_prepared_once(two_runs):
     runs = two_runs["runs"]
-    prepared = [k for k, r in runs.items() if '"prepared_here": true' in r["stdout"] + r["stderr"]]
-    reused = [k for k, r in runs.items() if '"prepared_here": false' in r["stdout"] + r["stderr"]]
+    prepared = [k for k, r in runs.items() if '"prepared_here": true' in r["log"]]
+    reused = [k for k, r in runs.items() if '"prepared_here": false' in r["log"]]
     assert len(prepared) == 1 and len(reused) == 1, (prepared, reused)
     datasets = S3Store(f"{two_runs['root']}/_datasets", two_runs["settings"]).list_dirs("")
     assert len(datasets) == 1  # one content key, committed once

@@ -33,7 +33,7 @@ def test_sigterm_mid_ppo_checkpoints_retries_and_resumes_without_loss(tmp_path):
     r = rlhf(tmp_path / "home", "run", "--preset", "tiny", *sets, "--output", str(run),
              env_extra={"RLHF_FAULT_TERM_AT_STEP": "ppo:2"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    log = r.stdout + r.stderr
+    log = (run / "pipeline.log").read_text()  # every step's log (rlhf run prints a line per step)
     assert "ppo: SIGTERM: stopped after step 2 of 4 and checkpointed it; exiting with 143" in log
     ppo = json.loads((run / "ppo" / "result.json").read_text())
     assert ppo["resumed_from"] == 2 and ppo["updates"] == 4  # the retry lost no update

@@ -82,6 +82,7 @@ def test_a_failing_step_s_error_carries_no_password(env, tmp_path):
              "--set", f"data.preference_path=https://alice:{PW}@data.example.com/prefs.jsonl")
     assert r.returncode == 1 and "step 'start' failed" in r.stderr and "data.example.com" in r.stderr
     assert_clean(r.stdout, r.stderr)
+    assert "start-run" in (run / "pipeline.log").read_text()  # the steps' log is among what is searched
     for path in run.rglob("*"):  # whatever the run left (its error record, logs, summaries)
         if path.is_file() and path.stat().st_size < 10_000_000:
             assert_clean(path.read_text(errors="replace"))

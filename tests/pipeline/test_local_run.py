@@ -74,13 +74,19 @@ def test_first_run_is_promoted(home, first):
     assert {"sft", "reward", "ppo", "eval", "promote", "total"} <= set(summary["wall_s"])
     assert champion(home) == "1"
     assert "promoted: true" in r.stdout and "MLflow UI: mlflow ui --backend-store-uri sqlite:///" in r.stdout
+    assert f"step logs: {home / 'run1' / 'pipeline.log'}" in r.stdout
+    assert len(r.stdout.splitlines()) < 40  # a line per step and the summary, not the executor JSON
 
 
 def test_killed_ppo_task_resumed_from_its_checkpoint(home, first):
     r, _ = first
     ppo = json.loads((home / "run1" / "ppo" / "result.json").read_text())
     assert ppo["resumed_from"] == 2 and ppo["updates"] == 3  # continued at 2, not restarted at 0
-    assert r.stdout.count("Executing task \x1b[96m'train-ppo'") == 2 or r.stdout.count("'train-ppo'") >= 2
+    # one line per finished step on the terminal, the killed attempt included; every step's log in the run folder
+    assert "  train-ppo: failure (" in r.stdout and "  train-ppo: success (" in r.stdout, r.stdout
+    assert "Executing task" not in r.stdout + r.stderr and "executor_input" not in r.stdout + r.stderr
+    log = (home / "run1" / "pipeline.log").read_text()
+    assert log.count("Executing task \x1b[96m'train-ppo'") == 2 and "Got executor_input" in log
     c = client(home)
     run = c.get_run(ppo["mlflow_run_id"])
     assert run.data.tags.get("rlhf.resumed") == "true" and run.info.status == "FINISHED"

@@ -91,7 +91,9 @@ def test_planted_secrets_appear_nowhere(stack_run, local_stack):
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_REGION"])
     texts = 0
-    for o in s3.list_objects_v2(Bucket="rlhf", Prefix=f"runs/{stack_run['name']}/")["Contents"]:
+    objects = s3.list_objects_v2(Bucket="rlhf", Prefix=f"runs/{stack_run['name']}/")["Contents"]
+    assert any(o["Key"].endswith("/pipeline.log") for o in objects)  # every step's log, searched too
+    for o in objects:
         if o["Key"].endswith((".json", ".yaml", ".md", ".txt", ".log", ".jsonl")) and o["Size"] < 5_000_000:
             seen.append(s3.get_object(Bucket="rlhf", Key=o["Key"])["Body"].read().decode(errors="replace"))
             texts += 1
