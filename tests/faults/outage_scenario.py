@@ -55,6 +55,24 @@ def _steps(pace: Path) -> list[tuple[str, int, float]]:
     return out
 
 
+def _wait_for(pace: Path, run, stage: str, step: int, timeout_s: float) -> None:
+    """Until the paced `stage` has logged `step` (or the run ended: an error)."""
+    deadline = time.monotonic() + timeout_s
+    while not any(s == stage and n >= step for s, n, _ in _steps(pace)):
+        if run.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{stage} never reached step {step} (run exit {run.poll()})")
+        time.sleep(0.2)
+
+
+def _outage(stack, service: str, seconds: float, report: dict, key: str) -> None:
+    """SIGKILL one service of the stack, and start it again on its port and data later."""
+    stack.stop_service(service, kill=True)
+    report[f"{key}killed_at"] = time.time()
+    time.sleep(seconds)
+    stack.start_service(service)
+    report[f"{key}restarted_at"] = time.time()
+
+
 def _verify_all(root, into: Path) -> dict[str, str]:
     """Every committed artifact under `root` (the run and its dataset): "ok" when it
     downloads and every file matches its manifest, else the error."""
@@ -98,26 +116,11 @@ def scenario(work: Path, outage_s: float) -> dict:
         with open(work / "run.log", "w") as log:
             run = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             report["started_at"] = time.time()
-            deadline = time.monotonic() + 900
-            while not any(s == "sft" and n >= KILL_AT_STEP for s, n, _ in _steps(pace)):
-                if run.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"SFT never reached step {KILL_AT_STEP} (run exit {run.poll()})")
-                time.sleep(0.5)
-            stack.stop_service("mlflow", kill=True)
-            report["killed_at"] = time.time()
-            time.sleep(outage_s)
-            stack.start_service("mlflow")
-            report["restarted_at"] = time.time()
+            _wait_for(pace, run, "sft", KILL_AT_STEP, timeout_s=900)
+            _outage(stack, "mlflow", outage_s, report, "")
             (pace / "slow").write_text(str(S3_PACE_S))
-            while not any(s == "ppo" and n >= 1 for s, n, _ in _steps(pace)):
-                if run.poll() is not None or time.monotonic() > deadline + 1800:
-                    raise RuntimeError(f"PPO never reached update 1 (run exit {run.poll()})")
-                time.sleep(0.2)
-            stack.stop_service("s3", kill=True)
-            report["s3_killed_at"] = time.time()
-            time.sleep(S3_DOWN_S)
-            stack.start_service("s3")
-            report["s3_restarted_at"] = time.time()
+            _wait_for(pace, run, "ppo", 1, timeout_s=1800)
+            _outage(stack, "s3", S3_DOWN_S, report, "s3_")
             (pace / "slow").unlink()
             report["returncode"] = run.wait(timeout=1800)
         from rlhf.adapters.store import S3Store
