@@ -210,13 +210,29 @@ def _fork_step(listener: socket.socket, conn: socket.socket, base_env: dict[str,
         conn.close()
         return None
     added = {k: v for k, v in os.environ.items() if k not in base_env}
+    server = os.getpid()
     pid = os.fork()
     if pid == 0:
+        _die_with(server)
         _child(listener, conn, fds, request, base_env, added)
     RUNNING.add(pid)
     for fd in fds:
         os.close(fd)
     return pid, conn
+
+
+def _die_with(server: int) -> None:
+    """The step gets SIGTERM when the server ends however it ends, also by SIGKILL after
+    `_stop` had no chance to run (a server busy in its preload past `rlhf run`'s wait):
+    Linux's parent-death signal. Elsewhere `_stop` alone ends the steps."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != server:  # the server went between the fork and the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _report(pid: int, conn: socket.socket) -> None:

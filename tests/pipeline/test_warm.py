@@ -101,6 +101,27 @@ def test_a_running_step_ends_with_the_server(tmp_path):
         pytest.fail(f"step {pid} still runs after the server stopped")
 
 
+def test_a_step_ends_even_when_the_server_is_killed(tmp_path):
+    """A server killed outright (as `rlhf run` does when it does not stop within 10 s, e.g.
+    busy importing torch on a loaded machine) cannot send its steps SIGTERM: they get
+    it from the kernel (the parent-death signal) and do not go on in the background."""
+    (tmp_path / "step_mod.py").write_text(STEP)
+    with warm.warm_steps():
+        proc = subprocess.Popen(["sh", "-ec", f"{sys.executable} -m step_mod sleep"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, text=True)
+        pid = next(int(line.split()[1]) for line in proc.stdout if line.startswith("pid "))
+        server = int(Path(f"/proc/{pid}/status").read_text().split("PPid:")[1].split()[0])
+        assert "pipelines.local.warm" in Path(f"/proc/{server}/cmdline").read_bytes().decode(errors="replace")
+        os.kill(server, signal.SIGKILL)
+        proc.wait(timeout=30)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists() or "\tZ" in Path(f"/proc/{pid}/status").read_text():
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"step {pid} still runs after its server was killed")
+
+
 def test_client_without_a_server_starts_cold(tmp_path):
     client = tmp_path / "client.py"
     client.write_text(warm.CLIENT)
