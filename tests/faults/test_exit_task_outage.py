@@ -4,7 +4,7 @@
 promote moved `@champion` to its new version (RLHF_FAULT_KILL_AT_STEP=promote:2), so the
 run fails with the alias on its own version. The exit task (finish) is held
 (RLHF_FAULT_HOLD_FINISH) until the test has killed the MLflow server; it then fails
-while the server is away, KFP retries it (backoff doubling from 1 s here), and once the
+while the server is away, KFP retries it (backoff doubling from 4 s here), and once the
 server is back a retry puts the registry back as the run found it: no alias (the model
 name is new), none of the run's versions, the parent run FAILED.
 
@@ -32,7 +32,9 @@ OUTAGE_S = 8.0
 def failed_run(local_stack, tmp_path_factory):
     name = f"exit-{uuid.uuid4().hex[:6]}"
     hold = tmp_path_factory.mktemp("hold")
-    env = {**os.environ, "RLHF_STACK_DIR": str(local_stack.dir), "RLHF_RETRY_BACKOFF": "1s",
+    # the exit task's retries wait 4, 8, 16, 32 s (a minute in all; 15 minutes at the default 30 s): longer
+    # than the 8 s outage plus the server's restart, which takes 10-20 s on a loaded 2-core machine
+    env = {**os.environ, "RLHF_STACK_DIR": str(local_stack.dir), "RLHF_RETRY_BACKOFF": "4s",
            "RLHF_HOME": str(tmp_path_factory.mktemp("home")), "RLHF_FAULT_KILL_AT_STEP": "promote:2",
            "RLHF_FAULT_HOLD_FINISH": str(hold),
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
