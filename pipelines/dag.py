@@ -12,7 +12,7 @@ from kfp import dsl
 
 from rlhf import components as c
 from rlhf import params
-from rlhf.ops.profiles import Profile, StageSpec
+from rlhf.ops.profiles import SCRATCH_DIRS, STEP_LABEL, Profile, StageSpec
 from rlhf.adapters.settings import Settings
 
 TRAINING_RETRIES = 2
@@ -33,11 +33,13 @@ def _training(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
 
 
 def _place(task: dsl.PipelineTask, stage: str, profile: Profile | None) -> dsl.PipelineTask:
-    """Apply a cluster profile to one step (kfp.kubernetes; ignored by kfp.local)."""
+    """Apply a cluster profile to one step (kfp.kubernetes; ignored by kfp.local), and
+    the hardening every cluster step gets. None (kfp.local's pipeline): nothing."""
     if profile is None:
         return task
     from kfp import kubernetes as k8s
 
+    _harden(task, profile)
     spec = profile.for_stage(stage)
     if spec.nodes > 1:
         spec = _launch_trainjob(task, stage, profile)
@@ -64,9 +66,22 @@ def _place(task: dsl.PipelineTask, stage: str, profile: Profile | None) -> dsl.P
         k8s.set_image_pull_secrets(task, profile.image_pull_secrets)
     if profile.image_pull_policy:
         k8s.set_image_pull_policy(task, profile.image_pull_policy)
+    return task
+
+
+def _harden(task: dsl.PipelineTask, profile: Profile) -> None:
+    """What kfp-kubernetes can say of a hardened pod: the non-root user, writable
+    emptyDirs where the code writes (SCRATCH_DIRS; the rest of the root filesystem can
+    then be read-only) and the step label. Its KubernetesExecutorConfig has no field for
+    dropped capabilities, allowPrivilegeEscalation, seccomp or readOnlyRootFilesystem:
+    the chart's MutatingAdmissionPolicy adds those to pods with STEP_LABEL (docs/deploy.md)."""
+    from kfp import kubernetes as k8s
+
     k8s.set_security_context(task, run_as_user=profile.run_as_user, run_as_group=profile.run_as_user,
                              run_as_non_root=True)
-    return task
+    for name, path in SCRATCH_DIRS.items():
+        k8s.empty_dir_mount(task, volume_name=name, mount_path=path)
+    k8s.add_pod_label(task, *STEP_LABEL)
 
 
 def _launch_trainjob(task: dsl.PipelineTask, stage: str, profile: Profile) -> StageSpec:
@@ -87,7 +102,8 @@ def _launch_trainjob(task: dsl.PipelineTask, stage: str, profile: Profile) -> St
 
 
 def build_pipeline(profile: Profile | None = None):
-    """The pipeline, with a cluster profile applied to its steps (None: no placement)."""
+    """The pipeline, with a cluster profile applied to its steps (None: no Kubernetes
+    settings at all, as kfp.local runs it)."""
     return dsl.pipeline(
         name="rlhf-instructgpt",
         description="InstructGPT-style RLHF: data prep, SFT, reward model, PPO with a KL penalty against SFT, "
@@ -153,10 +169,12 @@ rlhf_pipeline = build_pipeline()
 
 
 def compile_pipeline(path: str, profile: Profile | None = None) -> str:
-    """Write the KFP v2 spec; with a profile, its placement and its image."""
+    """Write the KFP v2 spec; with a profile, its placement and its image. Without one
+    the steps are placed nowhere in particular but hardened all the same (an empty
+    profile): the spec runs on a cluster either way."""
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(profile) if profile else rlhf_pipeline, package_path=str(path))
+    compiler.Compiler().compile(build_pipeline(profile or Profile()), package_path=str(path))
     _set_image(path, profile)
     return str(path)
 

@@ -61,6 +61,7 @@ def compile_experiment_pipeline(path: str, profile: Profile | None = None) -> st
 
     from rlhf.pipelines.dag import _set_image
 
-    compiler.Compiler().compile(build_experiment_pipeline(profile), package_path=str(path))
+    # no profile: placed nowhere in particular, hardened all the same (dag.compile_pipeline)
+    compiler.Compiler().compile(build_experiment_pipeline(profile or Profile()), package_path=str(path))
     _set_image(path, profile)
     return str(path)

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -26,7 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / "helm"
 CHART = HELM / "rlhf"
 KUBE_VERSION = "1.33"  # a recent release that GKE and EKS both run
+# MutatingAdmissionPolicy is newer: validated against the first release that serves each version
+SCHEMA_VERSION = {"admissionregistration.k8s.io/v1beta1": "1.34", "admissionregistration.k8s.io/v1": "1.36"}
 RELEASE, NAMESPACE = "rlhf", "ml-team"
+COMPILE_ARGV = ["rlhf", "compile", "--profile", "/etc/rlhf/profile/profile.yaml", "--output", "/tmp/pipeline.yaml"]
 
 # the scheduled-retraining case on top of the defaults: every optional branch on
 SCHEDULED = {
@@ -34,10 +40,16 @@ SCHEDULED = {
         "enabled": True,
         "cron": "0 15 4 * * *",
         "parameters": {"preset": "demo", "ppo_updates": 4, "kl_coef": 0.05},
+        "profile": {
+            "inline": {"name": "one-gpu", "stages": {"ppo": {"accelerator_count": 1, "shm_size": "8Gi"}}},
+            "secrets": [{"name": "rlhf-s3", "env": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                                    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}}],
+        },
     },
     "kfp": {"auth": {"mode": "secret", "existingSecret": "kfp-token", "tokenKey": "token"}},
     "mlflow": {"auth": {"enabled": True, "existingSecret": "mlflow-admin"}},
     "rbac": {"readableSecrets": ["mlflow-client"]},
+    "stepPodSecurity": {"admissionPolicy": {"enabled": True}},
 }
 CASES = {
     "default": {},
@@ -45,7 +57,7 @@ CASES = {
     "gke": yaml.safe_load((HELM / "values-gke.yaml").read_text()),
     "eks": yaml.safe_load((HELM / "values-eks.yaml").read_text()),
 }
-CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding")
+CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding", "MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding")
 SECRETISH = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|BACKEND_STORE|DATABASE")
 CREDENTIALS_IN_URL = re.compile(r"://[^/@\s]+:[^/@\s]+@")  # scheme://user:password@host
 
@@ -56,20 +68,22 @@ def chart():
         yield loaded
 
 
+def _render(chart, values: dict) -> list[dict]:
+    """Every Kubernetes object the chart renders with `values` (NOTES.txt left out)."""
+    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
 @pytest.fixture(scope="module")
 def rendered(chart) -> dict[str, list[dict]]:
-    """case -> every rendered Kubernetes object (NOTES.txt left out)."""
-    out = {}
-    for case, values in CASES.items():
-        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-        out[case] = [
-            doc
-            for path, text in sorted(manifests.items())
-            if path.endswith(".yaml")
-            for doc in yaml.safe_load_all(text)
-            if doc
-        ]
-    return out
+    """case -> every rendered Kubernetes object."""
+    return {case: _render(chart, values) for case, values in CASES.items()}
+
+
+def _validate(doc: dict) -> None:
+    """Strict validation against KUBE_VERSION, or the first release serving a newer API."""
+    kubernetes_validate.validate(doc, SCHEMA_VERSION.get(doc["apiVersion"], KUBE_VERSION), strict=True)
 
 
 def _of(docs: list[dict], kind: str) -> list[dict]:
@@ -162,7 +176,7 @@ def test_manifests_validate_strict(rendered, case):
     failures = []
     for doc in rendered[case]:
         try:
-            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+            _validate(doc)
         except kubernetes_validate.ValidationError as e:
             failures.append(f"{doc['kind']}/{doc['metadata']['name']}: "
                             f"{'.'.join(map(str, e.path))}: {e.message}")
@@ -275,7 +289,7 @@ def test_schedule_job(rendered, case):
     jobs = _of(rendered[case], "Job")
     values = CASES[case].get("schedule", {})
     if not values.get("enabled"):
-        assert not jobs
+        assert not jobs and not _of(rendered[case], "ConfigMap")
         assert all("schedule" not in sa["metadata"]["name"] for sa in _of(rendered[case], "ServiceAccount"))
         return
     job = _one(rendered[case], "Job")
@@ -288,7 +302,14 @@ def test_schedule_job(rendered, case):
     assert spec["serviceAccountName"] in {sa["metadata"]["name"] for sa in _of(rendered[case], "ServiceAccount")}
     assert spec["serviceAccountName"] != _one(rendered[case], "RoleBinding")["subjects"][0]["name"]
     (compile_step,) = spec["initContainers"]
-    assert compile_step["command"] + compile_step["args"] == ["rlhf", "compile", "--output", "/tmp/pipeline.yaml"]
+    assert compile_step["command"] + compile_step["args"] == COMPILE_ARGV
+    # the profile: the chart's ConfigMap of the inline profile, read-only at /etc/rlhf/profile
+    (mount,) = [m for m in compile_step["volumeMounts"] if m["name"] == "profile"]
+    assert (mount["mountPath"], mount["readOnly"]) == ("/etc/rlhf/profile", True)
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "profile"]
+    assert volume["configMap"] == {"name": f"{RELEASE}-schedule-profile",
+                                   "items": [{"key": "profile.yaml", "path": "profile.yaml"}]}
+    assert _one(rendered[case], "ConfigMap")["metadata"]["name"] == f"{RELEASE}-schedule-profile"
     (schedule,) = spec["containers"]
     argv = schedule["command"] + schedule["args"]
     assert argv[:2] == ["rlhf", "schedule"]
@@ -372,3 +393,244 @@ def test_role_is_least_privilege(rendered, case):
     assert cluster_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                           "name": cluster_role["metadata"]["name"]}
     assert cluster_binding["subjects"] == binding["subjects"]
+
+
+# ----------------------------------------------------------------------------- the scheduled run's profile
+
+# every step that trains, and eval (it runs the policy on GPUs too), by executor
+TRAINING_STEPS = {"sft": "exec-train-sft", "reward": "exec-train-reward", "ppo": "exec-train-ppo",
+                  "eval": "exec-evaluate"}
+
+
+def _compile_as_the_job(docs: list[dict], tmp_path: Path) -> dict:
+    """Run the schedule Job's compile init container here, as rendered: its command and
+    args and literal env (RLHF_IMAGE as the Job sets it), with only the paths under its
+    mounts moved below tmp_path, where each mounted ConfigMap's items are written as the
+    kubelet projects them. `rlhf` is this interpreter's CLI. Returns the compiled spec's
+    two documents (pipeline, platform)."""
+    job = _one(docs, "Job")["spec"]["template"]["spec"]
+    (step,) = job["initContainers"]
+    volumes = {v["name"]: v for v in job["volumes"]}
+    config_maps = {d["metadata"]["name"]: d["data"] for d in _of(docs, "ConfigMap")}
+    mounts = sorted(step["volumeMounts"], key=lambda m: -len(m["mountPath"]))  # the deepest mount wins
+
+    def here(value: str) -> str:
+        for m in mounts:
+            root = m["mountPath"]
+            if value == root or value.startswith(root + "/"):
+                return str(tmp_path / root.lstrip("/")) + value[len(root):]
+        return value
+
+    for m in mounts:
+        where = Path(here(m["mountPath"]))
+        where.mkdir(parents=True, exist_ok=True)
+        source = volumes[m["name"]]
+        if "configMap" in source:
+            data = config_maps[source["configMap"]["name"]]
+            for item in source["configMap"].get("items") or [{"key": k, "path": k} for k in data]:
+                (where / item["path"]).write_text(data[item["key"]])
+        else:
+            assert "emptyDir" in source, m  # scratch starts empty
+    argv = [here(a) for a in step["command"] + step["args"]]
+    assert argv[0] == "rlhf"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLHF_", "MLFLOW_", "AWS_"))}
+    env.update({e["name"]: here(e["value"]) for e in step["env"] if "value" in e})
+    r = subprocess.run([sys.executable, "-m", "rlhf.cli", *argv[1:]], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pipeline, platform = yaml.safe_load_all(Path(argv[argv.index("--output") + 1]).read_text())
+    return pipeline, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_scheduled_run_places_every_training_step(rendered, tmp_path):
+    """The GKE release's schedule Job, its compile step run as rendered: every training
+    step of the pipeline it schedules has its GPUs, node pool, GPU toleration, /dev/shm,
+    the S3 and MLflow Secrets by reference, this release's MLflow, and the hardening."""
+    from rlhf.ops.profiles import MULTI_NODE_STAGES
+
+    assert set(MULTI_NODE_STAGES) <= set(TRAINING_STEPS)  # every stage that trains is checked
+    pipeline, k8s = _compile_as_the_job(rendered["gke"], tmp_path)
+    executors = pipeline["deploymentSpec"]["executors"]
+    profile = CASES["gke"]["schedule"]["profile"]
+    secrets = {s["name"]: s["env"] for s in profile["secrets"]}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD"} <= {var for env in secrets.values() for var in env}
+    for stage, ex in TRAINING_STEPS.items():
+        want, container, cfg = profile["inline"]["stages"][stage], executors[ex]["container"], k8s[ex]
+        assert container["image"] == CASES["gke"]["image"]["repository"] + ":0.1.0", stage  # RLHF_IMAGE of the Job
+        res = container["resources"]
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu", stage
+        assert int(res["accelerator"]["resourceCount"]) == want["accelerator_count"] > 0, stage
+        assert res["resourceMemoryRequest"] == want["memory_request"], stage
+        assert cfg["nodeSelector"]["labels"] == want["node_selector"], stage
+        assert cfg["tolerations"] == want["tolerations"], stage
+        (shm,) = [m for m in cfg["emptyDirMounts"] if m["mountPath"] == "/dev/shm"]
+        assert (shm["medium"], shm["sizeLimit"]) == ("Memory", want["shm_size"]), stage
+        assert {s["secretName"]: {e["envVar"]: e["secretKey"] for e in s["keyToEnv"]}
+                for s in cfg["secretAsEnv"]} == secrets, stage
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["MLFLOW_TRACKING_URI"] == f"http://{RELEASE}-mlflow.{NAMESPACE}.svc.cluster.local:5000", stage
+        assert env["AWS_ENDPOINT_URL_S3"] == "https://storage.googleapis.com", stage
+        assert cfg["podMetadata"]["labels"] == {"rlhf-pipeline/step": "true"}, stage
+        assert cfg["securityContext"] == {"runAsUser": "10001", "runAsGroup": "10001", "runAsNonRoot": True}, stage
+    # PPO on the H100 pool; the light steps on the CPU pool, without GPUs
+    assert k8s["exec-train-ppo"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert k8s["exec-start-run"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-nodepool": "cpu-pool"}
+    assert "accelerator" not in executors["exec-start-run"]["container"].get("resources", {})
+    print("\ncompiled SFT step of the scheduled GKE run:\n" + yaml.safe_dump({
+        "deploymentSpec.executors.exec-train-sft.container": {
+            k: v for k, v in executors["exec-train-sft"]["container"].items() if k in ("image", "env", "resources")},
+        "platforms.kubernetes.deploymentSpec.executors.exec-train-sft": k8s["exec-train-sft"]}, sort_keys=False))
+
+
+def test_schedule_profile_from_an_existing_config_map(chart, tmp_path):
+    """schedule.profile.existingConfigMap: that ConfigMap's key mounted as the same file
+    (the Job's command does not change), nothing rendered in its place; and the pipeline
+    compiled through it has the profile's placement."""
+    values = copy.deepcopy(SCHEDULED)
+    values["schedule"]["profile"] = {"existingConfigMap": {"name": "team-gpu-profile", "key": "gke.yaml"},
+                                     "secrets": []}
+    docs = _render(chart, values)
+    assert not _of(docs, "ConfigMap")
+    job = _one(docs, "Job")["spec"]["template"]["spec"]
+    (compile_step,) = job["initContainers"]
+    assert compile_step["command"] + compile_step["args"] == COMPILE_ARGV
+    (mount,) = [m for m in compile_step["volumeMounts"] if m["name"] == "profile"]
+    assert (mount["mountPath"], mount["readOnly"]) == ("/etc/rlhf/profile", True)
+    (volume,) = [v for v in job["volumes"] if v["name"] == "profile"]
+    assert volume["configMap"] == {"name": "team-gpu-profile", "items": [{"key": "gke.yaml", "path": "profile.yaml"}]}
+    for doc in docs:
+        _validate(doc)
+    # the ConfigMap as a user would create it: kubectl create configmap team-gpu-profile --from-file=gke.yaml=...
+    existing = {"kind": "ConfigMap", "metadata": {"name": "team-gpu-profile"},
+                "data": {"gke.yaml": (ROOT / "profiles" / "gke.yaml").read_text()}}
+    _, k8s = _compile_as_the_job(docs + [existing], tmp_path)
+    assert k8s["exec-train-ppo"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert {s["secretName"] for s in k8s["exec-train-sft"]["secretAsEnv"]} == {"rlhf-s3", "rlhf-mlflow"}
+
+
+def test_inline_profile_gets_the_release_defaults(rendered):
+    """What the chart adds to an inline profile that leaves it unset, and what it never overrides."""
+    from rlhf.ops.profiles import Profile
+
+    data = yaml.safe_load(_one(rendered["scheduled"], "ConfigMap")["data"]["profile.yaml"])
+    profile = Profile.model_validate(data)  # a valid profile for `rlhf compile`
+    assert profile.service_account == "rlhf-pipeline-runner" and profile.run_as_user == 10001
+    assert profile.env["MLFLOW_TRACKING_URI"] == f"http://{RELEASE}-mlflow.{NAMESPACE}.svc.cluster.local:5000"
+    assert [s.name for s in profile.secrets] == ["rlhf-s3"]
+    assert profile.stages["ppo"].accelerator_count == 1
+    # a tracking URI from a Secret (or the profile's env) is left alone
+    values = copy.deepcopy(SCHEDULED)
+    values["schedule"]["profile"]["secrets"].append({"name": "mlflow-uri", "env": {"MLFLOW_TRACKING_URI": "uri"}})
+    values["imagePullSecrets"] = ["ghcr-pull"]
+    with helm.Chart.load(CHART) as chart:
+        cm = _one(_render(chart, values), "ConfigMap")
+    data = yaml.safe_load(cm["data"]["profile.yaml"])
+    assert "MLFLOW_TRACKING_URI" not in data.get("env", {}) and data["image_pull_secrets"] == ["ghcr-pull"]
+
+
+@pytest.mark.parametrize("profile, words", [
+    ({}, "needs a cluster profile"),
+    ({"inline": {"name": "x"}, "existingConfigMap": {"name": "cm", "key": "p.yaml"}}, "not both"),
+    ({"existingConfigMap": {"name": "cm", "key": "p.yaml"}, "secrets": [{"name": "s", "env": {"A": "b"}}]},
+     "inline profile only"),
+])
+def test_schedule_profile_mistakes_fail_clearly(chart, profile, words):
+    with pytest.raises(helm.HelmError, match=words):
+        chart.render({"schedule": {"enabled": True, "profile": profile}}, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize("profile, field", [
+    ({"inline": {"stages": {"ppo": {"acelerator_count": 8}}}}, "additional properties 'acelerator_count'"),
+    ({"inline": {"defaults": {"cpu_request": 8}}}, "/schedule/profile/inline/defaults/cpu_request"),
+    ({"inline": {"stages": {"ppo": {"memory_request": "lots"}}}}, "/schedule/profile/inline/stages/ppo/memory_request"),
+    ({"inline": {"stages": {"trainer": {}}}}, "additional properties 'trainer'"),
+    ({"inline": {"env": {"AWS_SECRET_ACCESS_KEY": "abc"}}}, "/schedule/profile/inline/env"),
+    ({"inline": {"env": {"MLFLOW_TRACKING_URI": "http://u:p@mlflow:5000"}}}, "/schedule/profile/inline/env"),
+    ({"secrets": [{"name": "rlhf-s3"}]}, "/schedule/profile/secrets/0"),
+    ({"existingConfigMap": {"name": "Team_Profile", "key": "p.yaml"}}, "/schedule/profile/existingConfigMap/name"),
+])
+def test_schema_rejects_bad_profiles(chart, profile, field):
+    with pytest.raises(helm.HelmValuesError, match=re.escape(field)):
+        chart.validate_schema({"schedule": {"profile": profile}})
+
+
+def test_profile_schema_matches_the_profile_model(chart):
+    """The chart's profile schema and rlhf.ops.profiles name the same fields, and every
+    example profile passes the chart's schema as an inline profile."""
+    from rlhf.ops.profiles import STAGES, Profile, SecretEnv, StageSpec, Toleration
+
+    defs = json.loads((CHART / "values.schema.json").read_text())["definitions"]
+    for name, model in (("profile", Profile), ("profileStage", StageSpec), ("profileSecret", SecretEnv),
+                        ("profileToleration", Toleration)):
+        assert set(defs[name]["properties"]) == set(model.model_fields), name
+    assert set(defs["profile"]["properties"]["stages"]["properties"]) == set(STAGES)
+    for path in sorted((ROOT / "profiles").glob("*.yaml")):
+        chart.validate_schema({"schedule": {"profile": {"inline": yaml.safe_load(path.read_text())}}})
+    for case in ("gke", "eks"):  # and the example releases' profiles are valid profiles
+        Profile.model_validate(CASES[case]["schedule"]["profile"]["inline"])
+
+
+# ----------------------------------------------------------------------------- hardened step pods
+
+
+def test_step_pod_policy_adds_what_kfp_cannot(rendered):
+    """The MutatingAdmissionPolicy that gives KFP step pods (selected by the label the
+    compiler puts on every step) what kfp-kubernetes cannot: the same container settings
+    Trainer pods get from their TrainJob, and the pod's seccomp profile."""
+    from rlhf.ops.profiles import STEP_LABEL
+    from rlhf.ops.trainjob import HARDENED_CONTAINER
+
+    policy = _one(rendered["scheduled"], "MutatingAdmissionPolicy")
+    binding = _one(rendered["scheduled"], "MutatingAdmissionPolicyBinding")
+    assert policy["apiVersion"] == binding["apiVersion"] == "admissionregistration.k8s.io/v1beta1"
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    match = binding["spec"]["matchResources"]
+    assert match["objectSelector"] == {"matchLabels": dict([STEP_LABEL])}
+    assert match["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [NAMESPACE]}]
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail" and spec["reinvocationPolicy"] == "IfNeeded"
+    assert spec["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]
+    apply, patch = spec["mutations"]
+    assert (apply["patchType"], patch["patchType"]) == ("ApplyConfiguration", "JSONPatch")
+    merged = re.sub(r"\s+", " ", apply["applyConfiguration"]["expression"])
+    assert merged.count('seccompProfile{type: "RuntimeDefault"}') == 3  # the pod, containers, init containers
+    for setting in ("allowPrivilegeEscalation: false", "readOnlyRootFilesystem: true"):
+        assert merged.count(setting) == 2, setting  # containers and init containers
+    assert {k: v for k, v in HARDENED_CONTAINER.items() if k != "capabilities"} == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    jsonpatch = re.sub(r"\s+", " ", patch["jsonPatch"]["expression"])
+    assert HARDENED_CONTAINER["capabilities"] == {"drop": ["ALL"]}
+    assert jsonpatch.count('capabilities{drop: ["ALL"]}') == 2
+    for where in ("containers", "initContainers"):
+        assert f'"/spec/{where}/" + string(i) + "/securityContext/capabilities"' in jsonpatch
+    assert {v["name"] for v in spec["variables"]} == {"indices", "initIndices"}
+
+
+@pytest.mark.parametrize("setting, api_version", [
+    ({"enabled": "auto"}, None),  # offline `helm template` serves no such API: nothing rendered
+    ({"enabled": False}, None),
+    ({"enabled": True, "apiVersion": "admissionregistration.k8s.io/v1"}, "admissionregistration.k8s.io/v1"),
+])
+def test_step_pod_policy_switch(chart, setting, api_version):
+    values = copy.deepcopy(CASES["gke"])
+    values["stepPodSecurity"] = {"admissionPolicy": setting}
+    docs = _render(chart, values)
+    found = [d for d in docs if d["kind"].startswith("MutatingAdmissionPolicy")]
+    if api_version is None:
+        assert not found
+        return
+    assert {d["apiVersion"] for d in found} == {api_version} and len(found) == 2
+    for doc in found:
+        _validate(doc)
+    binding = next(d for d in found if d["kind"] == "MutatingAdmissionPolicyBinding")
+    # the release's namespace and the KFP namespace of the recurring run
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"] == [
+        NAMESPACE, "rlhf"]
+
+
+def test_schema_rejects_a_bad_policy_switch(chart):
+    with pytest.raises(helm.HelmValuesError, match="/stepPodSecurity/admissionPolicy/enabled"):
+        chart.validate_schema({"stepPodSecurity": {"admissionPolicy": {"enabled": "yes"}}})

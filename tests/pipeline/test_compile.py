@@ -4,6 +4,7 @@ carries no credential, and has the retry/caching/exit-handler shape of the DAG."
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,9 @@ import pytest
 import yaml
 
 SECRET = "do-not-leak-7f3a9c"
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,7 @@ def spec(tmp_path_factory) -> tuple[Path, dict, str]:
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     text = out.read_text()
-    return out, yaml.safe_load(text), text
+    return out, next(yaml.safe_load_all(text)), text
 
 
 def test_loads_back_with_kfp(spec):
@@ -87,6 +91,59 @@ def test_dag_shape(spec):
     assert root["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
 
 
+def _platform(text: str) -> dict:
+    """executor name -> its kfp-kubernetes config (the spec's second YAML document)."""
+    _, platform = yaml.safe_load_all(text)
+    return platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_every_step_is_hardened_without_a_profile(spec):
+    """What kfp-kubernetes can express of a hardened pod, on every step of a spec compiled
+    with no profile at all: non-root user and group, emptyDirs at /tmp and HOME (the
+    writable places of a read-only root filesystem) and the label that the chart's
+    MutatingAdmissionPolicy selects to add the rest (capabilities, escalation, seccomp,
+    read-only root), which the executor config has no field for."""
+    _, doc, text = spec
+    executors = _platform(text)
+    assert set(executors) == set(doc["deploymentSpec"]["executors"])  # every step, the exit task too
+    for name, cfg in executors.items():
+        assert cfg["securityContext"] == {"runAsUser": "10001", "runAsGroup": "10001", "runAsNonRoot": True}, name
+        mounts = {m["mountPath"]: m for m in cfg["emptyDirMounts"]}
+        assert set(mounts) == {"/tmp", "/home/rlhf"}, name  # no /dev/shm without a profile asking for it
+        assert all("medium" not in m and "sizeLimit" not in m for m in mounts.values()), name  # node disk, no cap
+        # KFP's own scratch mounts (/gcs /s3 /minio /.local /.cache /.config) must not be doubled
+        assert not {"/gcs", "/s3", "/minio", "/.local", "/.cache", "/.config"} & set(mounts), name
+        assert cfg["podMetadata"]["labels"] == {"rlhf-pipeline/step": "true"}, name
+    assert "capabilities" not in text and "readOnlyRootFilesystem" not in text  # the gap the chart's policy fills
+
+
+def test_scratch_dirs_are_where_the_image_writes():
+    """The emptyDirs cover HOME and every cache the image points into it (images/Dockerfile)."""
+    from rlhf.ops.profiles import SCRATCH_DIRS
+
+    dockerfile = (ROOT / "images" / "Dockerfile").read_text()
+    env = dict(re.findall(r"^\s*(HOME|HF_HOME|RLHF_HOME)=(\S+)", dockerfile, re.M))
+    assert env["HOME"] in SCRATCH_DIRS.values() and "/tmp" in SCRATCH_DIRS.values()
+    for var in ("HF_HOME", "RLHF_HOME"):
+        assert env[var].startswith(env["HOME"] + "/"), var
+    assert "TMPDIR" not in dockerfile  # tempfile uses /tmp
+
+
+def test_profile_keeps_the_hardening(tmp_path):
+    """A profile's placement adds to the hardening, never replaces it (GPU steps keep
+    their /dev/shm beside the scratch dirs)."""
+    out = tmp_path / "gke.yaml"
+    r = subprocess.run([sys.executable, "-m", "rlhf.cli", "compile", "--output", str(out),
+                        "--profile", str(ROOT / "profiles" / "gke.yaml")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for name, cfg in _platform(out.read_text()).items():
+        assert cfg["podMetadata"]["labels"] == {"rlhf-pipeline/step": "true"}, name
+        assert cfg["securityContext"]["runAsNonRoot"] is True, name
+        paths = [m["mountPath"] for m in cfg["emptyDirMounts"]]
+        assert {"/tmp", "/home/rlhf"} <= set(paths) and len(paths) == len(set(paths)), name
+    assert "/dev/shm" in [m["mountPath"] for m in _platform(out.read_text())["exec-train-ppo"]["emptyDirMounts"]]
+
+
 def test_experiment_pipeline_compiles_with_nested_parallel_for(tmp_path):
     """`rlhf compile --pipeline experiment`: seeds, then each seed's arms, as ParallelFor
     loops inside an exit handler whose report step always runs; arms retried, never cached."""
@@ -116,6 +173,10 @@ def test_experiment_pipeline_compiles_with_nested_parallel_for(tmp_path):
     assert arm_task["retryPolicy"]["maxRetryCount"] == 2 and not arm_task.get("cachingOptions", {}).get("enableCache")
     assert doc["root"]["dag"]["tasks"]["experiment-report"]["triggerPolicy"]["strategy"] == \
         "ALL_UPSTREAM_TASKS_COMPLETED"
+    # every step hardened, like the training DAG's
+    for name, cfg in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+        assert cfg["podMetadata"]["labels"] == {"rlhf-pipeline/step": "true"}, name
+        assert {"/tmp", "/home/rlhf"} <= {m["mountPath"] for m in cfg["emptyDirMounts"]}, name
     # the gke profile's GPU placement reaches the arms (an arm is a PPO run)
     arm_exec = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-experiment-arm"]
     assert arm_exec["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}

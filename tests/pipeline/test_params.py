@@ -28,7 +28,7 @@ def compiled(tmp_path_factory) -> dict:
     from rlhf.pipelines import compile_pipeline
 
     path = compile_pipeline(str(tmp_path_factory.mktemp("params") / "pipeline.yaml"))
-    return yaml.safe_load(open(path))
+    return next(yaml.safe_load_all(open(path)))  # the pipeline spec; the platform spec follows
 
 
 def test_the_table_is_well_formed():

@@ -41,8 +41,8 @@ def test_gke_training_steps_get_gpus_nodes_tolerations_shm_and_secrets(gke):
         cfg = k8s[ex]
         assert cfg["nodeSelector"]["labels"] == want.node_selector, stage
         assert cfg["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        shm = cfg["emptyDirMounts"][0]
-        assert (shm["mountPath"], shm["medium"], shm["sizeLimit"]) == ("/dev/shm", "Memory", want.shm_size)
+        (shm,) = [m for m in cfg["emptyDirMounts"] if m["mountPath"] == "/dev/shm"]  # beside /tmp and HOME
+        assert (shm["medium"], shm["sizeLimit"]) == ("Memory", want.shm_size)
         secrets = {s["secretName"]: {e["envVar"]: e["secretKey"] for e in s["keyToEnv"]} for s in cfg["secretAsEnv"]}
         assert secrets == {"rlhf-s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},

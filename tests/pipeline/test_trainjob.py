@@ -25,7 +25,8 @@ import yaml
 from rlhf.cli import main
 from rlhf.ops.profiles import Profile, load_profile
 from rlhf.adapters.settings import Settings
-from rlhf.ops.trainjob import TrainJobError, TrainJobSpec, node_command, run_trainjob, secret_env, trainjob_spec
+from rlhf.ops.trainjob import (HARDENED_CONTAINER, TrainJobError, TrainJobSpec, _kubernetes_trainer, node_command,
+                               run_trainjob, secret_env, trainjob_spec)
 
 NAMESPACE = "ml-team"
 PROFILE = """
@@ -94,6 +95,38 @@ def test_spec_from_profile(spec):
     assert TrainJobSpec.model_validate_json(spec.model_dump_json()) == spec
 
 
+@pytest.mark.parametrize("runtime", ["torch-distributed", "deepspeed-distributed"])
+def test_every_trainjob_pod_is_hardened(spec, runtime):
+    """Each replicated job's pods (torch: `node`; MPI: `launcher` and `node`) carry the full
+    security context, the scratch emptyDirs, the step label, and /dev/shm only when asked."""
+    pytest.importorskip("kubeflow.trainer", reason="the kubeflow SDK is in the `cluster` and `test` extras")
+    for shm in ("64Gi", None):
+        job = spec.model_copy(update={"runtime": runtime, "shm_size": shm})
+        _, _, options = _kubernetes_trainer(REQUEST, job, Settings.from_env({}), "ppo-test")
+        patch = next(o for o in options if type(o).__name__ == "RuntimePatch")
+        rjobs = patch.training_runtime_spec.template.spec.replicated_jobs
+        assert [r.name for r in rjobs] == (["node"] if runtime == "torch-distributed" else ["launcher", "node"])
+        for rjob in rjobs:
+            template = rjob.template.spec.template
+            assert template.metadata == {"labels": {"rlhf-pipeline/step": "true"}}
+            pod = template.spec
+            assert pod.security_context["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert pod.security_context["runAsNonRoot"] is True
+            (node,) = pod.containers
+            sc = node.security_context
+            assert sc["capabilities"] == {"drop": ["ALL"]} and sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+            mounts = {m["mountPath"]: m["name"] for m in node.volume_mounts}
+            volumes = {v["name"]: v["emptyDir"] for v in pod.volumes}
+            assert {"/tmp", "/home/rlhf"} <= set(mounts) and all(mounts[p] in volumes for p in mounts)
+            assert ("/dev/shm" in mounts) == (shm is not None)
+            if shm:
+                assert volumes["dshm"] == {"medium": "Memory", "sizeLimit": shm}
+        # each job gets its own copy: changing one patch cannot leak into the next job
+        pod.containers[0].security_context["readOnlyRootFilesystem"] = False
+    assert HARDENED_CONTAINER["readOnlyRootFilesystem"] is True
+
+
 def test_spec_needs_a_training_stage(profile):
     with pytest.raises(ValueError, match="only sft, reward, ppo"):
         trainjob_spec(profile, "eval")
@@ -138,7 +171,9 @@ def test_compiled_pipeline_launches_ppo_as_a_trainjob(profile, tmp_path):
     assert "accelerator" not in ppo["resources"]
     assert (ppo["resources"]["resourceCpuRequest"], ppo["resources"]["resourceMemoryLimit"]) == ("1", "4Gi")
     assert k8s["exec-train-ppo"]["nodeSelector"]["labels"] == {"pool": "cpu"}
-    assert "tolerations" not in k8s["exec-train-ppo"] and "emptyDirMounts" not in k8s["exec-train-ppo"]
+    assert "tolerations" not in k8s["exec-train-ppo"]
+    assert {m["mountPath"] for m in k8s["exec-train-ppo"]["emptyDirMounts"]} == {"/tmp", "/home/rlhf"}  # scratch only
+    assert k8s["exec-train-ppo"]["podMetadata"]["labels"] == {"rlhf-pipeline/step": "true"}  # hardened like any step
     assert int(k8s["exec-train-ppo"]["activeDeadlineSeconds"]) > 7200
     # it reads the store: the Secrets stay on it, by reference
     assert {s["secretName"] for s in k8s["exec-train-ppo"]["secretAsEnv"]} == {"rlhf-s3", "rlhf-mlflow"}
@@ -309,9 +344,20 @@ def test_submitted_trainjob_is_valid_and_complete(spec, capsys):
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["imagePullSecrets"] == [{"name": "ghcr"}]
     assert pod["serviceAccountName"] == "rlhf-pipeline-runner"
-    assert pod["securityContext"] == {"runAsUser": 10001, "runAsGroup": 10001, "runAsNonRoot": True}
-    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}}]
-    assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
+    # hardened: non-root, RuntimeDefault seccomp, no capabilities, no escalation, a read-only
+    # root with emptyDirs where the code writes (/tmp, HOME), and the label the chart's policy selects
+    assert pod["securityContext"] == {"runAsUser": 10001, "runAsGroup": 10001, "runAsNonRoot": True,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["volumes"] == [{"name": "rlhf-tmp", "emptyDir": {}}, {"name": "rlhf-home", "emptyDir": {}},
+                              {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}}]
+    (node,) = pod["containers"]
+    assert node["name"] == "node"
+    assert node["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                       "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert node["volumeMounts"] == [{"name": "rlhf-tmp", "mountPath": "/tmp"},
+                                    {"name": "rlhf-home", "mountPath": "/home/rlhf"},
+                                    {"name": "dshm", "mountPath": "/dev/shm"}]
+    assert rjob["template"]["spec"]["template"]["metadata"]["labels"] == {"rlhf-pipeline/step": "true"}
 
     # the step log tells the story: submission, each status change, node-0's lines once
     out = capsys.readouterr().out

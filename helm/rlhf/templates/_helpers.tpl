@@ -161,3 +161,76 @@ seccompProfile:
       key: {{ $.Values.s3.credentials.secretAccessKeyKey }}
 {{- end }}
 {{- end -}}
+
+{{/* Name of the ConfigMap the chart renders the inline schedule profile into. */}}
+{{- define "rlhf.schedule.profileConfigMap" -}}
+{{- printf "%s-schedule-profile" (include "rlhf.fullname" .) -}}
+{{- end -}}
+
+{{/* Where the compile init container sees the profile (one file, whatever the key). */}}
+{{- define "rlhf.schedule.profileDir" -}}/etc/rlhf/profile{{- end -}}
+
+{{/* The schedule's profile source, checked: "inline" or "configMap". A scheduled run
+without a profile would have no GPUs, node pools or credentials, so there is no
+profile-less schedule. */}}
+{{- define "rlhf.schedule.profileSource" -}}
+{{- $p := .Values.schedule.profile -}}
+{{- $cm := $p.existingConfigMap.name -}}
+{{- if and $p.inline $cm -}}
+{{- fail "schedule.profile: set either inline or existingConfigMap.name, not both" -}}
+{{- else if $p.inline -}}
+inline
+{{- else if $cm -}}
+{{- if $p.secrets -}}
+{{- fail (printf "schedule.profile.secrets is added to the inline profile only: list those Secrets under `secrets` in the profile of ConfigMap %s" $cm) -}}
+{{- end -}}
+configMap
+{{- else -}}
+{{- fail "schedule.profile: the scheduled pipeline needs a cluster profile (GPUs, node selectors, tolerations, /dev/shm, S3 and MLflow Secrets): set schedule.profile.inline to a profile mapping (see profiles/*.yaml) or schedule.profile.existingConfigMap.name to a ConfigMap holding one" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The inline schedule profile as a YAML file: the user's mapping, then what the chart
+knows and the profile leaves unset (service account, user, pull secrets, this release's
+MLflow URL), and schedule.profile.secrets appended to its `secrets`. */}}
+{{- define "rlhf.schedule.inlineProfile" -}}
+{{- $p := deepCopy .Values.schedule.profile.inline -}}
+{{- $secrets := concat ($p.secrets | default list) .Values.schedule.profile.secrets -}}
+{{- $_ := set $p "secrets" $secrets -}}
+{{- if not (hasKey $p "service_account") -}}
+{{- $_ := set $p "service_account" (include "rlhf.pipelineRunner.serviceAccountName" .) -}}
+{{- end -}}
+{{- if not (hasKey $p "run_as_user") -}}
+{{- $_ := set $p "run_as_user" (int .Values.podSecurity.runAsUser) -}}
+{{- end -}}
+{{- if and .Values.imagePullSecrets (not (hasKey $p "image_pull_secrets")) -}}
+{{- $_ := set $p "image_pull_secrets" .Values.imagePullSecrets -}}
+{{- end -}}
+{{- if .Values.mlflow.enabled -}}
+{{- $env := deepCopy ($p.env | default dict) -}}
+{{- $given := hasKey $env "MLFLOW_TRACKING_URI" -}}
+{{- range $secrets -}}
+{{- if hasKey .env "MLFLOW_TRACKING_URI" -}}{{- $given = true -}}{{- end -}}
+{{- end -}}
+{{- if not $given -}}
+{{- $_ := set $env "MLFLOW_TRACKING_URI" (include "rlhf.mlflow.url" .) -}}
+{{- $_ := set $p "env" $env -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $p -}}
+{{- end -}}
+
+{{/* API version of the step pods' MutatingAdmissionPolicy, or "" when none is rendered
+(stepPodSecurity.admissionPolicy.enabled: auto picks the served version, GA first). */}}
+{{- define "rlhf.stepPolicy.apiVersion" -}}
+{{- $p := .Values.stepPodSecurity.admissionPolicy -}}
+{{- if eq (toString $p.enabled) "true" -}}
+{{- $p.apiVersion -}}
+{{- else if eq (toString $p.enabled) "auto" -}}
+{{- if .Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy" -}}
+admissionregistration.k8s.io/v1
+{{- else if .Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1beta1/MutatingAdmissionPolicy" -}}
+admissionregistration.k8s.io/v1beta1
+{{- end -}}
+{{- end -}}
+{{- end -}}

@@ -22,6 +22,10 @@ variables by name; a profile never holds a secret value.
 
 `nodes: N` (sft, reward, ppo) runs that stage on N such nodes as a Kubeflow Trainer job
 that the step submits and watches (trainjob.py); the step itself then needs no GPU.
+
+Every step pod, placed or not, is hardened the same way (`STEP_LABEL`, `SCRATCH_DIRS`;
+pipelines/dag.py for KFP steps, trainjob.py for Trainer pods, docs/deploy.md for what
+kfp-kubernetes cannot express and the chart's admission policy adds).
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ STAGES = ("start", *ENGINE_STAGES, "finish")
 """Every step of the pipeline: the engine's stages between the run's start and finish steps."""
 MULTI_NODE_STAGES = tuple(name for name, spec in ENGINE_STAGES.items() if spec.trains)
 """The stages that can run on several nodes (a Kubeflow Trainer job, see trainjob.py)."""
+STEP_LABEL = ("rlhf-pipeline/step", "true")
+"""Label on every step pod (KFP steps and Trainer job pods). The helm chart's
+MutatingAdmissionPolicy selects pods by it to add what kfp-kubernetes cannot set."""
+SCRATCH_DIRS = {"rlhf-tmp": "/tmp", "rlhf-home": "/home/rlhf"}
+"""Volume name -> path of the emptyDirs that keep a read-only root filesystem workable:
+/tmp (tempfile: checkpoint staging, the S3 store's scratch, MLflow's temporary files,
+torch inductor) and the image's HOME (images/Dockerfile: HF_HOME, ~/.cache for
+DeepSpeed's torch_extensions and Triton, matplotlib's config, RLHF_HOME). KFP mounts its
+own at /gcs, /s3, /minio, /.local, /.cache and /.config (backend >= 2.3); mounting one
+there too would make the pod invalid (a mount path twice)."""
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|[KMGTPE]i?|[kMGTPE])?$")
 _SECRETISH = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE)", re.I)
 

@@ -13,7 +13,9 @@ Kubeflow Trainer creates the pods, and torchrun, the runtime's own launcher, sta
                    arguments as RLHF_STAGE_REQUEST, the profile's Secrets as
                    `valueFrom.secretKeyRef`, the node command (`node_command`), and
                    the placement (node selector, tolerations, /dev/shm, pull secrets,
-                   non-root user, service account) as a runtime patch;
+                   service account) and the hardening (`pod_hardening`: non-root,
+                   seccomp, no capabilities, read-only root with emptyDirs where the
+                   code writes, the step label) as a runtime patch;
       2. submit    `TrainerClient.train()` creates the TrainJob in the step's namespace;
       3. watch     poll it; print every change of the job's and its pods' status and
                    node-0's new log lines (rank 0 logs), so the KFP step log tells the story;
@@ -44,6 +46,7 @@ compile time) does not.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import shlex
 import signal
@@ -55,7 +58,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhf.ops.profiles import MULTI_NODE_STAGES, Profile, SecretEnv, Toleration
+from rlhf.ops.profiles import MULTI_NODE_STAGES, SCRATCH_DIRS, STEP_LABEL, Profile, SecretEnv, Toleration
 from rlhf.adapters.settings import Settings, child_process_env
 
 RUNTIMES = ("torch-distributed", "deepspeed-distributed")
@@ -65,6 +68,9 @@ MPI_MASTER_PORT = 29500
 WAIT_MARGIN_S = 300  # wait this much past the job's own deadline before giving up on it
 MAX_POLL_ERRORS = 5  # consecutive failed status reads before the launcher gives up
 LOG_TAIL_LINES = 50  # torchrun's own failure report alone is ~35 lines
+HARDENED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+"""securityContext of the node containers (the chart's admission policy sets the same on KFP steps)."""
 
 
 class TrainJobError(RuntimeError):
@@ -251,19 +257,20 @@ def _kubernetes_trainer(request: dict, spec: TrainJobSpec, settings: Settings, n
         resources_per_node={k: v for k, v in resources.items() if v} or None,
         env={**spec.env, "RLHF_STAGE_REQUEST": json.dumps(request)})
 
-    shm = spec.shm_size is not None
+    hardening = pod_hardening(spec)
     pod = PodSpecPatch(
         service_account_name=spec.service_account,
         node_selector=spec.node_selector or None,
         tolerations=[t.model_dump(exclude_none=True) for t in spec.tolerations] or None,
         image_pull_secrets=[{"name": s} for s in spec.image_pull_secrets] or None,
-        security_context={"runAsUser": spec.run_as_user, "runAsGroup": spec.run_as_user, "runAsNonRoot": True},
-        volumes=[{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}] if shm else None,
-        containers=[ContainerPatch(name="node", volume_mounts=[{"name": "dshm", "mountPath": "/dev/shm"}])]
-        if shm else None)
+        security_context=hardening["pod"], volumes=hardening["volumes"],
+        containers=[ContainerPatch(name="node", volume_mounts=hardening["mounts"],
+                                   security_context=hardening["container"])])
     # torch: every pod is a `node`; MPI: a `launcher` pod and `node` pods, placed alike
+    # (the MPI runtime names the container of both `node`)
     jobs = ["node"] if spec.runtime == "torch-distributed" else ["launcher", "node"]
-    pod_template = JobTemplatePatch(spec=JobSpecPatch(template=PodTemplatePatch(spec=pod)))
+    pod_template = JobTemplatePatch(spec=JobSpecPatch(template=PodTemplatePatch(
+        metadata={"labels": dict([STEP_LABEL])}, spec=pod)))
     placement = RuntimePatch(training_runtime_spec=TrainingRuntimeSpecPatch(template=JobSetTemplatePatch(
         spec=JobSetSpecPatch(replicated_jobs=[ReplicatedJobPatch(name=job, template=pod_template) for job in jobs]))))
     options = [Name(name), Labels({"app.kubernetes.io/part-of": "rlhf", "rlhf/stage": spec.stage}),
@@ -271,6 +278,23 @@ def _kubernetes_trainer(request: dict, spec: TrainJobSpec, settings: Settings, n
     if spec.timeout_s:
         options.append(ActiveDeadlineSeconds(spec.timeout_s))
     return spec.runtime, trainer, options
+
+
+def pod_hardening(spec: TrainJobSpec) -> dict:
+    """The security settings of a Trainer job's pods, in Kubernetes' own field names:
+    `pod` (securityContext: non-root user and group, RuntimeDefault seccomp), `container`
+    (HARDENED_CONTAINER), and the emptyDir `volumes` and `mounts` that a read-only root
+    filesystem needs (profiles.SCRATCH_DIRS), plus the memory-backed /dev/shm of NCCL
+    when the profile asks for one. Here, unlike on a KFP step, every field can be set."""
+    volumes = [{"name": name, "emptyDir": {}} for name in SCRATCH_DIRS]
+    mounts = [{"name": name, "mountPath": path} for name, path in SCRATCH_DIRS.items()]
+    if spec.shm_size is not None:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    pod = {"runAsUser": spec.run_as_user, "runAsGroup": spec.run_as_user, "runAsNonRoot": True,
+           "seccompProfile": {"type": "RuntimeDefault"}}
+    return {"pod": pod, "container": copy.deepcopy(HARDENED_CONTAINER), "volumes": volumes,
+            "mounts": mounts}
 
 
 def secret_env(spec: TrainJobSpec) -> list[dict]:
