@@ -375,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "plan":
             return _cmd_plan(args, cfg, settings)
+        if cfg.uses_builtin_task:  # a missing task plugin fails here, before anything starts
+            from rlhf.data.tasks.plugins import resolve_families
+
+            resolve_families(cfg.task.families, cfg.task.plugins)
         if args.cmd == "experiment":
             return _cmd_experiment(args, settings, argv)
         if args.cmd == "run":

@@ -39,7 +39,8 @@ def exact_div(a: int, b: int, what: str) -> int:
 class TaskConfig(_Model):
     """The built-in synthetic instruction task (used when no dataset paths are given)."""
 
-    families: list[str] = Field(["reverse", "sort"], description="Task families to mix (plugins in rlhf.data.tasks).")
+    families: list[str] = Field(["reverse", "sort"], description="Task families to mix: the built-in `reverse` and `sort`, or plugins' (see `plugins`).")
+    plugins: list[str] = Field([], description="Modules to import in every process that runs a stage (CLI, KFP steps, torchrun workers, Trainer pods) before the task is built: each registers its task families (`rlhf.data.tasks.register`, with their gold judges). They must be importable there (installed, or on PYTHONPATH). Installed distributions with an entry point in the `rlhf.tasks` group load without being named here.")
     min_items: int = Field(3, ge=1, description="Fewest items in a task instance.")
     max_items: int = Field(8, ge=1, description="Most items in a task instance.")
     num_demonstrations: int = Field(8000, ge=10, description="Human demonstrations written for SFT (few, on purpose).")
@@ -48,6 +49,15 @@ class TaskConfig(_Model):
     demo_correct_rate: float = Field(0.75, ge=0.7, le=1.0, description="Share of demonstrations that are exactly correct and concise (>= 0.7 keeps SFT a fair baseline).")
     demo_verbose_rate: float = Field(0.4, ge=0.0, le=1.0, description="Of the imperfect demonstrations, the share that are right but verbose; the rest carry mistakes.")
     labeler_temperature: float = Field(0.05, gt=0.0, description="Bradley-Terry noise: P(a preferred over b) = sigmoid((gold_a - gold_b) / temperature).")
+
+    @field_validator("plugins")
+    @classmethod
+    def _modules(cls, v: list[str]) -> list[str]:
+        for i, name in enumerate(v):
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name):
+                raise ValueError(f"plugins[{i}] = {name!r} is not a module name: give a dotted import path such as "
+                                 "my_tasks.rotate (not a file path)")
+        return v
 
     @model_validator(mode="after")
     def _check(self):

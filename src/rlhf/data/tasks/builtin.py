@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 
 from rlhf.config import TaskConfig
-from rlhf.data.tasks.base import families
+from rlhf.data.tasks.plugins import resolve_families
 
 CANDIDATE_CORRECT_RATE = 0.5
 """Answers shown to labelers come from several imperfect writers: half are exact."""
@@ -28,7 +28,7 @@ CANDIDATE_CORRECT_RATE = 0.5
 class BuiltinTask:
     def __init__(self, cfg: TaskConfig, seed: int):
         self.cfg = cfg
-        self.families = families(cfg.families)
+        self.families = resolve_families(cfg.families, cfg.plugins)
         self.seed = seed
 
     def _prompt(self, rng: random.Random) -> str:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from rlhf.config import PipelineConfig
-from rlhf.data.tasks.base import TaskFamily, families
+from rlhf.data.tasks.base import TaskFamily
+from rlhf.data.tasks.plugins import resolve_families
 
 
 class Judge(Protocol):
@@ -52,8 +53,8 @@ class GoldJudge:
 
 
 def build_judge(cfg: PipelineConfig) -> Judge:
-    """The built-in task's gold judge, or none for user data."""
-    return GoldJudge(families(cfg.task.families)) if cfg.uses_builtin_task else NoJudge()
+    """The gold judge of the task's families (built-in or plugins), or none for user data."""
+    return GoldJudge(resolve_families(cfg.task.families, cfg.task.plugins)) if cfg.uses_builtin_task else NoJudge()
 
 
 def build_task(cfg: PipelineConfig):
