@@ -9,6 +9,14 @@ os.environ.setdefault("RLHF_QUIET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# Every local stack runs MLflow with basic auth. Stacks started by the tests (in this
+# process or by `rlhf stack up` / `rlhf run --stack` in a child) take this admin
+# password, so MLflow clients in the tests themselves authenticate through the
+# environment, as users' do. tests/pipeline/test_mlflow_auth.py runs without it.
+TEST_MLFLOW_PASSWORD = "rlhf-test-admin-password"
+os.environ["RLHF_STACK_ADMIN_PASSWORD"] = TEST_MLFLOW_PASSWORD
+os.environ["MLFLOW_TRACKING_USERNAME"] = "admin"
+os.environ["MLFLOW_TRACKING_PASSWORD"] = TEST_MLFLOW_PASSWORD
 
 # The real local stack (SeaweedFS + mlflow server), started once per session for the
 # integration and pipeline tests that need it. The test folders are not packages, so

@@ -13,6 +13,7 @@ starts it, the last one to finish stops it (one start per session, not per folde
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -26,7 +27,8 @@ _shared: dict = {"stack": None, "users": 0}
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory):
     if _shared["stack"] is None:
-        _shared["stack"] = Stack(tmp_path_factory.mktemp("stack"), ports="free", startup_timeout=120)
+        _shared["stack"] = Stack(tmp_path_factory.mktemp("stack"), ports="free", startup_timeout=120,
+                                 admin_password=os.environ["RLHF_STACK_ADMIN_PASSWORD"])  # tests/conftest.py
     stack = _shared["stack"]
     _shared["users"] += 1
     try:

@@ -102,7 +102,8 @@ def scenario(work: Path, outage_s: float) -> dict:
     from rlhf.ops.stack import Stack
 
     report: dict = {"outage_s": outage_s, "pace_s": PACE_S}
-    stack = Stack(work / "stack", ports="free", startup_timeout=180)
+    stack = Stack(work / "stack", ports="free", startup_timeout=180,
+                  admin_password=os.environ["RLHF_STACK_ADMIN_PASSWORD"])
     stack.up()
     try:
         pace = work / "pace"

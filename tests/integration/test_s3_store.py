@@ -322,7 +322,7 @@ def test_second_stack_coexists_serves_mlflow_and_stops(local_stack, tmp_path, mo
     """A second stack next to the session one (all ports distinct), through its whole life."""
     import mlflow
 
-    stack = Stack(tmp_path / "stack2", ports="free")
+    stack = Stack(tmp_path / "stack2", ports="free", admin_password=os.environ["RLHF_STACK_ADMIN_PASSWORD"])
     try:
         st = stack.up()
         assert st["s3"]["healthy"] and st["mlflow"]["healthy"]

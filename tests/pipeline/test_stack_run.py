@@ -1,5 +1,8 @@
-"""The whole DAG against the real local stack: SeaweedFS (S3) and an `mlflow server`,
-both started by the test session. What a cluster run does, on one machine."""
+"""The whole DAG against the real local stack: SeaweedFS (S3) and an `mlflow server
+--app-name basic-auth`, both started by the test session. What a cluster run does, on one
+machine: every step authenticates with the stack's MLflow credentials (from the
+environment, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, as the chart's steps
+get them from a Secret), and the server refuses anonymous requests."""
 
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ import pytest
 from rlhf.adapters.store import S3Store
 
 
-PLANTED = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw-Planted-stack-5d1e",
-           "KF_PIPELINES_TOKEN": "kfp-Planted-stack-93af"}
-"""Secrets in the run's environment (the server runs without auth and ignores them): none
-may appear in its output, its MLflow params and tags, or its artifacts (issue 14)."""
+PLANTED = {"KF_PIPELINES_TOKEN": "kfp-Planted-stack-93af"}
+"""A secret in the run's environment beside the real ones (the MLflow password the server
+checks, the S3 secret key): none may appear in its output, its MLflow params and tags, or
+its artifacts (issue 14)."""
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +77,28 @@ def test_nested_runs_registered_models_and_alias(stack_run):
     assert s["promoted"] is True and s["policy_model_uri"] == f"models:/{name}-policy@champion"
 
 
+def test_the_run_authenticated_and_anonymous_requests_are_refused(stack_run, local_stack):
+    import urllib.error
+    import urllib.request
+
+    uri, name = stack_run["tracking_uri"], stack_run["name"]
+    for path in (f"/api/2.0/mlflow/registered-models/get?name={name}-policy",
+                 f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}",
+                 "/api/2.0/mlflow-artifacts/artifacts"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(uri + path, timeout=10)
+        assert refused.value.code == 401, path
+    # the steps got through only with the credentials (the run finished and promoted);
+    # the same requests with them succeed
+    c = mlflow.MlflowClient(uri)
+    assert str(c.get_registered_model(f"{name}-policy").aliases["champion"]) == "1"
+    assert c.get_experiment_by_name(name) is not None
+
+
 def test_planted_secrets_appear_nowhere(stack_run, local_stack):
-    """The S3 secret key and the planted MLflow password and KFP token: not in the command's
+    """The S3 secret key, the MLflow password and a planted KFP token: not in the command's
     output, not in any MLflow param, tag or model-version tag, not in the run's text artifacts."""
-    secrets = [PLANTED["MLFLOW_TRACKING_PASSWORD"], PLANTED["KF_PIPELINES_TOKEN"],
+    secrets = [local_stack.env()["MLFLOW_TRACKING_PASSWORD"], PLANTED["KF_PIPELINES_TOKEN"],
                local_stack.env()["AWS_SECRET_ACCESS_KEY"]]
     seen = [stack_run["stdout"], stack_run["stderr"]]
     c = mlflow.MlflowClient(stack_run["tracking_uri"])

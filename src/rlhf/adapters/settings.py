@@ -99,6 +99,10 @@ class Settings:
     never printed and never sent over plain http. Never logged."""
     mlflow_tracking_password: str | None = field(default=None, repr=False)
     """MLFLOW_TRACKING_PASSWORD: see `mlflow_tracking_token`. Never logged."""
+    stack_admin_password: str | None = field(default=None, repr=False)
+    """RLHF_STACK_ADMIN_PASSWORD: the MLflow admin password of a local stack folder that has
+    none yet (`rlhf stack up`, `rlhf run --stack`); default: a random one, kept in the
+    folder's auth/credentials.json. Never logged."""
     insecure: bool = False
     """RLHF_INSECURE=1 (or `--insecure`): allow a token or password over plain http to a
     host outside this machine or the cluster (`rlhf.redaction.check_transport`)."""
@@ -128,7 +132,7 @@ class Settings:
             object.__setattr__(self, "stack_dir", Path(self.home) / ".stack")
         # every secret this process knows is masked wherever it would be printed or logged
         register(self.aws_secret_access_key, self.aws_session_token, self.kfp_token, self.mlflow_tracking_token,
-                 self.mlflow_tracking_password)
+                 self.mlflow_tracking_password, self.stack_admin_password)
 
     def check_tracking_transport(self, uri: str) -> str:
         """`uri`, once it is safe to send this process's MLflow credentials to it (a token,
@@ -174,6 +178,7 @@ class Settings:
             kfp_token_path=env.get("KF_PIPELINES_SA_TOKEN_PATH") or None,
             mlflow_tracking_token=env.get("MLFLOW_TRACKING_TOKEN") or None,
             mlflow_tracking_password=env.get("MLFLOW_TRACKING_PASSWORD") or None,
+            stack_admin_password=env.get("RLHF_STACK_ADMIN_PASSWORD") or None,
             insecure=env.get("RLHF_INSECURE", "0").lower() in {"1", "true", "yes"},
             rank=int(env.get("RANK") or 0),
             world_size=int(env.get("WORLD_SIZE") or 1),
@@ -210,6 +215,31 @@ def _seconds(env: dict[str, str], name: str, default: float) -> float:
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{name}={raw!r}: expected seconds >= 0 (unset it for the default {default:g})")
     return value
+
+
+MULTIPART_MIN_BYTES = 64 * 2**20
+"""Files from this size up move between MLflow clients and S3 in parts, through URLs the
+server presigns; only smaller ones pass through the server (which writes each upload
+whole to its temporary disk first, and each download too). 64 MiB keeps that disk's use
+per request small beside the chart's 2 GiB /tmp, while a model's config, tokenizer and
+small shards still take one request each."""
+
+MLFLOW_TRANSFER_ENV = {
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true",
+    "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": str(MULTIPART_MIN_BYTES),
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "true",
+    "MLFLOW_MULTIPART_DOWNLOAD_MINIMUM_FILE_SIZE": str(MULTIPART_MIN_BYTES),
+}
+"""The MLflow client settings of every process that talks to a tracking server: large
+artifacts go straight to and from S3 (see MULTIPART_MIN_BYTES). A value already in the
+environment wins."""
+
+
+def use_direct_artifact_transfers() -> None:
+    """Apply MLFLOW_TRANSFER_ENV to this process's environment (where the MLflow client
+    reads it) without overriding what the user set."""
+    for name, value in MLFLOW_TRANSFER_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def child_process_env(overrides: dict[str, str | None]) -> dict[str, str]:

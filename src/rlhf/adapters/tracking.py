@@ -61,6 +61,7 @@ class Tracker(Protocol):
     def flush(self) -> None: ...
     def log_table(self, rows: list[dict], name: str) -> None: ...
     def log_dict(self, obj: dict, name: str) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
     def log_model(self, model_dir: Path, kind: str, name: str = "model") -> str | None: ...
     def log_parent_dict(self, parent_run_id: str | None, obj: dict, name: str) -> None: ...
     def load_registered(self, name: str, alias: str) -> dict | None: ...
@@ -74,6 +75,7 @@ class NullTracker:
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self.params: dict[str, Any] = {}
         self.tables: dict[str, list[dict]] = {}
+        self.texts: dict[str, str] = {}
         self.models: dict[str, str] = {}
         self.run_id = None
         self.tracking_uri = None
@@ -95,6 +97,9 @@ class NullTracker:
 
     def log_dict(self, obj: dict, name: str) -> None:
         self.tables[name] = [obj]
+
+    def log_text(self, text: str, name: str) -> None:
+        self.texts[name] = text
 
     def log_model(self, model_dir: Path, kind: str, name: str = "model") -> str | None:
         self.models[kind] = str(model_dir)
@@ -150,6 +155,10 @@ def ready_store(tracking_uri: str) -> str:
     otherwise both migrate the new database and one fails (`duplicate column name: step`,
     `table ... already exists`); with the lock the second finds it ready. Servers (http,
     https, databricks) migrate their own databases: nothing to do."""
+    if tracking_uri.startswith(("http://", "https://")):
+        from rlhf.adapters.settings import use_direct_artifact_transfers
+
+        use_direct_artifact_transfers()  # large artifacts bypass the server's temporary disk
     if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY:
         return tracking_uri
     import fcntl
@@ -357,6 +366,11 @@ class MLflowTracker:
     @_timed
     def log_dict(self, obj: dict, name: str) -> None:
         self._tolerant(lambda: self.mlflow.log_dict(obj, name), name)
+
+    @_timed
+    def log_text(self, text: str, name: str) -> None:
+        """A text artifact of the stage's run (eval's Markdown report)."""
+        self._tolerant(lambda: self.mlflow.log_text(text, name), name)
 
     @_timed
     def log_model(self, model_dir: Path, kind: str, name: str = "model") -> str | None:

@@ -11,6 +11,8 @@ folder (default `settings.stack_dir`):
     seaweed/        SeaweedFS data (buckets `rlhf` and `mlflow`)
     mlflow.db       MLflow runs and model registry
     logs/           seaweed.log, mlflow.log: the first place to look when `up` fails
+    auth/           the MLflow server's basic-auth config, user database and admin
+                    credentials (credentials.json, mode 0600)
 
 Credentials: `weed mini` turns S3 authentication on when it starts with
 AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment: that pair becomes its
@@ -18,6 +20,14 @@ admin identity, and unsigned or wrongly signed requests get 403. The stack uses 
 fixed local-dev pair below (not a secret: the servers listen on 127.0.0.1 only). The
 MLflow server gets the pair in its own environment and proxies artifact uploads, so
 MLflow clients need no S3 credentials at all.
+
+MLflow runs with basic authentication (`--app-name basic-auth`), as the chart does by
+default: anonymous requests get 401. The admin user and password are generated once per
+stack folder; `env()` hands them to clients as MLFLOW_TRACKING_USERNAME/PASSWORD. Large
+files never pass whole through the server's temporary disk: clients upload them in parts
+straight to S3 with URLs the server presigns, and download them the same way
+(`rlhf.adapters.settings.MLFLOW_TRANSFER_ENV`). `max_file_bytes` caps every file the
+server process writes (RLIMIT_FSIZE), a small temporary disk for tests.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import fcntl
 import json
 import os
 import random
+import resource
+import secrets
 import shlex
 import shutil
 import signal
@@ -38,7 +50,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from rlhf.adapters.settings import Settings, child_process_env
+from rlhf.adapters.settings import MLFLOW_TRANSFER_ENV, Settings, child_process_env
+from rlhf.redaction import register
 
 HOST = "127.0.0.1"
 LOCAL_ACCESS_KEY = "rlhf"
@@ -178,7 +191,8 @@ class Stack:
 
     def __init__(self, dir: str | Path | None = None, *, s3_port: int | None = None,
                  mlflow_port: int | None = None, ports: str | None = None,
-                 settings: Settings | None = None, startup_timeout: float = 120.0, grace_s: float = 10.0):
+                 settings: Settings | None = None, startup_timeout: float = 120.0, grace_s: float = 10.0,
+                 auth: bool = True, admin_password: str | None = None, max_file_bytes: int | None = None):
         if dir is None and settings is None:
             raise StackError("Stack needs its folder: pass dir, or the settings (RLHF_STACK_DIR / RLHF_HOME)")
         self.dir = Path(dir or settings.stack_dir).expanduser().resolve()
@@ -190,6 +204,9 @@ class Stack:
         self.startup_timeout = startup_timeout
         self.grace_s = grace_s
         self.logs = self.dir / "logs"
+        self.auth = auth
+        self.admin_password = admin_password or (settings.stack_admin_password if settings else None)
+        self.max_file_bytes = max_file_bytes
         self._procs: dict[str, subprocess.Popen] = {}  # children started by this object
 
     # -- state file
@@ -282,11 +299,17 @@ class Stack:
         return out
 
     def env(self) -> dict[str, str]:
-        """What a client process needs to use this stack (the credentials are the fixed
-        local-dev pair, not secrets)."""
+        """What a client process needs to use this stack: the fixed local-dev S3 pair (not
+        secrets), the MLflow admin user of this folder, the direct-transfer settings."""
         ports = self._ports()
         s3 = f"http://{HOST}:{ports['s3']}"
+        auth = {}
+        if self.auth:
+            user = self.credentials()
+            auth = {"MLFLOW_TRACKING_USERNAME": user["username"], "MLFLOW_TRACKING_PASSWORD": user["password"]}
         return {
+            **MLFLOW_TRANSFER_ENV,
+            **auth,
             "MLFLOW_TRACKING_URI": f"http://{HOST}:{ports['mlflow']}",
             "AWS_ENDPOINT_URL_S3": s3,
             "MLFLOW_S3_ENDPOINT_URL": s3,
@@ -295,6 +318,24 @@ class Stack:
             "AWS_REGION": REGION,
             "RLHF_ARTIFACT_ROOT": "s3://rlhf/runs",
         }
+
+    def credentials(self) -> dict[str, str]:
+        """The MLflow admin user of this stack folder, generated on first use (0600)."""
+        path = self.dir / "auth" / "credentials.json"
+        with contextlib.suppress(OSError, ValueError):
+            creds = json.loads(path.read_text())
+            register(creds["password"], creds["flask_secret_key"])
+            return creds
+        path.parent.mkdir(parents=True, exist_ok=True)
+        creds = {"username": "admin", "password": self.admin_password or secrets.token_urlsafe(18),
+                 "flask_secret_key": secrets.token_hex(32)}
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(creds, f)
+        os.replace(tmp, path)
+        register(creds["password"], creds["flask_secret_key"])
+        return creds
 
     def settings(self) -> Settings:
         """Settings pointing at this stack, for in-process clients (tests), without
@@ -398,13 +439,16 @@ class Stack:
         (self.dir / "ports.json").write_text(json.dumps(ports, indent=2, sort_keys=True))
         return ports
 
-    def _start(self, name: str, cmd: list[str], env: dict[str, str | None]) -> int:
+    def _start(self, name: str, cmd: list[str], env: dict[str, str | None], max_file_bytes: int | None = None) -> int:
         log = self.logs / f"{name}.log"
+        limit = None if max_file_bytes is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes)))
         with open(log, "ab") as f:
             f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
             f.flush()
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.dir, env=child_process_env(env), start_new_session=True)
+                                    cwd=self.dir, env=child_process_env(env), start_new_session=True,
+                                    preexec_fn=limit)
         self._procs["s3" if name == "seaweed" else "mlflow"] = proc
         return proc.pid
 
@@ -459,7 +503,24 @@ class Stack:
             # the server starts faster on small machines
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
-        return self._start("mlflow", cmd, env)
+        if self.auth:
+            cmd += ["--app-name", "basic-auth"]
+            env.update(self._auth_env())
+        return self._start("mlflow", cmd, env, self.max_file_bytes)
+
+    def _auth_env(self) -> dict[str, str]:
+        """The basic-auth app's config: its user database in auth/, the admin from
+        credentials.json (created in the database on first start, the password passed in
+        the environment, never written to the ini file)."""
+        creds = self.credentials()
+        ini = self.dir / "auth" / "basic_auth.ini"
+        ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                       f"database_uri = sqlite:///{self.dir / 'auth' / 'basic_auth.db'}\n"
+                       f"admin_username = {creds['username']}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": creds["password"],
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": creds["flask_secret_key"],
+                "MLFLOW_TRACKING_USERNAME": None, "MLFLOW_TRACKING_PASSWORD": None}
 
     def _wait_healthy(self, ports: dict[str, int], pids: dict[str, int]) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -537,7 +598,8 @@ def handle_cli(args, settings: Settings) -> int:
         return 2
     print(json.dumps(st, indent=2))
     if args.action == "up":
-        print("# point `rlhf` and `mlflow` at the stack (fixed local-dev credentials):")
+        print("# point `rlhf` and `mlflow` at the stack (fixed local-dev S3 keys; the MLflow admin password is\n"
+              f"# this stack's own, kept in {stack.dir / 'auth' / 'credentials.json'}):")
         for name, value in stack.env().items():
             print(f"export {name}={shlex.quote(value)}")
     return 0
