@@ -12,15 +12,22 @@ base class gives; the mistakes (the noise the labelers see) are their own.
 
     python benchmarks/other_task.py --seed 0 --output /tmp/other-s0 [--set k=v ...]
 
-runs `rlhf stage all --preset demo --set task.families=[rotate,dedupe]` in this process
-(where the plugins are registered) and prints the summary's headline numbers as JSON.
+runs the demo's own command on it, as a user with a plugin would:
+
+    PYTHONPATH=benchmarks rlhf run --preset demo --set task.plugins=[other_task] \
+        --set task.families=[rotate,dedupe] --set seed=0 --output /tmp/other-s0
+
+(this module is the plugin: importing it registers both families), then prints the
+summary's headline numbers as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
 import sys
 
 from rlhf.data.tasks.base import TaskFamily, register
@@ -81,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args(argv)
-    from rlhf.cli import main as rlhf
-
-    sets = ["task.families=[rotate,dedupe]", f"seed={args.seed}", *args.set]
-    code = rlhf(["stage", "all", "--preset", "demo", *[a for s in sets for a in ("--set", s)], "--output",
-                 args.output, "--quiet"])
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+    sets = ["task.plugins=[other_task]", "task.families=[rotate,dedupe]", f"seed={args.seed}", *args.set]
+    code = subprocess.call([sys.executable, "-m", "rlhf.cli", "run", "--preset", "demo",
+                            *[a for s in sets for a in ("--set", s)], "--output", args.output], env=env)
     if code:
         return code
     with open(f"{args.output}/summary.json") as f:
