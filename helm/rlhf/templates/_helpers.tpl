@@ -65,6 +65,78 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "http://%s.%s.svc.%s:%d" (include "rlhf.mlflow.fullname" .) .Release.Namespace .Values.mlflow.clusterDomain (int .Values.mlflow.service.port) -}}
 {{- end -}}
 
+{{/* Name of the Secret of MLflow's admin login and Flask key: the user's, or the one the
+chart generates. */}}
+{{- define "rlhf.mlflow.authSecretName" -}}
+{{- .Values.mlflow.auth.existingSecret | default (printf "%s-auth" (include "rlhf.mlflow.fullname" .)) -}}
+{{- end -}}
+
+{{/* Name of the ConfigMap of the chart's basic_auth.ini (generated Secret only). */}}
+{{- define "rlhf.mlflow.authConfigMapName" -}}
+{{- printf "%s-auth" (include "rlhf.mlflow.fullname" .) -}}
+{{- end -}}
+
+{{/* Where the basic-auth app's users database is, checked: "secret" (the URL in
+mlflow.auth.database.existingSecret), "sqlite" (a file on an emptyDir of each pod), or
+"ini" (an existing auth Secret's basic_auth.ini names it). "" with auth off. */}}
+{{- define "rlhf.mlflow.authDatabase" -}}
+{{- $a := .Values.mlflow.auth -}}
+{{- if and .Values.mlflow.enabled $a.enabled -}}
+{{- if $a.existingSecret -}}
+{{- if $a.database.existingSecret -}}
+{{- fail (printf "mlflow.auth.database.existingSecret (%s) is used with the generated auth Secret only: the basic_auth.ini of mlflow.auth.existingSecret (%s, key %s) names its own database_uri; set one of the two" $a.database.existingSecret $a.existingSecret $a.configKey) -}}
+{{- end -}}
+ini
+{{- else if $a.database.existingSecret -}}
+secret
+{{- else -}}
+{{- if gt (int .Values.mlflow.replicas) 1 -}}
+{{- fail (printf "mlflow.auth: the users database is a sqlite file in each MLflow pod (mlflow.auth.database.existingSecret is empty), so mlflow.replicas=%d would give every replica its own users and passwords. Set mlflow.replicas to 1, or mlflow.auth.database.existingSecret to a Secret holding the URL of a shared database (PostgreSQL, MySQL), or mlflow.auth.existingSecret to a Secret whose basic_auth.ini names one" (int .Values.mlflow.replicas)) -}}
+{{- end -}}
+sqlite
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Directory of the per-pod sqlite users database (an emptyDir). */}}
+{{- define "rlhf.mlflow.authDbDir" -}}/var/lib/mlflow-auth{{- end -}}
+
+{{/* The basic-auth app's ini as the chart renders it (generated Secret only): no
+password in it, the admin's comes from MLFLOW_AUTH_ADMIN_PASSWORD. With a database
+Secret, database_uri is left out and written at start by the auth-config init container. */}}
+{{- define "rlhf.mlflow.authIni" -}}
+{{- $a := .Values.mlflow.auth -}}
+[mlflow]
+default_permission = {{ $a.defaultPermission }}
+{{- if eq (include "rlhf.mlflow.authDatabase" .) "sqlite" }}
+database_uri = sqlite:///{{ include "rlhf.mlflow.authDbDir" . }}/basic_auth.db
+{{- end }}
+admin_username = {{ $a.adminUsername }}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+{{- end -}}
+
+{{/* The data of the generated auth Secret: the admin user from the values; the password
+and Flask key of `existing` (the Secret as `lookup` finds it on an upgrade) when it has
+them, else new random ones. Pass (dict "ctx" $ "existing" (lookup ...)). */}}
+{{- define "rlhf.mlflow.authSecretData" -}}
+{{- $a := .ctx.Values.mlflow.auth -}}
+{{- $old := (.existing | default dict).data | default dict -}}
+{{ $a.adminUsernameKey }}: {{ b64enc $a.adminUsername }}
+{{ $a.adminPasswordKey }}: {{ get $old $a.adminPasswordKey | default (randAlphaNum 32 | b64enc) }}
+{{ $a.flaskSecretKeyKey }}: {{ get $old $a.flaskSecretKeyKey | default (randAlphaNum 64 | b64enc) }}
+{{- end -}}
+
+{{/* The MLflow login the chart gives the steps, as a profile `secrets` entry (JSON; {}
+when this release's MLflow has no auth): the admin's keys of the auth Secret. */}}
+{{- define "rlhf.mlflow.loginSecret" -}}
+{{- $a := .Values.mlflow.auth -}}
+{{- if and .Values.mlflow.enabled $a.enabled -}}
+{{- dict "name" (include "rlhf.mlflow.authSecretName" .) "env" (dict "MLFLOW_TRACKING_USERNAME" $a.adminUsernameKey "MLFLOW_TRACKING_PASSWORD" $a.adminPasswordKey) | toJson -}}
+{{- else -}}
+{}
+{{- end -}}
+{{- end -}}
+
 {{/* `--allowed-hosts` of the MLflow server: setting it replaces MLflow's defaults
 (localhost, private IPs), so those are listed again, then the Service's names, then the
 user's extra hosts. */}}
@@ -106,7 +178,10 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* Writable scratch for a read-only root filesystem: /tmp and $HOME (caches). */}}
+{{/* Writable scratch for a read-only root filesystem: /tmp and $HOME (caches). On the
+MLflow server /tmp holds the artifacts that pass through it, each whole for the time of
+its request: only files under the clients' 64 MiB multipart threshold (larger ones go
+straight to S3 through presigned URLs), so 2Gi is some 30 concurrent transfers. */}}
 {{- define "rlhf.scratchVolumes" -}}
 - name: tmp
   emptyDir:
@@ -190,12 +265,55 @@ configMap
 {{- end -}}
 {{- end -}}
 
+{{/* The `secrets` of the inline schedule profile (JSON list): the profile's own, then
+schedule.profile.secrets, then, when neither gives MLFLOW_TRACKING_USERNAME or
+MLFLOW_TRACKING_PASSWORD (nor `env` the username), this release's MLflow login. */}}
+{{- define "rlhf.schedule.profileSecrets" -}}
+{{- $inline := .Values.schedule.profile.inline -}}
+{{- $secrets := concat ($inline.secrets | default list) .Values.schedule.profile.secrets -}}
+{{- $given := hasKey ($inline.env | default dict) "MLFLOW_TRACKING_USERNAME" -}}
+{{- range $secrets -}}
+{{- if or (hasKey .env "MLFLOW_TRACKING_USERNAME") (hasKey .env "MLFLOW_TRACKING_PASSWORD") -}}{{- $given = true -}}{{- end -}}
+{{- end -}}
+{{- $login := include "rlhf.mlflow.loginSecret" . | fromJson -}}
+{{- if and $login (not $given) -}}
+{{- $secrets = append $secrets $login -}}
+{{- end -}}
+{{- $secrets | default list | toJson -}}
+{{- end -}}
+
+{{/* The MLflow login of the schedule Job's containers, as env entries: the one the steps
+get (an inline profile's secrets), or this release's (a ConfigMap profile, which the
+chart does not read). */}}
+{{- define "rlhf.schedule.loginEnv" -}}
+{{- $secrets := list -}}
+{{- if eq (include "rlhf.schedule.profileSource" .) "inline" -}}
+{{- $secrets = include "rlhf.schedule.profileSecrets" . | fromJsonArray -}}
+{{- else -}}
+{{- with include "rlhf.mlflow.loginSecret" . | fromJson -}}
+{{- $secrets = list . -}}
+{{- end -}}
+{{- end -}}
+{{- range $s := $secrets -}}
+{{- range $var := list "MLFLOW_TRACKING_USERNAME" "MLFLOW_TRACKING_PASSWORD" -}}
+{{- if hasKey $s.env $var }}
+- name: {{ $var }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s.name }}
+      key: {{ get $s.env $var }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The inline schedule profile as a YAML file: the user's mapping, then what the chart
 knows and the profile leaves unset (service account, user, pull secrets, this release's
-MLflow URL), and schedule.profile.secrets appended to its `secrets`. */}}
+MLflow URL), and schedule.profile.secrets (and the MLflow login) appended to its
+`secrets`. */}}
 {{- define "rlhf.schedule.inlineProfile" -}}
 {{- $p := deepCopy .Values.schedule.profile.inline -}}
-{{- $secrets := concat ($p.secrets | default list) .Values.schedule.profile.secrets -}}
+{{- $secrets := include "rlhf.schedule.profileSecrets" . | fromJsonArray -}}
 {{- $_ := set $p "secrets" $secrets -}}
 {{- if not (hasKey $p "service_account") -}}
 {{- $_ := set $p "service_account" (include "rlhf.pipelineRunner.serviceAccountName" .) -}}
