@@ -8,7 +8,11 @@ alone, so every import is inside the body.
 
 Outputs are small manifests (store URI, sha256, MLflow run and model ids); models,
 checkpoints and datasets stay in the artifact store and never pass through the
-KFP launcher.
+KFP launcher. So that a run explains itself in the Kubeflow UI, each step also
+outputs its headline numbers (`metrics`: dsl.Metrics), the reward step its held-out
+pairs as a confusion matrix and ROC curve (`heldout_pairs`: dsl.ClassificationMetrics)
+and eval a Markdown report (`report`: the gate's verdict and reasons, win rates,
+KL, tax, champion, PPO's curves, samples); `rlhf.runs.publish_outputs` fills them.
 
 Installed as the `rlhf.components` package (see pyproject.toml).
 """
@@ -17,7 +21,7 @@ Installed as the `rlhf.components` package (see pyproject.toml).
 from typing import List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from rlhf.adapters.settings import Settings
 
@@ -44,50 +48,51 @@ def start_run(preset: str, config_json: str, base_model: str, sft_data: str, pre
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def prep_data(prep_config_json: str, artifact_root: str, data_key: str, dataset: Output[Dataset]):
+def prep_data(prep_config_json: str, artifact_root: str, data_key: str, dataset: Output[Dataset],
+              metrics: Output[Metrics]):
     """Read, clean, split and tokenise the data into <artifact_root>/_datasets/<data_key>."""
     from rlhf import runs
 
-    runs.publish(dataset, runs.prep(prep_config_json, artifact_root, data_key))
+    runs.prep(prep_config_json, artifact_root, data_key, dataset=dataset, metrics=metrics)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train_sft(config_json: str, run_root: str, parent_run_id: str, dataset: Input[Dataset], model: Output[Model]):
+def train_sft(config_json: str, run_root: str, parent_run_id: str, dataset: Input[Dataset], model: Output[Model],
+              metrics: Output[Metrics]):
     """Supervised fine-tuning on demonstrations (resumes from its checkpoints on retry)."""
     from rlhf import runs
 
-    runs.publish(model, runs.stage("sft", config_json, run_root, parent_run_id, dataset.metadata["root"]))
+    runs.stage("sft", config_json, run_root, parent_run_id, dataset.metadata["root"], manifest=model, metrics=metrics)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train_reward(config_json: str, run_root: str, parent_run_id: str, dataset: Input[Dataset],
-                 sft_model: Input[Model], model: Output[Model]):
+                 sft_model: Input[Model], model: Output[Model], metrics: Output[Metrics],
+                 heldout_pairs: Output[ClassificationMetrics]):
     """Reward model on preference comparisons, initialised from SFT."""
     from rlhf import runs
 
-    runs.publish(model, runs.stage("reward", config_json, run_root, parent_run_id, dataset.metadata["root"]))
+    runs.stage("reward", config_json, run_root, parent_run_id, dataset.metadata["root"], manifest=model,
+               metrics=metrics, heldout_pairs=heldout_pairs)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train_ppo(config_json: str, run_root: str, parent_run_id: str, dataset: Input[Dataset],
-              sft_model: Input[Model], reward_model: Input[Model], model: Output[Model]):
+              sft_model: Input[Model], reward_model: Input[Model], model: Output[Model], metrics: Output[Metrics]):
     """PPO against the reward model with a KL penalty to SFT."""
     from rlhf import runs
 
-    runs.publish(model, runs.stage("ppo", config_json, run_root, parent_run_id, dataset.metadata["root"]))
+    runs.stage("ppo", config_json, run_root, parent_run_id, dataset.metadata["root"], manifest=model, metrics=metrics)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(config_json: str, run_root: str, parent_run_id: str, dataset: Input[Dataset],
-             policy: Input[Model], metrics: Output[Metrics]) -> bool:
+             policy: Input[Model], metrics: Output[Metrics], report: Output[Markdown]) -> bool:
     """Policy vs SFT and vs the current champion on held-out prompts; returns the gate verdict."""
     from rlhf import runs
 
-    result = runs.stage("eval", config_json, run_root, parent_run_id, dataset.metadata["root"])
-    for k, v in result.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            metrics.log_metric(k.replace("/", "_"), v)
-    return bool(result["gate/passed"])
+    return bool(runs.stage("eval", config_json, run_root, parent_run_id, dataset.metadata["root"], metrics=metrics,
+                           report=report)["gate/passed"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -96,8 +101,8 @@ def promote(config_json: str, run_root: str, parent_run_id: str, dataset: Input[
     """Register <name>-sft/-reward/-policy; with move_alias=True move @champion to the policy."""
     from rlhf import runs
 
-    runs.publish(summary, runs.stage("promote", config_json, run_root, parent_run_id, dataset.metadata["root"],
-                                     promote=move_alias))
+    runs.stage("promote", config_json, run_root, parent_run_id, dataset.metadata["root"], promote=move_alias,
+               manifest=summary)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -157,14 +157,16 @@ PREP_WAIT_S = 6 * 3600.0
 
 
 @step_entry("prep")
-def prep(prep_config_json: str, artifact_root: str, key: str, settings: Settings) -> dict:
+def prep(prep_config_json: str, artifact_root: str, key: str, settings: Settings, dataset=None,
+         metrics=None) -> dict:
     """Data prep into the content-addressed dataset folder, unless it is committed there.
 
     Once per dataset, however many runs start at once: the preparing run holds the
     dataset's lease (`prep.lease`, store compare-and-swap), builds the data in a local
     staging folder and commits it whole (`put_dir`, marker last); the others wait and
     use the committed data. A preparer that dies stops renewing its lease, and the next
-    waiter takes over after its expiry."""
+    waiter takes over after its expiry. `dataset` and `metrics`: the KFP step's outputs
+    (`publish_outputs`)."""
     from rlhf.adapters.lease import Lease, owner_id
 
     cfg = PipelineConfig.model_validate_json(prep_config_json)
@@ -179,18 +181,26 @@ def prep(prep_config_json: str, artifact_root: str, key: str, settings: Settings
                 prepared = True
     report = json.loads(store.read_artifact_file("prep", "report.json"))
     manifest = store.read_artifact_file("prep", "MANIFEST.json")
-    return {"uri": store.uri("prep"), "root": store.uri(""), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-            "sizes": report["sizes"], "hashes": report["hashes"], "data_key": key, "prepared_here": prepared}
+    out = {"uri": store.uri("prep"), "root": store.uri(""), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+           "sizes": report["sizes"], "hashes": report["hashes"], "data_key": key, "prepared_here": prepared,
+           "rejected": {kind: r.get("rejected") for kind, r in report.get("reports", {}).items()}}
+    publish_outputs("prep", out, manifest=dataset, metrics=metrics)
+    return out
 
 
 @step_entry("stage")
 def stage(name: str, config_json: str, run_root: str, parent_run_id: str, dataset_root: str,
-          promote: bool = True, settings: Settings | None = None) -> dict:
+          promote: bool = True, settings: Settings | None = None, manifest=None, metrics=None, report=None,
+          heldout_pairs=None) -> dict:
     """One stage of a pipeline run (a KFP step), through the one dispatcher; returns its
-    result plus where its model lives. `promote` is promote's `move_alias`."""
+    result plus where its model lives. `promote` is promote's `move_alias`. The other
+    keywords are the KFP step's output artifacts, filled by `publish_outputs`."""
     cfg = PipelineConfig.model_validate_json(config_json)
     options = {"move_alias": promote} if name == "promote" else {}
-    return dispatch(StageRequest(name, run_root, dataset_root, parent_run_id, options), cfg, settings)
+    result = dispatch(StageRequest(name, run_root, dataset_root, parent_run_id, options), cfg, settings)
+    publish_outputs(name, result, manifest=manifest, metrics=metrics, heldout_pairs=heldout_pairs,
+                    report=report, store=open_store(run_root, settings) if report is not None else None)
+    return result
 
 
 @step_entry("finish")
@@ -232,6 +242,34 @@ def finish(preset: str, config_json: str, overrides: dict[str, Any], artifact_ro
     if succeeded and parent and store.exists("summary.json"):
         log_pipeline_plots(uri, parent, store.read_json("summary.json"))
     return {"parent_run_id": parent, "state": state, "removed_versions": removed}
+
+
+def publish_outputs(name: str, result: dict, manifest=None, metrics=None, heldout_pairs=None, report=None,
+                    store=None) -> None:
+    """A step's KFP output artifacts from its result (each one optional):
+
+    - `manifest` (Dataset / Model): the result as a small JSON manifest (`publish`);
+    - `metrics` (`dsl.Metrics`): the step's headline numbers (`rlhf.stages.report.headline_metrics`);
+    - `heldout_pairs` (`dsl.ClassificationMetrics`): the reward model's held-out pairs, a
+      confusion matrix (truth: the judge, or the labels) and the ROC curve of its margins;
+    - `report` (`dsl.Markdown`): eval's report, copied from the run's `store`.
+    """
+    from rlhf.stages.report import REPORT_KEY, headline_metrics
+
+    if manifest is not None:
+        publish(manifest, result)
+    if metrics is not None:
+        for key, value in headline_metrics(name, result).items():
+            metrics.log_metric(key, value)
+    pairs = result.get("rm/classification")
+    if heldout_pairs is not None and pairs:
+        heldout_pairs.log_confusion_matrix(pairs["categories"], pairs["matrix"])
+        if pairs.get("roc"):
+            heldout_pairs.log_roc_curve(pairs["roc"]["fpr"], pairs["roc"]["tpr"], pairs["roc"]["threshold"])
+        heldout_pairs.metadata.update({"truth": pairs["truth"], "pairs": pairs["pairs"], "auc": pairs.get("auc")})
+    if report is not None:
+        Path(report.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report.path).write_bytes(store.read_bytes(REPORT_KEY))
 
 
 def publish(artifact, result: dict) -> None:

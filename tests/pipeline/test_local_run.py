@@ -112,6 +112,95 @@ def test_parent_run_with_nested_stage_runs(home, first):
     assert v.tags["rlhf.gate"] == "passed"
 
 
+def kfp_outputs(home: Path, run: str) -> Path:
+    """The kfp.local outputs (`$RLHF_HOME/.kfp/outputs/<pipeline run>/<task>/`) of the
+    pipeline run whose start step opened the run folder `run`."""
+    for d in sorted((home / ".kfp" / "outputs").iterdir()):
+        start = d / "start-run" / "executor_output.json"
+        if start.exists() and json.loads(start.read_text())["parameterValues"]["run_root"] == str(home / run):
+            return d
+    raise AssertionError(f"no kfp.local outputs for {run}")
+
+
+def artifact(outputs: Path, task: str, name: str) -> dict:
+    """One output artifact of a task as the KFP executor recorded it (uri, metadata)."""
+    return json.loads((outputs / task / "executor_output.json").read_text())["artifacts"][name]["artifacts"][0]
+
+
+def test_each_step_outputs_its_headline_metrics_for_the_kubeflow_ui(home, first):
+    """dsl.Metrics of every stage step, as kfp.local recorded them, agree with the run's
+    summary.json and results; every name is one KFP accepts."""
+    import re
+
+    _, summary = first
+    out, run = kfp_outputs(home, "run1"), home / "run1"
+    metrics = {task: artifact(out, task, "metrics")["metadata"]
+               for task in ("prep-data", "train-sft", "train-reward", "train-ppo", "evaluate")}
+    assert all(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", k) for m in metrics.values() for k in m), metrics
+    key = json.loads((run / "pipeline.json").read_text())["data_key"]
+    sizes = json.loads((home / "_datasets" / key / "prep" / "report.json").read_text())["sizes"]
+    assert {k[len("prep_sizes_"):]: v for k, v in metrics["prep-data"].items() if k.startswith("prep_sizes_")} == sizes
+    assert metrics["prep-data"]["prep_rejected_sft"] == 0
+    sft = json.loads((run / "sft" / "result.json").read_text())
+    assert metrics["train-sft"]["sft_best_eval_loss"] == summary["sft/best_eval_loss"]
+    assert metrics["train-sft"]["sft_steps"] == sft["steps"] and metrics["train-sft"]["sft_tokens_per_s"] > 0
+    rm = metrics["train-reward"]
+    assert rm["rm_accuracy"] == summary["rm/accuracy"] and rm["rm_label_accuracy"] == summary["rm/label_accuracy"]
+    ppo = metrics["train-ppo"]
+    assert ppo["ppo_selected_update"] == summary["ppo/selected_update"] and ppo["ppo_updates"] == 3
+    assert ppo["ppo_judge_best_score"] == summary["ppo/judge_best_score"] and "ppo_kl" in ppo and "ppo_reward" in ppo
+    ev = metrics["evaluate"]
+    for k in ("decisive_win_rate_vs_sft", "decisive_win_rate_lower_vs_sft", "tie_rate_vs_sft",
+              "rm_decisive_win_rate_vs_sft", "kl_vs_sft", "judge_delta", "alignment_tax", "alignment_tax_rel"):
+        assert ev[f"eval_{k}"] == summary[f"eval/{k}"], k
+    assert [ev["eval_judge_delta_ci95_lo"], ev["eval_judge_delta_ci95_hi"]] == summary["eval/judge_delta_ci95"]
+    assert ev["gate_passed"] == 1.0 and summary["gate/passed"] is True
+
+
+def test_reward_step_outputs_its_heldout_pairs_as_classification_metrics(home, first):
+    """The confusion matrix covers the pairs rm/accuracy is measured on (the gold judge's
+    untied held-out pairs) and its diagonal is rm/accuracy; the ROC curve runs (0,0)->(1,1)."""
+    _, summary = first
+    pairs = artifact(kfp_outputs(home, "run1"), "train-reward", "heldout_pairs")["metadata"]
+    result = json.loads((home / "run1" / "reward" / "result.json").read_text())
+    cm = pairs["confusionMatrix"]
+    assert [a["displayName"] for a in cm["annotationSpecs"]] == ["chosen better", "rejected better"]
+    rows = [r["row"] for r in cm["rows"]]
+    assert sum(map(sum, rows)) == result["rm/gold_pairs"] == pairs["pairs"] and pairs["truth"] == "judge"
+    assert (rows[0][0] + rows[1][1]) / pairs["pairs"] == pytest.approx(summary["rm/accuracy"])
+    if rows[1] != [0, 0]:  # the judge disagrees with some labels: both classes, so a curve
+        roc = pairs["confidenceMetrics"]
+        assert (roc[0]["falsePositiveRate"], roc[0]["recall"]) == (0, 0)
+        assert (roc[-1]["falsePositiveRate"], roc[-1]["recall"]) == (1, 1)
+        assert pairs["auc"] == result["rm/auc"]
+
+
+def test_eval_step_outputs_a_markdown_report(home, first):
+    """The eval step's dsl.Markdown: the gate's verdict, the win rates with their intervals,
+    KL and tax, the PPO curves as an embedded PNG (from ppo/history.json, whole though PPO
+    was killed and resumed), and the samples table."""
+    import base64
+    import re
+
+    _, summary = first
+    report = artifact(kfp_outputs(home, "run1"), "evaluate", "report")
+    text = Path(report["uri"]).read_text()
+    assert text == (home / "run1" / "eval" / "report.md").read_text()
+    assert "**Gate: passed.**" in text and "✗" not in text
+    lo, hi = summary["eval/decisive_win_rate_lower_vs_sft"], summary["eval/decisive_win_rate_upper_vs_sft"]
+    assert f"**{summary['eval/decisive_win_rate_vs_sft']:.3f}** [{lo:.3f}, {hi:.3f}]" in text
+    assert f"**{summary['eval/kl_vs_sft']:.4f}**" in text and f"{summary['eval/alignment_tax']:+.4f}" in text
+    assert "None: no `@champion` was registered" in text  # the first run of this registry
+    png = re.search(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text)
+    assert png and base64.b64decode(png.group(1))[:4] == b"\x89PNG"
+    history = json.loads((home / "run1" / "ppo" / "history.json").read_text())
+    assert [r["step"] for r in history] == [0, 1, 2, 3]  # killed after update 2, resumed: each update once
+    assert all({"ppo/reward", "ppo/kl", "ppo/beta"} <= set(r) for r in history[1:])
+    samples = json.loads((home / "run1" / "eval" / "samples.json").read_text())
+    table = text.split("## Samples")[1]
+    assert len(re.findall(r"^\| \d+ \|", table, flags=re.M)) == len(samples) > 0
+
+
 def test_models_list_and_pull_and_plain_mlflow_load(home, first, tmp_path):
     r = rlhf(home, "models", "list", "--prefix", NAME)
     assert r.returncode == 0, r.stderr
@@ -154,6 +243,13 @@ def test_second_run_not_better_keeps_champion(home, first):
     assert champion(home) == "1"
     v2 = client(home).get_model_version(f"{NAME}-policy", "2")
     assert v2.tags["rlhf.gate"] == "failed" and "champion" in v2.tags["rlhf.gate_reasons"]
+    # the eval step's report says why, with the champion comparison
+    from rlhf.stages.report import escape
+
+    text = Path(artifact(kfp_outputs(home, "run2"), "evaluate", "report")["uri"]).read_text()
+    assert "**Gate: refused.**" in text and "## Against the champion (version 1)" in text
+    assert all(escape(reason) in text for reason in summary["gate_reasons"])
+    assert "✗ **fail**" in text
 
 
 def test_killed_after_moving_the_alias_leaves_registry_untouched(home, first):

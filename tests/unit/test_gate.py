@@ -14,7 +14,7 @@ from rlhf.models import build_causal_lm, train_tokenizer
 from rlhf.models.chat import ChatFormat
 from rlhf.data.tasks.judge import build_judge
 from rlhf.stages.evaluate import champion_comparison, compare
-from rlhf.stages.gate import gate_decision, wilson_interval
+from rlhf.stages.gate import gate_checks, gate_decision, wilson_interval
 from rlhf.stages.judging import IndependentJudge
 
 GOOD = {"eval/decisive_win_rate_vs_sft": 0.7, "eval/decisive_win_rate_lower_vs_sft": 0.6,
@@ -48,6 +48,20 @@ def test_gate_passes_when_every_threshold_holds():
 def test_gate_names_the_failed_threshold(key, value, words):
     passed, reasons = gate_decision({**GOOD, key: value}, GateConfig())
     assert not passed and len(reasons) == 1 and words in reasons[0]
+
+
+def test_gate_checks_are_the_verdict_item_by_item():
+    """Each check (for eval's report) with its value and rule; the failed ones' reasons are
+    the verdict's, in order."""
+    checks = gate_checks(GOOD, GateConfig())
+    assert all(c.passed and not c.reason for c in checks)
+    assert [c.value for c in checks[1:5]] == [0.6, 0.1, 1.0, 0.05] and "gate.max_kl" in checks[3].rule
+    bad = {**GOOD, "eval/kl_vs_sft": 12.0, "eval/rm_win_rate_vs_sft": float("nan"), "champion/version": "3",
+           "champion/decisive_win_rate_lower": 0.4}
+    checks = gate_checks(bad, GateConfig())
+    assert [c.reason for c in checks if not c.passed] == gate_decision(bad, GateConfig())[1]
+    assert [c.name for c in checks if not c.passed] == ["KL(policy ‖ SFT) per response", "eval/rm_win_rate_vs_sft",
+                                                        "decisive win rate vs champion v3, lower bound"]
 
 
 def test_gate_without_a_judge_delta_skips_that_threshold():

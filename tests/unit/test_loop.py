@@ -17,14 +17,15 @@ from rlhf.train.trainable import make_trainable
 DATA = [(torch.tensor([float(i), 1.0]), torch.tensor([2.0 * i + 1.0])) for i in range(10)]
 
 
-def run_loop(tmp_path, *, total=7, checkpoint_every=3, stop_at=None, faults=Faults(), seed=0, every_s=None):
+def run_loop(tmp_path, *, total=7, checkpoint_every=3, stop_at=None, faults=Faults(), seed=0, every_s=None,
+             history=()):
     torch.manual_seed(0)
     model = make_trainable(torch.nn.Linear(2, 1), Dist(), DistributedConfig(),
                            OptimConfig(lr=0.05, warmup_steps=1, lr_schedule="cosine"), total_steps=total, batch_size=4)
     tracker, store = NullTracker(), LocalStore(tmp_path / "store")
     loop = Loop("sft", total=total, checkpoint_every=checkpoint_every, models={"model": model}, state={"evals": []},
                 store=store, tracker=tracker, dist=Dist(), faults=faults, fingerprint="f" * 16, quiet=True,
-                checkpoint_every_s=every_s)
+                checkpoint_every_s=every_s, history=history)
     loop.resume()
 
     def loss(batch) -> StepLoss:
@@ -111,6 +112,36 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert loop.state["resumed_from"] == 3 and [s for s, _ in tracker.metrics] == [4, 5, 6, 7]
     for a, b in zip(straight.module.parameters(), resumed.module.parameters()):
         assert torch.equal(a, b)
+
+
+def test_history_survives_a_crash_and_is_written_when_the_loop_ends(tmp_path, monkeypatch):
+    """`history`: the chosen metrics of every step, in the checkpointed state, so a run
+    that crashed after step 5 (checkpoint at 3) and resumed writes each step once, with
+    the values of an uninterrupted run; without `history` no file is written."""
+    keys = ("sft/loss", "sft/eval_loss")
+    run_loop(tmp_path / "a", history=keys)
+    straight = LocalStore(tmp_path / "a" / "store").read_json("sft/history.json")
+    assert [r["step"] for r in straight] == list(range(1, 8))
+    assert all(set(r) == {"step", "sft/loss"} | ({"sft/eval_loss"} if r["step"] % 2 == 0 else set())
+               for r in straight)
+
+    class Crash(Exception):
+        pass
+
+    def crash(self, step, stage):
+        if step == 5:
+            raise Crash
+
+    monkeypatch.setattr(Faults, "after_step", crash)
+    with pytest.raises(Crash):
+        run_loop(tmp_path / "b", history=keys)
+    monkeypatch.undo()
+    assert not LocalStore(tmp_path / "b" / "store").exists("sft/history.json")  # written when the loop ends
+    loop, _, _, store = run_loop(tmp_path / "b", history=keys)
+    assert loop.state["resumed_from"] == 3
+    assert store.read_json("sft/history.json") == straight  # resume is exact (test_resume_continues_exactly)
+    _, _, _, plain = run_loop(tmp_path / "c")
+    assert not plain.exists("sft/history.json")
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):

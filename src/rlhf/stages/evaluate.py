@@ -16,11 +16,13 @@ Reported (summary.json and MLflow):
 
   - champion/challenger: the registered `@champion` policy on the same prompts, and the
     promotion gate's verdict (`gate/passed`, `gate/reasons`; see stages/gate.py)
+  - all of it as one Markdown page, `eval/report.md` (`rlhf.stages.report`): the eval
+    step's `dsl.Markdown` in the Kubeflow UI, and `report.md` in the MLflow eval run
 
 Gold scores come from the run's judge; without one, comparisons use reward-model
 scores. The dispatcher writes the run's summary.json from this stage's result.
 
-Steps: 1. load  2. generate + score  3. compare  4. alignment tax  5. champion  6. log
+Steps: 1. load  2. generate + score  3. compare  4. alignment tax  5. champion  6. log, report
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from rlhf.stages.challenge import champion_comparison, compare, decode_same_way,
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.gate import gate_decision
 from rlhf.stages.judging import IndependentJudge, independent_judge
+from rlhf.stages.report import write_report
 from rlhf.stages.scoring import encode_demonstrations, heldout_loss
 from rlhf.train.distributed import setup_one_process
 from rlhf.train.trainable import DTYPES, resolve_precision
@@ -120,6 +123,7 @@ def refuse_diverged(ctx: StageContext, what: list[str], gate, timer) -> StageRes
     summary["gate/passed"], summary["gate/reasons"] = gate_decision(summary, gate)
     ctx.tracker.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
     summary["eval/wall_s"] = timer()
+    write_report(ctx, summary, [])
     return StageResult({**summary, "eval/mlflow_run_id": ctx.tracker.run_id, "tracking_s": ctx.tracker.seconds})
 
 
@@ -169,7 +173,7 @@ def run(ctx: StageContext) -> StageResult:
                                                load=ctx.tracker.load_components, confidence=gate.confidence))
         summary["gate/passed"], summary["gate/reasons"] = gate_decision(summary, gate)
 
-        # 6. log: the samples table and every number
+        # 6. log: the samples table and every number; the report
         columns = (prompts, out["sft"]["text"], out["policy"]["text"], out["sft"]["rm"], out["policy"]["rm"],
                    golds["sft"], golds["policy"])
         table = [dict(zip(("prompt", "sft", "policy", "rm_sft", "rm_policy", "judge_sft", "judge_policy"), row))
@@ -178,4 +182,5 @@ def run(ctx: StageContext) -> StageResult:
         ctx.tracker.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
         summary["eval/wall_s"] = timer()
         ctx.store.write_json("eval/samples.json", table[: ecfg.table_rows])
+        write_report(ctx, summary, table[: ecfg.table_rows])
     return StageResult({**summary, "eval/mlflow_run_id": ctx.tracker.run_id, "tracking_s": ctx.tracker.seconds})

@@ -19,7 +19,7 @@ Each update, in named phases:
      reference log-probs, values, reward-model scores), shape rewards, GAE, whiten
   2. `ppo_update`: `ppo_epochs` passes over shuffled minibatches, policy (+ ptx) and value
   3. `kl_ctl.update`, then `ppo_metrics`, gold monitoring, the judge and selection when due
-  4. log / checkpoint (`rlhf.train.loop.Loop`)
+  4. log / checkpoint (`rlhf.train.loop.Loop`; the per-update curve in `ppo/history.json`)
 
 On several GPUs each process rolls out and trains on its slice of every batch; policy
 and value are DeepSpeed engines, reference and reward model are replicas; under
@@ -41,6 +41,7 @@ from rlhf.models.rollout import Rollout, response_logprobs, response_values, rew
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.ppo_models import PPOModels, forward_batch_size, load_models, score_rollout
 from rlhf.stages.ptx import PtxData, ptx_data
+from rlhf.stages.report import PPO_HISTORY
 from rlhf.stages.selection import Selection, gold_of_rollouts
 from rlhf.train.distributed import Dist, check_divisible, setup
 from rlhf.train.loop import Loop, StepLoss, accumulate
@@ -183,7 +184,7 @@ def first_start(ctx: StageContext, loop: Loop, models: PPOModels, first: list[li
     of the `first` prompts (policy == SFT now), and the judge's view of SFT."""
     if ctx.config.normalize_reward:
         loop.state["reward_mean"], loop.state["reward_std"] = reward_norm(models, dist.shard(first), ctx.config, dist)
-    ctx.tracker.log_metrics(select(loop.state, 0), step=0)
+    loop.log(select(loop.state, 0), step=0)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -206,7 +207,8 @@ def run(ctx: StageContext) -> StageResult:
         loop = Loop(ctx.name, total=pcfg.updates, checkpoint_every=pcfg.checkpoint_every, quiet=ctx.quiet,
                     checkpoint_every_s=pcfg.checkpoint_every_s, models={"policy": models.policy, "value": models.value, **best},
                     state={"reward_mean": 0.0, "reward_std": 1.0, "stopped": False, "judge": Selection.initial_state()},
-                    store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint)
+                    store=ctx.store, tracker=ctx.tracker, dist=dist, faults=ctx.faults, fingerprint=ctx.fingerprint,
+                    history=PPO_HISTORY)
         if loop.resume():
             kl_ctl.load_state_dict(loop.state["kl_ctl"])
         else:

@@ -12,7 +12,9 @@ answer seen K - 1 times an epoch (which over-fitted).
 
 Held-out accuracy is reported twice: against the labels in the data (`rm/label_accuracy`)
 and, when the run has a judge, against the judge on the pairs it does not tie
-(`rm/accuracy`): the labels are noisy, the judge is the truth.
+(`rm/accuracy`): the labels are noisy, the judge is the truth. The same pairs, as a
+confusion matrix and an ROC curve of the margins (`rm/classification`, ROC area `rm/auc`;
+`rlhf.stages.report.pair_classification`), are the step's `dsl.ClassificationMetrics`.
 
 Without a gold judge (user data), `judge_fraction` of the training comparisons (by
 prompt hash) train a second reward model that the PPO reward model never saw: the
@@ -41,6 +43,7 @@ from rlhf.data.readers import DataError
 from rlhf.stages.comparisons import encode_pairs, group_pairs, groups_per_step, n_pairs, separate_scores
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.stages.judging import JUDGE_MODEL_KEY, scores_everything
+from rlhf.stages.report import pair_classification
 from rlhf.stages.scoring import score_sequences
 from rlhf.train.distributed import check_divisible, setup
 from rlhf.train.loop import Batches, Evaluation, Loop, StepLoss, fit
@@ -50,27 +53,40 @@ from rlhf.train.seed import seed_everything
 from rlhf.train.trainable import make_trainable, save_trained
 
 
-def heldout_accuracy(model, rows, pairs, pad_id: int, device, judge) -> dict[str, float]:
-    """Label accuracy and loss; accuracy against the judge on the pairs it does not tie."""
+def heldout_scores(model, rows, pairs, pad_id: int, device, judge) -> tuple[torch.Tensor, list]:
+    """Each held-out pair's margin r(chosen) - r(rejected), (P,), and whether the judge
+    scores the chosen answer higher (None where it has no score or ties)."""
     model.eval()
     r_c = score_sequences(model, [p[0] for p in pairs], pad_id, device)
     r_r = score_sequences(model, [p[1] for p in pairs], pad_id, device)
     model.train()
-    metrics = {"rm/label_accuracy": float((r_c > r_r).float().mean()),
-               "rm/eval_loss": float(-torch.nn.functional.logsigmoid(r_c - r_r).mean())}
-    gold_right, gold_n = 0, 0
-    for row, c, r in zip(rows, r_c.tolist(), r_r.tolist()):
+    better = []
+    for row in rows:
         g_c, g_r = judge.score(row.prompt, row.chosen), judge.score(row.prompt, row.rejected)
-        if g_c is None or g_c == g_r:
-            continue
-        gold_n += 1
-        gold_right += (c > r) == (g_c > g_r)
-    if gold_n:
-        metrics["rm/accuracy"] = gold_right / gold_n
-        metrics["rm/gold_pairs"] = float(gold_n)
+        better.append(None if g_c is None or g_c == g_r else g_c > g_r)
+    return r_c - r_r, better
+
+
+def heldout_accuracy(margins: torch.Tensor, better: list) -> dict[str, float]:
+    """Label accuracy and loss; accuracy against the judge on the pairs it does not tie."""
+    metrics = {"rm/label_accuracy": float((margins > 0).float().mean()),
+               "rm/eval_loss": float(-torch.nn.functional.logsigmoid(margins).mean())}
+    judged = [(m > 0) == b for m, b in zip(margins.tolist(), better) if b is not None]
+    if judged:
+        metrics["rm/accuracy"] = sum(judged) / len(judged)
+        metrics["rm/gold_pairs"] = float(len(judged))
     else:  # no judge: the labels are all we have
         metrics["rm/accuracy"] = metrics["rm/label_accuracy"]
     return metrics
+
+
+def classification(margins: torch.Tensor, better: list) -> dict:
+    """The held-out pairs as a confusion matrix and ROC curve (`rlhf.stages.report.pair_classification`):
+    the truth is the judge on the pairs it does not tie, as in `rm/accuracy`, or the labels without one."""
+    judged = [(m, b) for m, b in zip(margins.tolist(), better) if b is not None]
+    if judged:
+        return pair_classification([m for m, _ in judged], [b for _, b in judged], "judge")
+    return pair_classification(margins.tolist(), [True] * len(better), "labels")
 
 
 class RewardSteps:
@@ -122,8 +138,8 @@ def labelled_samples(ctx: StageContext, prep: PrepData, fmt: ChatFormat, sft_dir
 def fit_reward_model(ctx: StageContext, name: str, sft_dir: str, tok, fmt: ChatFormat, train_rows: list,
                      eval_sets: dict, dist) -> tuple:
     """Train one reward model (SFT backbone + scalar head) on `train_rows` as the loop
-    `name` (its checkpoints and resume); returns it, its loop and its held-out accuracy
-    on every evaluation set (labels and judge)."""
+    `name` (its checkpoints and resume); returns it, its loop, its held-out accuracy
+    on every evaluation set (labels and judge) and the main set's `classification`."""
     rcfg, device = ctx.config, dist.device
     seed_everything(ctx.seed + 1)
     model = apply_lora(load_reward_model(sft_dir, ctx.model, tok.pad_token_id), ctx.model, "SEQ_CLS")
@@ -146,7 +162,7 @@ def fit_reward_model(ctx: StageContext, name: str, sft_dir: str, tok, fmt: ChatF
     loop.resume()
 
     def accuracy(step: int) -> dict[str, float]:
-        return heldout_accuracy(model.module, *eval_sets[""], tok.pad_token_id, device, ctx.judge)
+        return heldout_accuracy(*heldout_scores(model.module, *eval_sets[""], tok.pad_token_id, device, ctx.judge))
 
     prefix = "rm" if name == ctx.name else "rm_judge"
     steps = RewardSteps(model, tok.pad_token_id, device, dist, rcfg, loop.state)
@@ -156,10 +172,14 @@ def fit_reward_model(ctx: StageContext, name: str, sft_dir: str, tok, fmt: ChatF
     final = {f"{prefix}/groups": float(len(train)), f"{prefix}/groups_per_step": float(per_step)}
     for suffix, (rows, pairs) in eval_sets.items():
         with model.autocast():
-            metrics = heldout_accuracy(model.module, rows, pairs, tok.pad_token_id, device, ctx.judge)
-        final.update({f"{k}{suffix}": v for k, v in metrics.items()})
+            scored = heldout_scores(model.module, rows, pairs, tok.pad_token_id, device, ctx.judge)
+        final.update({f"{k}{suffix}": v for k, v in heldout_accuracy(*scored).items()})
+        if not suffix:
+            classes = classification(*scored)
+    if classes["auc"] is not None:
+        final["rm/auc"] = classes["auc"]
     model.module.config.problem_type = "regression"  # pipelines return the raw score, no sigmoid
-    return model, loop, final
+    return model, loop, final, classes
 
 
 def judge_split(ctx: StageContext, train_rows: list, eval_rows: list) -> tuple[list, list]:
@@ -198,9 +218,9 @@ def run(ctx: StageContext) -> StageResult:
         eval_sets = {k: (rows, encode_pairs(fmt, rows)) for k, rows in eval_sets.items() if rows}
 
         # 3. the PPO reward model; 4. the held-out judge (its accuracy as rm/judge_*)
-        model, loop, final = fit_reward_model(ctx, ctx.name, sft_dir, tok, fmt, train_rows, eval_sets, dist)
+        model, loop, final, classes = fit_reward_model(ctx, ctx.name, sft_dir, tok, fmt, train_rows, eval_sets, dist)
         if judge_rows:
-            judge, _, jfinal = fit_reward_model(ctx, f"{ctx.name}_judge", sft_dir, tok, fmt, judge_rows,
+            judge, _, jfinal, _ = fit_reward_model(ctx, f"{ctx.name}_judge", sft_dir, tok, fmt, judge_rows,
                                                 {"": eval_sets[""]}, dist)
             final.update({"rm/judge_accuracy": jfinal["rm/accuracy"], "rm/judge_label_accuracy":
                           jfinal["rm/label_accuracy"], "rm/judge_pairs": float(len(judge_rows))})
@@ -213,5 +233,5 @@ def run(ctx: StageContext) -> StageResult:
         elif dist.main and ctx.store.is_committed(JUDGE_MODEL_KEY):
             ctx.store.delete(JUDGE_MODEL_KEY)  # an earlier attempt's judge, not this config's
     return StageResult({"wall_s": timer(), "tracking_s": ctx.tracker.seconds, **loop.result("pairs"), **final,
-                        "proxy_pairs": len(train_rows), "judge_pairs": len(judge_rows),
+                        "rm/classification": classes, "proxy_pairs": len(train_rows), "judge_pairs": len(judge_rows),
                         "model_uri": model_uri, "mlflow_run_id": ctx.tracker.run_id})

@@ -32,15 +32,35 @@ class StageSpec:
     """After it, the dispatcher (re)writes the run's summary.json from the stages' results."""
     logs_data_report: bool = False
     """Its MLflow run logs prep's data report to the pipeline's parent run (the first trainer)."""
+    headline: tuple[str, ...] = ()
+    """Its headline numbers: the `dsl.Metrics` its KFP step shows in the Kubeflow UI. Paths
+    into the step's result (prep: `rlhf.runs.prep`'s), `a.b` into a nested dict, `*` every
+    key of one; `rlhf.stages.report.headline_metrics` names them."""
 
+
+EVAL_HEADLINE = tuple(f"eval/{k}_vs_sft" for k in ("decisive_win_rate", "decisive_win_rate_lower",
+                                                     "decisive_win_rate_upper", "decisive_comparisons", "win_rate",
+                                                     "tie_rate", "rm_decisive_win_rate", "rm_decisive_win_rate_lower",
+                                                     "rm_win_rate", "rm_tie_rate", "kl")) + (
+    "eval/judge_delta", "eval/judge_delta_ci95", "eval/judge_score_sft", "eval/judge_score_policy",
+    "eval/reward_score_sft", "eval/reward_score_policy", "eval/alignment_tax", "eval/alignment_tax_rel",
+    "eval/heldout_loss_sft", "eval/heldout_loss_policy", "eval/prompts", "champion/decisive_win_rate",
+    "champion/decisive_win_rate_lower", "champion/tie_rate", "champion/prompts", "gate/passed", "eval/wall_s")
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("prep", "rlhf.stages.prep", "data", reads_prep=False),
+    StageSpec("prep", "rlhf.stages.prep", "data", reads_prep=False, headline=("sizes.*", "rejected.*")),
     StageSpec("sft", "rlhf.stages.sft", "sft", trains=True, model_key="sft/model", registers="sft",
-              logs_data_report=True),
-    StageSpec("reward", "rlhf.stages.reward", "reward", trains=True, model_key="reward/model", registers="reward"),
-    StageSpec("ppo", "rlhf.stages.ppo", "ppo", trains=True, model_key="ppo/model", registers="policy"),
-    StageSpec("eval", "rlhf.stages.evaluate", "eval", also_reads=("gate",), updates_summary=True),
+              logs_data_report=True, headline=("best_eval_loss", "best_step", "steps", "early_stopped",
+                                               "tokens_per_s", "wall_s")),
+    StageSpec("reward", "rlhf.stages.reward", "reward", trains=True, model_key="reward/model", registers="reward",
+              headline=("rm/accuracy", "rm/label_accuracy", "rm/judge_accuracy", "rm/auc", "rm/eval_loss",
+                        "rm/gold_pairs", "proxy_pairs", "judge_pairs", "steps", "pairs_per_s", "wall_s")),
+    StageSpec("ppo", "rlhf.stages.ppo", "ppo", trains=True, model_key="ppo/model", registers="policy",
+              headline=("last_metrics.ppo/reward", "last_metrics.ppo/kl", "final_beta", "last_metrics.ppo/gold_score",
+                        "last_metrics.ppo/judge_score", "judge_best_score", "selected_update", "updates",
+                        "early_stopped", "episodes_per_s", "wall_s")),
+    StageSpec("eval", "rlhf.stages.evaluate", "eval", also_reads=("gate",), updates_summary=True,
+              headline=EVAL_HEADLINE),
     StageSpec("promote", "rlhf.stages.promote", "gate", standalone=False, reads_prep=False, also_reads=("eval",),
               updates_summary=True),
 )}

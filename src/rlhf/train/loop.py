@@ -4,7 +4,10 @@ A stage says what a batch is and what its loss is; `Loop` owns the rest of stepp
 the step counter and its stopping condition, resume from the newest checkpoint, the
 progress bar, steady-state throughput, metric logging, periodic checkpoints (with a
 tracker flush, so metrics up to a checkpoint survive a crash like the weights do),
-fault injection, and the loop's part of the result record.
+fault injection, and the loop's part of the result record. With `history` (metric
+names), every step's values of those metrics are kept in the loop state (so a resumed
+run keeps the steps before its checkpoint) and written to `<stage>/history.json` when
+the loop ends: the curve without MLflow (eval's report plots PPO's).
 
 `fit` is the whole loop of a supervised stage (SFT, reward model): order -> batch ->
 loss -> optimizer step -> metrics -> periodic evaluation -> log/checkpoint. PPO, whose
@@ -45,11 +48,13 @@ class Loop:
     call `advance` after the optimizer step and `end_step` once its metrics are known."""
 
     def __init__(self, stage: str, *, total: int, checkpoint_every: int, models: dict, state: dict, store, tracker,
-                 dist: Dist, faults: Faults, fingerprint: str, quiet: bool, checkpoint_every_s: float | None = None):
+                 dist: Dist, faults: Faults, fingerprint: str, quiet: bool, checkpoint_every_s: float | None = None,
+                 history: tuple[str, ...] = ()):
         self.stage, self.total, self.checkpoint_every = stage, total, checkpoint_every
+        self.history = history
         self.checkpoint_every_s, self.last_checkpoint = checkpoint_every_s, time.monotonic()
         self.preemption = Preemption()
-        self.models, self.state = models, {"step": 0, **state}
+        self.models, self.state = models, {"step": 0, **state, **({"history": []} if history else {})}
         self.store, self.tracker, self.dist, self.faults, self.fingerprint = store, tracker, dist, faults, fingerprint
         self.quiet = quiet or not dist.main
         self.clock = StepClock()  # steady-state throughput (the first 2 steps of the process are warm-up)
@@ -81,6 +86,8 @@ class Loop:
         finally:
             self.preemption.uninstall()
         self.bar.close()
+        if self.history and self.dist.main:
+            self.store.write_json(f"{self.stage}/history.json", self.state["history"])
 
     def advance(self, units: float, **parts: float) -> int:
         """Count the step that just ran (its global work `units` for throughput, and its
@@ -89,13 +96,21 @@ class Loop:
         self.clock.tick(units, **parts)
         return self.step
 
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log metrics at `step` (and keep the `history` ones in the state); `end_step` logs the step's."""
+        if self.history:
+            row = {k: metrics[k] for k in self.history if k in metrics}
+            if row:
+                self.state["history"].append({"step": step, **row})
+        self.tracker.log_metrics(metrics, step=step)
+
     def end_step(self, metrics: dict[str, float], **postfix: str) -> None:
         """Log the step's metrics; checkpoint when due: every `checkpoint_every` steps, every
         `checkpoint_every_s` seconds, when the stage stopped early, or when SIGTERM came
         (then exit with 143 for the retry to resume here)."""
         self.bar.update(1)
         self.bar.set_postfix(**postfix)
-        self.tracker.log_metrics(metrics, step=self.step)
+        self.log(metrics, step=self.step)
         bad = sorted(k for k, v in metrics.items() if "loss" in k and isinstance(v, float) and not math.isfinite(v))
         if bad:  # never checkpoint a diverged model: the retry resumes from the last good one
             self.tracker.flush()
