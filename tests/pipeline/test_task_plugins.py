@@ -8,8 +8,8 @@ writes it). Each family has its own gold judge, different from the built-in one,
 the judge scores in eval's samples show which judge the eval step used.
 
 `rlhf run` then takes the DAG prep -> eval -> promote through kfp.local on that task:
-warm KFP steps with the training stages in two torchrun processes each, and again
-with every step started cold.
+warm KFP steps with the training stages in two torchrun processes each, and (marked
+slow) again with every step started cold.
 """
 
 from __future__ import annotations
@@ -159,6 +159,7 @@ def test_plugin_task_through_rlhf_run_warm_steps_and_torchrun_workers(tmp_path, 
         assert json.loads((tmp_path / "run" / stage / "result.json").read_text())["processes"] == 2
 
 
+@pytest.mark.slow  # every step a fresh Python: ~100 s on 2 cores; the warm run above covers the default path
 def test_plugin_task_through_rlhf_run_cold_steps(tmp_path, plugins):
     r = rlhf(tmp_path, plugins, "run", *TINY, "--set", "tracking.registered_model=plug-cold",
              "--output", str(tmp_path / "run"), env={"RLHF_WARM_STEPS": "0"})
