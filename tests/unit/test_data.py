@@ -620,3 +620,57 @@ def test_ten_conversational_rows_prep_with_a_held_out_row(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"preference data from {one}" in err and "two different prompts" in err and "eval_fraction" not in err
     assert not (tmp_path / "b" / "prep" / "_COMMITTED").exists()
+
+
+@pytest.mark.parametrize("prompts,fraction", [
+    ([f"p{i}" for i in range(200)], 0.1),       # the usual case
+    ([f"p{i}" for i in range(3)], 0.1),         # all hashes above the cut: the lowest prompt is held out
+    ([f"q{i}" for i in range(3)], 0.95),        # all below: the highest trains
+    (["same"] * 5, 0.5),                        # one prompt: one side only
+    ([f"p{i % 7}" for i in range(50)], 0.3),    # repeated prompts stay on one side
+])
+def test_the_streamed_split_equals_split_by_hash(prompts, fraction, tmp_path):
+    """Prep splits a stream of rows with a ScoreRange and `row_score` (nothing held in
+    memory); the sides and their order are split_by_hash's, and JsonlSink's hash and
+    count are data_hash's and len's of the rows it wrote."""
+    from rlhf.data.processing import JsonlSink, ScoreRange, data_hash, row_score, split_by_hash
+
+    rows = [SFTRow(prompt=p, completion=f" c{i}") for i, p in enumerate(prompts)]
+    train, evl = split_by_hash(rows, fraction, salt="s")
+    levels = ScoreRange()
+    for r in rows:
+        levels.add(row_score(r, "s"))
+    cut = levels.cut(fraction)
+    sinks = {"train": JsonlSink(tmp_path / "train.jsonl"), "eval": JsonlSink(tmp_path / "eval.jsonl")}
+    for r in rows:
+        sinks["eval" if row_score(r, "s") < cut else "train"].add(r)
+    for side, want in (("train", train), ("eval", evl)):
+        sink = sinks[side].close()
+        assert read_jsonl_rows(sink.path, "sft") == want
+        assert sink.rows == len(want) and sink.sha256 == data_hash(want)
+
+
+def test_the_sink_drops_exact_duplicates_keeping_the_first(tmp_path):
+    from rlhf.data.processing import JsonlSink
+
+    rows = [SFTRow(prompt="a", completion="x"), SFTRow(prompt="a", completion="y"),
+            SFTRow(prompt="a", completion="x"), PromptRow(prompt="a")]
+    sink = JsonlSink(tmp_path / "r.jsonl", dedupe=True)
+    assert [sink.add(r) for r in rows] == [True, True, False, True]
+    sink.close()
+    assert (sink.rows, sink.duplicates) == (3, 1)
+    assert sink.path.read_text().count("\n") == 3 and dedupe(rows) == (rows[:2] + rows[3:], 1)
+
+
+def test_a_local_source_is_read_a_line_at_a_time(tmp_path):
+    """open_source reads a local file lazily (a BOM, CRLF and blank lines as before)."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\r\n\n{"prompt": "c", "completion": "d"}')
+    label, records = readers.open_source(str(path))
+    assert not isinstance(records, (list, tuple))  # a generator: nothing read yet
+    report = readers.ReadReport(source=label, kind="sft", total=0, accepted=0)
+    rows = list(readers.iter_rows(records, "sft", report))
+    assert [(r.prompt, r.completion) for r in rows] == [("a", "b"), ("c", "d")]
+    assert (report.total, report.accepted) == (2, 2)
+    with pytest.raises(DataError, match="file not found"):
+        readers.open_source(str(tmp_path / "missing.jsonl"))

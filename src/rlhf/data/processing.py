@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -22,6 +22,10 @@ __all__ = [
     "canonical_line",
     "write_jsonl",
     "read_jsonl_rows",
+    "iter_jsonl_rows",
+    "JsonlSink",
+    "ScoreRange",
+    "row_score",
     "data_hash",
 ]
 
@@ -49,17 +53,48 @@ def split_by_hash(rows: Sequence[Row], eval_fraction: float, salt: str = "") -> 
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be within [0, 1], got {eval_fraction}")
     score = {k: _eval_score(k, salt) for k in dict.fromkeys(split_key(r) for r in rows)}
-    cut, levels = eval_fraction, sorted(set(score.values()))
-    if 0.0 < eval_fraction < 1.0 and len(levels) >= 2:
-        if levels[0] >= cut:  # nothing held out: the lowest-hashed prompt is
-            cut = (levels[0] + levels[1]) / 2
-        elif levels[-1] < cut:  # nothing left to train on: the highest-hashed prompt trains
-            cut = (levels[-2] + levels[-1]) / 2
+    levels = ScoreRange()
+    for v in score.values():
+        levels.add(v)
+    cut = levels.cut(eval_fraction)
     train: list[Row] = []
     evals: list[Row] = []
     for row in rows:
         (evals if score[split_key(row)] < cut else train).append(row)
     return train, evals
+
+
+class ScoreRange:
+    """The two lowest and two highest distinct prompt scores seen: all `split_by_hash`
+    needs to place its cut, so a stream of rows can be split without holding them."""
+
+    def __init__(self):
+        self.low: list[float] = []
+        self.high: list[float] = []
+
+    def add(self, v: float) -> None:
+        if v not in self.low:
+            self.low = sorted([*self.low, v])[:2]
+        if v not in self.high:
+            self.high = sorted([*self.high, v])[-2:]
+
+    def cut(self, eval_fraction: float) -> float:
+        """Score below which a prompt is held out: `eval_fraction`, moved so that neither
+        side is empty when there are two different prompts (see `split_by_hash`)."""
+        if not 0.0 <= eval_fraction <= 1.0:
+            raise ValueError(f"eval_fraction must be within [0, 1], got {eval_fraction}")
+        cut = eval_fraction
+        if 0.0 < eval_fraction < 1.0 and len(self.low) >= 2:
+            if self.low[0] >= cut:  # nothing held out: the lowest-hashed prompt is
+                cut = (self.low[0] + self.low[1]) / 2
+            elif self.high[-1] < cut:  # nothing left to train on: the highest-hashed prompt trains
+                cut = (self.high[-2] + self.high[-1]) / 2
+        return cut
+
+
+def row_score(row: Row, salt: str) -> float:
+    """The hash score `split_by_hash` compares with its cut (eval below it)."""
+    return _eval_score(split_key(row), salt)
 
 
 def _key(row: Row) -> tuple:
@@ -171,22 +206,64 @@ def write_jsonl(rows: Iterable[Row], path: str | os.PathLike) -> Path:
 
 def read_jsonl_rows(path: str | os.PathLike, kind: DataKind) -> list[Row]:
     """Read a canonical JSONL file written by :func:`write_jsonl` (strict: exact fields only)."""
+    return list(iter_jsonl_rows(path, kind))
+
+
+def iter_jsonl_rows(path: str | os.PathLike, kind: DataKind) -> Iterator[Row]:
+    """`read_jsonl_rows` one row at a time."""
     if kind not in ROW_TYPES:
         raise ValueError(f"unknown data kind {kind!r}")
     model = ROW_TYPES[kind]
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
-    rows: list[Row] = []
     with path.open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(model.model_validate_json(line))  # type: ignore[arg-type]
+                yield model.model_validate_json(line)  # type: ignore[misc]
             except ValidationError as e:
                 raise DataError(
                     f"{path}:{lineno}: not a canonical {kind} row: {e.errors()[0]['msg']} "
                     f"(this file should have been written by write_jsonl)"
                 ) from e
-    return rows
+
+
+class JsonlSink:
+    """A canonical JSONL file written a row at a time, with its row count and the sha256
+    of its bytes (`data_hash` of the rows written), optionally dropping exact duplicates
+    (same type and fields: a 16-byte digest per row kept, not the row)."""
+
+    def __init__(self, path: str | os.PathLike, dedupe: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("w", encoding="utf-8")
+        self._sha = hashlib.sha256()
+        self._seen: set[bytes] | None = set() if dedupe else None
+        self.rows = 0
+        self.duplicates = 0
+
+    def add(self, row: Row) -> bool:
+        """Write `row` (False: an exact duplicate, dropped)."""
+        line = canonical_line(row) + "\n"
+        if self._seen is not None:
+            digest = hashlib.blake2b(f"{type(row).__name__}\n{line}".encode("utf-8"), digest_size=16).digest()
+            if digest in self._seen:
+                self.duplicates += 1
+                return False
+            self._seen.add(digest)
+        data = line.encode("utf-8")
+        self._f.write(line)
+        self._sha.update(data)
+        self.rows += 1
+        return True
+
+    def close(self) -> "JsonlSink":
+        self._f.close()
+        self._seen = None
+        return self
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()

@@ -454,9 +454,14 @@ def parse_json_line(text: str) -> Any:
 
 def _iter_jsonl(data: bytes) -> Iterable[tuple[int, Any | RowError]]:
     """Yield (1-based line, parsed object or RowError) for each non-blank line."""
-    if data.startswith(_BOM):
-        data = data[len(_BOM):]
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    return _iter_lines(data.split(b"\n"))
+
+
+def _iter_lines(lines: Iterable[bytes]) -> Iterable[tuple[int, Any | RowError]]:
+    """`_iter_jsonl` over lines without their newline (a BOM may open the first)."""
+    for lineno, raw in enumerate(lines, start=1):
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         if len(raw) > MAX_LINE_BYTES:
@@ -475,15 +480,36 @@ def _iter_jsonl(data: bytes) -> Iterable[tuple[int, Any | RowError]]:
             yield lineno, e
 
 
-def _read_local(path: Path, label: str) -> bytes:
+def _check_local(path: Path, label: str) -> None:
     if not path.exists():
         raise DataError(f"file not found: {label}")
     if path.is_dir():
         raise DataError(f"{label} is a directory; give one JSONL file per data source")
     try:
-        return path.read_bytes()
+        path.open("rb").close()
     except OSError as e:
         raise DataError(f"cannot read {label}: {e}") from e
+
+
+def _iter_jsonl_file(path: Path, label: str) -> Iterable[tuple[int, Any | RowError]]:
+    """`_iter_jsonl` over a local file, a line at a time: memory does not grow with the file."""
+    _check_local(path, label)
+
+    def lines() -> Iterable[bytes]:
+        try:
+            with path.open("rb") as f:
+                for raw in f:
+                    yield raw[:-1] if raw.endswith(b"\n") else raw
+        except OSError as e:
+            raise DataError(f"cannot read {label}: {e}") from e
+
+    return _iter_lines(lines())
+
+
+def check_report(report: ReadReport, max_reject_rate: float) -> None:
+    """DataError (naming the first bad rows and the fix) when a source is empty or has
+    more bad rows than `max_reject_rate` allows."""
+    _check(report, max_reject_rate)
 
 
 def _check(report: ReadReport, max_reject_rate: float) -> None:
@@ -526,10 +552,46 @@ def read_rows(
     through ``read_bytes``, e.g. a store's ``read_bytes``), ``hf://org/name``, or a bare
     hub id (``name`` / ``org/name``) that is not a local file.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"unknown data kind {kind!r} (expected one of {', '.join(_KINDS)})")
     if not 0.0 <= max_reject_rate <= 1.0:
         raise ValueError(f"max_reject_rate must be within [0, 1], got {max_reject_rate}")
+    label, records = open_source(source, read_bytes=read_bytes, hf_split=hf_split, hf_config=hf_config,
+                                 hf_revision=hf_revision)
+    report = ReadReport(source=label, kind=kind, total=0, accepted=0)
+    rows = list(iter_rows(records, kind, report, max_chars=max_chars))
+    _check(report, max_reject_rate)
+    return rows, report
+
+
+def iter_rows(records: Iterable[tuple[int, Any]], kind: DataKind, report: ReadReport, *,
+              max_chars: int | None = None) -> Iterable[Row]:
+    """The canonical rows of `records` (from `open_source`), one at a time; every record
+    counts in `report`, and a bad one goes to `report.bad` instead of out. Check the
+    report (`check_report`) when the iteration has ended."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown data kind {kind!r} (expected one of {', '.join(_KINDS)})")
+    for line, obj in records:
+        report.total += 1
+        try:
+            if isinstance(obj, RowError):
+                raise obj
+            row = normalize_record(obj, kind, max_chars=max_chars)
+        except RowError as e:
+            report.bad.append(BadRow(source=report.source, line=line, reason=str(e)))
+            continue
+        except Exception as e:  # noqa: BLE001 - a row no rule foresaw is still a bad row, never a traceback
+            reason = f"unreadable row ({type(e).__name__}: {e})"
+            report.bad.append(BadRow(source=report.source, line=line, reason=reason))
+            continue
+        report.accepted += 1
+        yield row
+
+
+def open_source(source: str, *, read_bytes: Callable[[str], bytes] | None = None, hf_split: str = "train",
+                hf_config: str | None = None, hf_revision: str | None = None
+                ) -> tuple[str, Iterable[tuple[int, Any]]]:
+    """(label, records) of one data source: (1-based line, parsed object or RowError).
+    A local file is read a line at a time and a Hugging Face dataset a record at a
+    time; a `scheme://` object through `read_bytes`, whole."""
     source = str(source)
 
     records: Iterable[tuple[int, Any]]
@@ -544,7 +606,7 @@ def read_rows(
         parsed = urlparse(source)
         netloc = "" if parsed.netloc in ("", "localhost") else parsed.netloc
         label = source
-        records = _iter_jsonl(_read_local(Path(unquote(netloc + parsed.path)), label))
+        records = _iter_jsonl_file(Path(unquote(netloc + parsed.path)), label)
     elif scheme is not None:
         if read_bytes is None:
             raise DataError(
@@ -561,7 +623,7 @@ def read_rows(
         path = Path(os.path.expanduser(source))
         if path.exists() or not _looks_like_hub_id(source):
             label = source
-            records = _iter_jsonl(_read_local(path, source))
+            records = _iter_jsonl_file(path, source)
         else:
             hf_name = source
 
@@ -582,21 +644,4 @@ def read_rows(
                 "name, data.hf_config (the dataset's subset), data.hf_split and data.hf_revision"
             ) from e
         records = ((i + 1, rec) for i, rec in enumerate(dataset))
-
-    rows: list[Row] = []
-    bad: list[BadRow] = []
-    total = 0
-    for line, obj in records:
-        total += 1
-        try:
-            if isinstance(obj, RowError):
-                raise obj
-            rows.append(normalize_record(obj, kind, max_chars=max_chars))
-        except RowError as e:
-            bad.append(BadRow(source=label, line=line, reason=str(e)))
-        except Exception as e:  # noqa: BLE001 - a row no rule foresaw is still a bad row, never a traceback
-            bad.append(BadRow(source=label, line=line, reason=f"unreadable row ({type(e).__name__}: {e})"))
-
-    report = ReadReport(source=label, kind=kind, total=total, accepted=len(rows), bad=bad)
-    _check(report, max_reject_rate)
-    return rows, report
+    return label, records

@@ -15,32 +15,34 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from rlhf.config import DEFAULT_MAX_TOTAL_TOKENS
-from rlhf.data.processing import data_hash, dedupe, filter_by_length, split_by_hash, text_lengths, write_jsonl
-from rlhf.data.readers import DataError, read_rows
+from rlhf.data.processing import JsonlSink, ScoreRange, iter_jsonl_rows, row_score, text_lengths
+from rlhf.data.readers import DataError, ReadReport, check_report, iter_rows, open_source
 from rlhf.models import load_tokenizer, resolve_source, train_tokenizer
 from rlhf.models.chat import chat_format
 from rlhf.stages.contract import StageContext, StageResult
 from rlhf.train.progress import Timer
 
 
-def _texts(rows) -> list[str]:
-    out = []
+def _texts(rows) -> Iterator[str]:
+    """The text a trained tokenizer learns from, row by row."""
     for r in rows:
         if hasattr(r, "completion"):
-            out.append(r.prompt + r.completion)
+            yield r.prompt + r.completion
         elif hasattr(r, "chosen"):
-            out += [r.prompt + r.chosen, r.prompt + r.rejected]
+            yield r.prompt + r.chosen
+            yield r.prompt + r.rejected
         else:
-            out.append(r.prompt)
-    return out
+            yield r.prompt
 
 
 def read_sources(ctx: StageContext, tmp: Path) -> tuple[dict, dict, dict]:
     """Steps 1-3: the sources (the user's, or the built-in task's written to `tmp`), their
-    rows (normalised; DataError over the reject rate) and reports, de-duplicated."""
+    rows normalised (DataError over the reject rate) and de-duplicated into canonical
+    JSONL files under `tmp/rows/`, a row at a time, and their reports."""
     dcfg = ctx.config
     if ctx.task is not None:
         sources = {k: str(v) for k, v in ctx.task.write(tmp / "raw").items()}
@@ -50,23 +52,65 @@ def read_sources(ctx: StageContext, tmp: Path) -> tuple[dict, dict, dict]:
             sources["prompt"] = dcfg.prompt_path
     if dcfg.ptx_path:
         sources["ptx"] = dcfg.ptx_path
-    rows, reports = {}, {}
+    files, reports = {}, {}
     for kind, src in sources.items():
-        rows[kind], rep = read_rows(src, kind, max_reject_rate=dcfg.max_reject_rate, max_chars=dcfg.max_chars,
-                                    read_bytes=ctx.store.read_bytes, hf_split=dcfg.hf_split,
-                                    hf_config=dcfg.hf_config, hf_revision=dcfg.hf_revision)
-        label = f"builtin:{kind}" if ctx.task is not None else src
-        reports[kind] = {"source": label, "total": rep.total, "accepted": rep.accepted,
-                         "rejected": len(rep.bad), "bad_rows": [str(b) for b in rep.bad[:100]]}
-    if "prompt" not in rows:
+        label, records = open_source(src, read_bytes=ctx.store.read_bytes, hf_split=dcfg.hf_split,
+                                     hf_config=dcfg.hf_config, hf_revision=dcfg.hf_revision)
+        rep = ReadReport(source=label, kind=kind, total=0, accepted=0)
+        sink = JsonlSink(tmp / "rows" / f"{kind}.jsonl", dedupe=True)
+        for row in iter_rows(records, kind, rep, max_chars=dcfg.max_chars):
+            sink.add(row)
+        sink.close()
+        check_report(rep, dcfg.max_reject_rate)
+        files[kind] = sink.path
+        reports[kind] = {"source": f"builtin:{kind}" if ctx.task is not None else src, "total": rep.total,
+                         "accepted": rep.accepted, "rejected": len(rep.bad),
+                         "bad_rows": [str(b) for b in rep.bad[:100]], "duplicates_dropped": sink.duplicates}
+    if "prompt" not in files:
         from rlhf.data.schema import PromptRow
 
-        rows["prompt"] = list(dict.fromkeys(PromptRow(prompt=r.prompt, messages=r.messages) for r in rows["sft"]))
-        reports["prompt"] = {"source": "the sft prompts", "total": len(rows["prompt"]),
-                             "accepted": len(rows["prompt"]), "rejected": 0, "bad_rows": []}
-    for kind in rows:
-        rows[kind], reports[kind]["duplicates_dropped"] = dedupe(rows[kind])
-    return sources, rows, reports
+        sink = JsonlSink(tmp / "rows" / "prompt.jsonl", dedupe=True)
+        for r in iter_jsonl_rows(files["sft"], "sft"):
+            sink.add(PromptRow(prompt=r.prompt, messages=r.messages))
+        files["prompt"] = sink.close().path
+        reports["prompt"] = {"source": "the sft prompts", "total": sink.rows, "accepted": sink.rows,
+                             "rejected": 0, "bad_rows": [], "duplicates_dropped": 0}
+    return sources, files, reports
+
+
+def copy_rows(path: Path, kind: str, dest: Path) -> JsonlSink:
+    sink = JsonlSink(dest)
+    for row in iter_jsonl_rows(path, kind):
+        sink.add(row)
+    return sink.close()
+
+
+def filter_and_split(path: Path, kind: str, measure, limits: dict, dcfg, out: Path, tmp: Path) -> tuple[dict, dict]:
+    """Step 5 for one kind, streamed: the length filter into a temporary file (with the
+    prompts' score range), then the split by prompt hash into `<kind>_train/_eval.jsonl`
+    in `out`. Returns the filter's counts and {split name: sink}."""
+    kept, levels = JsonlSink(tmp / "kept" / f"{kind}.jsonl"), ScoreRange()
+    too_long_prompt = too_long_total = seen = 0
+    for row in iter_jsonl_rows(path, kind):
+        seen += 1
+        n_prompt, n_total = measure(row)
+        if n_prompt > limits["max_prompt_tokens"]:
+            too_long_prompt += 1
+        elif n_total > limits["max_total_tokens"]:
+            too_long_total += 1
+        else:
+            kept.add(row)
+            levels.add(row_score(row, dcfg.split_salt))
+    kept.close()
+    counts = {"kept": kept.rows, "dropped_prompt_too_long": too_long_prompt,
+              "dropped_total_too_long": too_long_total,
+              "over_long_rate": (too_long_prompt + too_long_total) / seen if seen else 0.0}
+    cut = levels.cut(dcfg.eval_fraction)
+    sinks = {"train": JsonlSink(out / f"{kind}_train.jsonl"), "eval": JsonlSink(out / f"{kind}_eval.jsonl")}
+    for row in iter_jsonl_rows(kept.path, kind):
+        sinks["eval" if row_score(row, dcfg.split_salt) < cut else "train"].add(row)
+    kept.path.unlink()
+    return counts, {f"{kind}_{side}": sink.close() for side, sink in sinks.items()}
 
 
 def model_context(path: str, mcfg) -> int | None:
@@ -119,16 +163,17 @@ def check_over_long(kind: str, source: str, counts: dict, limits: dict, max_rate
             "written")
 
 
-def check_split(kind: str, source: str, kept: list, train: list, evl: list) -> None:
-    """DataError when a kind has no row to train on or none held out. `split_by_hash` gives
-    each side a prompt whenever there are two different ones, so the fix is more data."""
+def check_split(kind: str, source: str, kept: int, train: int, evl: int) -> None:
+    """DataError when a kind has no row to train on or none held out (row counts).
+    `split_by_hash` gives each side a prompt whenever there are two different ones, so
+    the fix is more data."""
     if train and evl:
         return
     if not kept:
         raise DataError(f"{kind} data from {source}: no rows left after filtering; add rows (or, when the length "
                         "filter dropped them, raise data.max_total_tokens / data.max_prompt_tokens); nothing was "
                         "written")
-    raise DataError(f"{kind} data from {source}: all {len(kept)} rows share one prompt, and a run needs rows of at "
+    raise DataError(f"{kind} data from {source}: all {kept} rows share one prompt, and a run needs rows of at "
                     "least two different prompts, one to train on and one held out for evaluation (split by "
                     "prompt, so no prompt is in both); add rows with other prompts; nothing was written")
 
@@ -137,15 +182,17 @@ def run(ctx: StageContext) -> StageResult:
     timer, dcfg, builtin = Timer(), ctx.config, ctx.task is not None
     with ctx.tracker.stage_run(ctx.name, ctx.params), tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        # 1-3. sources, read + normalise (raises DataError, writing nothing, over the reject rate), dedupe
-        sources, rows, reports = read_sources(ctx, tmp)
+        # 1-3. sources, read + normalise (raises DataError, writing nothing, over the reject rate), dedupe;
+        # every pass below streams rows through files, so memory does not grow with the data
+        sources, files, reports = read_sources(ctx, tmp)
+        rows_of = lambda *kinds: (r for k in kinds if k in files for r in iter_jsonl_rows(files[k], k))  # noqa: E731
 
         # 4. tokenizer
         out = tmp / "prep"
         out.mkdir()
         if ctx.model.name_or_path is None:
-            all_rows = rows["sft"] + rows["preference"] + rows["prompt"] + rows.get("ptx", [])
-            tok = train_tokenizer(_texts(all_rows), ctx.model.vocab_size, out / "tokenizer")
+            tok = train_tokenizer(_texts(rows_of("sft", "preference", "prompt", "ptx")), ctx.model.vocab_size,
+                                  out / "tokenizer")
             model_dir, context = None, ctx.model.max_position_embeddings
         else:
             model_dir = resolve_source(ctx.model.name_or_path, ctx.store)
@@ -159,19 +206,17 @@ def run(ctx: StageContext) -> StageResult:
         source_of = lambda kind: sources.get(kind, "sft prompts")  # noqa: E731
         limits = length_limits(dcfg, context)
         splits = {}
-        for kind in rows:
+        for kind, path in files.items():
             if kind == "ptx":  # PPO-ptx text: all of it trains, each row cut to max_total_tokens by PPO
-                splits["ptx_train"] = rows[kind]
+                splits["ptx_train"] = copy_rows(path, kind, out / "ptx_train.jsonl")
                 continue
-            kept, counts = filter_by_length(rows[kind], rendered(measure, kind, source_of(kind)),
-                                            limits["max_prompt_tokens"], limits["max_total_tokens"])
+            counts, sides = filter_and_split(path, kind, rendered(measure, kind, source_of(kind)), limits, dcfg,
+                                             out, tmp)
             reports[kind]["length_filter"] = counts
-            check_over_long(kind, sources.get(kind, "sft prompts"), counts, limits, dcfg.max_truncate_rate)
-            train, evl = split_by_hash(kept, dcfg.eval_fraction, salt=dcfg.split_salt)
-            check_split(kind, source_of(kind), kept, train, evl)
-            splits[f"{kind}_train"], splits[f"{kind}_eval"] = train, evl
-        for name, rs in splits.items():
-            write_jsonl(rs, out / f"{name}.jsonl")
+            check_over_long(kind, source_of(kind), counts, limits, dcfg.max_truncate_rate)
+            check_split(kind, source_of(kind), counts["kept"], sides[f"{kind}_train"].rows,
+                        sides[f"{kind}_eval"].rows)
+            splits.update(sides)
 
         # 6. commit
         report = {
@@ -179,8 +224,8 @@ def run(ctx: StageContext) -> StageResult:
             "builtin_task": builtin,
             "eval_fraction": dcfg.eval_fraction,
             "reports": reports,
-            "sizes": {k: len(v) for k, v in splits.items()},
-            "hashes": {k: data_hash(v) for k, v in splits.items()},
+            "sizes": {k: v.rows for k, v in splits.items()},
+            "hashes": {k: v.sha256 for k, v in splits.items()},
             "tokenizer": {"trained": ctx.model.name_or_path is None, "vocab_size": len(tok),
                           "chat_template": fmt.templated},
             "length_limits": limits,
@@ -188,6 +233,6 @@ def run(ctx: StageContext) -> StageResult:
         (out / "report.json").write_text(json.dumps(report, indent=2))
         ctx.store.put_dir(out, "prep")
         ctx.tracker.log_dict(report, "prep_report.json")
-        ctx.tracker.log_metrics({f"data/{k}_rows": float(len(v)) for k, v in splits.items()}, step=0)
+        ctx.tracker.log_metrics({f"data/{k}_rows": float(v.rows) for k, v in splits.items()}, step=0)
     return StageResult({"wall_s": timer(), "tracking_s": ctx.tracker.seconds, "sizes": report["sizes"],
                         "hashes": report["hashes"]})
