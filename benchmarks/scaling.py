@@ -1,6 +1,7 @@
 """How our cost grows: prep at 10k, 100k and 1M preference rows (wall time, peak RSS).
 
     .venv/bin/python benchmarks/scaling.py prep [--rows 10000,100000,1000000] [--json FILE]
+    .venv/bin/python benchmarks/scaling.py prep --plot before=old.json after=new.json [--out PNG]
 
 Prep: for each size, a preference file of that many rows and an SFT file of a tenth as
 many (at least 2000) are generated from the built-in task's families (realistic
@@ -79,13 +80,43 @@ def prep_table(results: list[dict]) -> dict:
     return {"reference_rows": ref["rows"], "rows": results}
 
 
+def plot_prep(tables: dict[str, dict], path: Path) -> None:
+    """Wall time and peak RSS against rows, one line per table (e.g. before / after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for label, table in tables.items():
+        rows = [r["rows"] for r in table["rows"]]
+        ax[0].plot(rows, [r["wall_s"] for r in table["rows"]], marker="o", label=label)
+        ax[1].plot(rows, [r["peak_rss_mb"] for r in table["rows"]], marker="o", label=label)
+    ax[0].set(xscale="log", yscale="log", xlabel="preference rows", ylabel="wall (s)", title="prep: wall time")
+    ax[1].set(xscale="log", xlabel="preference rows", ylabel="peak RSS (MB)", title="prep: peak RSS", ylim=(0, None))
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["prep"])
     ap.add_argument("--rows", default="10000,100000,1000000")
     ap.add_argument("--work", default="/tmp/rlhf-scaling")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", nargs="+", metavar="LABEL=FILE.json", default=None,
+                    help="Only plot earlier --json tables (e.g. before=old.json after=new.json) to --out.")
+    ap.add_argument("--out", default=str(BENCH_DIR / "results" / "scaling_prep.png"))
     args = ap.parse_args(argv)
+    if args.plot:
+        tables = {k: json.loads(Path(v).read_text()) for k, v in (x.split("=", 1) for x in args.plot)}
+        plot_prep(tables, Path(args.out))
+        print(f"wrote {args.out}")
+        return 0
     work = Path(args.work)
     (work / "data").mkdir(parents=True, exist_ok=True)
     results = []
