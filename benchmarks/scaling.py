@@ -1,6 +1,7 @@
-"""How our cost grows: prep at 10k, 100k and 1M preference rows (wall time, peak RSS).
+"""How our cost grows: prep by rows (wall, peak RSS); `rlhf run`'s overhead by stage time.
 
     .venv/bin/python benchmarks/scaling.py prep [--rows 10000,100000,1000000] [--json FILE]
+    .venv/bin/python benchmarks/scaling.py overhead [--json FILE]
     .venv/bin/python benchmarks/scaling.py prep --plot before=old.json after=new.json [--out PNG]
 
 Prep: for each size, a preference file of that many rows and an SFT file of a tenth as
@@ -80,6 +81,32 @@ def prep_table(results: list[dict]) -> dict:
     return {"reference_rows": ref["rows"], "rows": results}
 
 
+OVERHEAD_RUNS = {
+    "tiny": ("tiny", []),
+    "tiny x8": ("tiny", ["sft.max_epochs=8", "reward.epochs=8", "ppo.updates=24", "eval.num_prompts=64"]),
+    "demo-short": ("demo", ["sft.max_steps=150", "reward.max_steps=60", "ppo.updates=8",
+                             "reward.policy_comparisons=2000", "eval.num_prompts=100"]),
+    "demo": ("demo", []),
+}
+"""Runs of `rlhf run` whose stages take longer and longer (seconds to minutes)."""
+
+
+def overhead_curve(names: list[str] | None = None) -> list[dict]:
+    """`benchmarks/overhead.py`'s split of each run's wall time (warm steps): compute
+    inside the stages against everything else (the KFP local runner, MLflow, the store)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    from overhead import measure
+
+    rows = []
+    for name, (preset, sets) in OVERHEAD_RUNS.items():
+        if names and name not in names:
+            continue
+        r = measure(preset, ["num_threads=2", *sets], warm=True)
+        rows.append({"run": name, "sets": sets, "wall_s": round(r["wall_s"], 1), "compute_s": round(r["compute_s"], 1),
+                     "overhead_s": round(r["overhead_s"], 1), "overhead_share": round(r["overhead_share"], 4)})
+    return rows
+
+
 def plot_prep(tables: dict[str, dict], path: Path) -> None:
     """Wall time and peak RSS against rows, one line per table (e.g. before / after)."""
     import matplotlib
@@ -104,18 +131,28 @@ def plot_prep(tables: dict[str, dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["prep"])
+    ap.add_argument("what", choices=["prep", "overhead"])
     ap.add_argument("--rows", default="10000,100000,1000000")
     ap.add_argument("--work", default="/tmp/rlhf-scaling")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", nargs="+", metavar="LABEL=FILE.json", default=None,
                     help="Only plot earlier --json tables (e.g. before=old.json after=new.json) to --out.")
+    ap.add_argument("--runs", default=None, help=f"overhead: some of {', '.join(OVERHEAD_RUNS)} (comma-separated)")
     ap.add_argument("--out", default=str(BENCH_DIR / "results" / "scaling_prep.png"))
     args = ap.parse_args(argv)
     if args.plot:
         tables = {k: json.loads(Path(v).read_text()) for k, v in (x.split("=", 1) for x in args.plot)}
         plot_prep(tables, Path(args.out))
         print(f"wrote {args.out}")
+        return 0
+    if args.what == "overhead":
+        rows = overhead_curve(args.runs.split(",") if args.runs else None)
+        print("| run | stage compute (s) | overhead (s) | wall (s) | overhead share |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['run']} | {r['compute_s']} | {r['overhead_s']} | {r['wall_s']} | {r['overhead_share']:.1%} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
         return 0
     work = Path(args.work)
     (work / "data").mkdir(parents=True, exist_ok=True)
