@@ -34,12 +34,13 @@ import torch
 
 from rlhf.data.prepared import PrepData
 from rlhf.math import (
-    AdaptiveKLController, FixedKLController, gae, masked_mean, masked_sum, masked_whiten, normalize_scores,
-    ppo_policy_loss, ppo_value_loss, score_stats, shaped_rewards,
+    gae, masked_mean, masked_sum, masked_whiten, normalize_scores, ppo_policy_loss, ppo_value_loss, shaped_rewards,
 )
-from rlhf.models.rollout import Rollout, response_logprobs, response_values, rewards
+from rlhf.models.rollout import Rollout, response_logprobs, response_values
 from rlhf.stages.contract import StageContext, StageResult
-from rlhf.stages.ppo_models import PPOModels, forward_batch_size, load_models, score_rollout
+from rlhf.stages.ppo_models import (
+    PPOModels, forward_batch_size, kl_controller, load_models, reward_norm, score_rollout,
+)
 from rlhf.stages.ptx import PtxData, ptx_data
 from rlhf.stages.report import PPO_HISTORY
 from rlhf.stages.selection import Selection, gold_of_rollouts
@@ -159,23 +160,6 @@ def ppo_metrics(exp: Experience, stats: dict, seq_kl: float, beta: float, wall: 
         "perf/episodes_per_s": B / wall["total"], "perf/gen_tokens_per_s": float(mask.sum()) * dist.world / max(
             exp.gen_s, 1e-9), "perf/gen_s": exp.gen_s, "perf/score_s": exp.score_s, "perf/train_s": wall["train"],
     })
-
-
-@torch.no_grad()
-def reward_norm(models: PPOModels, prompts: list[list[int]], pcfg, dist: Dist) -> tuple[float, float]:
-    """Mean and std of the reward model's score on samples of the initial policy (SFT),
-    which normalise every later score (Ziegler et al. 2019)."""
-    with models.policy.autocast():
-        rollout = models.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature, batch_size=pcfg.generation_batch_size)
-        parts = rollout.parts(forward_batch_size(pcfg, dist))
-        scores = torch.cat([rewards(models.reward, part) for part in parts])  # (N,)
-    return score_stats(scores, mean_reduce=dist.mean_dict if dist.world > 1 else None)
-
-
-def kl_controller(kcfg):
-    """Beta: adapted toward a target KL (Ziegler et al. 2019), or fixed."""
-    return (AdaptiveKLController(kcfg.init_coef, kcfg.target, kcfg.horizon) if kcfg.adaptive
-            else FixedKLController(kcfg.init_coef))
 
 
 def first_start(ctx: StageContext, loop: Loop, models: PPOModels, first: list[list[int]], select: Selection,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.math import AdaptiveKLController, FixedKLController, score_stats
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.models.chat import ChatFormat, chat_format
 from rlhf.models.loading import apply_lora
@@ -95,3 +96,20 @@ def score_rollout(models: PPOModels, rollout: Rollout, pcfg) -> tuple[torch.Tens
         out.append((old, models.reference_logprobs(part, pcfg.temperature),
                     response_values(models.value.module, part), rewards(models.reward, part)))
     return tuple(torch.cat(x) for x in zip(*out))
+
+
+@torch.no_grad()
+def reward_norm(models: PPOModels, prompts: list[list[int]], pcfg, dist: Dist) -> tuple[float, float]:
+    """Mean and std of the reward model's score on samples of the initial policy (SFT),
+    which normalise every later score (Ziegler et al. 2019)."""
+    with models.policy.autocast():
+        rollout = models.rollout(prompts, pcfg.max_new_tokens, pcfg.temperature, batch_size=pcfg.generation_batch_size)
+        parts = rollout.parts(forward_batch_size(pcfg, dist))
+        scores = torch.cat([rewards(models.reward, part) for part in parts])  # (N,)
+    return score_stats(scores, mean_reduce=dist.mean_dict if dist.world > 1 else None)
+
+
+def kl_controller(kcfg):
+    """Beta: adapted toward a target KL (Ziegler et al. 2019), or fixed."""
+    return (AdaptiveKLController(kcfg.init_coef, kcfg.target, kcfg.horizon) if kcfg.adaptive
+            else FixedKLController(kcfg.init_coef))
