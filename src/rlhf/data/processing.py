@@ -18,6 +18,7 @@ __all__ = [
     "split_by_hash",
     "dedupe",
     "filter_by_length",
+    "LengthFilter",
     "text_lengths",
     "canonical_line",
     "write_jsonl",
@@ -135,37 +136,47 @@ def text_lengths(count_tokens: Callable[[str], int]) -> Callable[[Row], tuple[in
     return measure
 
 
+class LengthFilter:
+    """Drops rows whose prompt or whole sequence is too long (in tokens, as
+    `measure(row) -> (prompt, total)` counts them: `text_lengths`, or a chat format's),
+    a row at a time: iterate `filter(rows)`, then read `counts`. A row with a too-long
+    prompt counts only under ``dropped_prompt_too_long``; ``over_long_rate`` is the
+    share of rows dropped."""
+
+    def __init__(self, measure: Callable[[Row], tuple[int, int]], max_prompt_tokens: int, max_total_tokens: int):
+        self.measure, self.max_prompt, self.max_total = measure, max_prompt_tokens, max_total_tokens
+        self.seen = self.kept = self.too_long_prompt = self.too_long_total = 0
+
+    def filter(self, rows: Iterable[Row]) -> Iterator[Row]:
+        for row in rows:
+            self.seen += 1
+            n_prompt, n_total = self.measure(row)
+            if n_prompt > self.max_prompt:
+                self.too_long_prompt += 1
+            elif n_total > self.max_total:
+                self.too_long_total += 1
+            else:
+                self.kept += 1
+                yield row
+
+    @property
+    def counts(self) -> dict[str, int | float]:
+        dropped = self.too_long_prompt + self.too_long_total
+        return {"kept": self.kept, "dropped_prompt_too_long": self.too_long_prompt,
+                "dropped_total_too_long": self.too_long_total,
+                "over_long_rate": dropped / self.seen if self.seen else 0.0}
+
+
 def filter_by_length(
     rows: Iterable[Row],
     measure: Callable[[Row], tuple[int, int]],
     max_prompt_tokens: int,
     max_total_tokens: int,
 ) -> tuple[list[Row], dict[str, int | float]]:
-    """Drop rows whose prompt or whole sequence is too long (in tokens, as
-    `measure(row) -> (prompt, total)` counts them: `text_lengths`, or a chat format's).
-    A row with a too-long prompt counts only under ``dropped_prompt_too_long``;
-    ``over_long_rate`` is the share of rows dropped.
-    """
-    kept: list[Row] = []
-    too_long_prompt = 0
-    too_long_total = 0
-    seen = 0
-    for row in rows:
-        seen += 1
-        n_prompt, n_total = measure(row)
-        if n_prompt > max_prompt_tokens:
-            too_long_prompt += 1
-            continue
-        if n_total > max_total_tokens:
-            too_long_total += 1
-            continue
-        kept.append(row)
-    return kept, {
-        "kept": len(kept),
-        "dropped_prompt_too_long": too_long_prompt,
-        "dropped_total_too_long": too_long_total,
-        "over_long_rate": (too_long_prompt + too_long_total) / seen if seen else 0.0,
-    }
+    """`LengthFilter` over a whole list: (kept rows, counts)."""
+    f = LengthFilter(measure, max_prompt_tokens, max_total_tokens)
+    kept = list(f.filter(rows))
+    return kept, f.counts
 
 
 def canonical_line(row: Row) -> str:

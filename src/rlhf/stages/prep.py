@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rlhf.config import DEFAULT_MAX_TOTAL_TOKENS
-from rlhf.data.processing import JsonlSink, ScoreRange, iter_jsonl_rows, row_score, text_lengths
+from rlhf.data.processing import JsonlSink, LengthFilter, ScoreRange, iter_jsonl_rows, row_score, text_lengths
 from rlhf.data.readers import DataError, ReadReport, check_report, iter_rows, open_source
 from rlhf.models import load_tokenizer, resolve_source, train_tokenizer
 from rlhf.models.chat import chat_format
@@ -90,27 +90,17 @@ def filter_and_split(path: Path, kind: str, measure, limits: dict, dcfg, out: Pa
     prompts' score range), then the split by prompt hash into `<kind>_train/_eval.jsonl`
     in `out`. Returns the filter's counts and {split name: sink}."""
     kept, levels = JsonlSink(tmp / "kept" / f"{kind}.jsonl"), ScoreRange()
-    too_long_prompt = too_long_total = seen = 0
-    for row in iter_jsonl_rows(path, kind):
-        seen += 1
-        n_prompt, n_total = measure(row)
-        if n_prompt > limits["max_prompt_tokens"]:
-            too_long_prompt += 1
-        elif n_total > limits["max_total_tokens"]:
-            too_long_total += 1
-        else:
-            kept.add(row)
-            levels.add(row_score(row, dcfg.split_salt))
+    lengths = LengthFilter(measure, limits["max_prompt_tokens"], limits["max_total_tokens"])
+    for row in lengths.filter(iter_jsonl_rows(path, kind)):
+        kept.add(row)
+        levels.add(row_score(row, dcfg.split_salt))
     kept.close()
-    counts = {"kept": kept.rows, "dropped_prompt_too_long": too_long_prompt,
-              "dropped_total_too_long": too_long_total,
-              "over_long_rate": (too_long_prompt + too_long_total) / seen if seen else 0.0}
     cut = levels.cut(dcfg.eval_fraction)
     sinks = {"train": JsonlSink(out / f"{kind}_train.jsonl"), "eval": JsonlSink(out / f"{kind}_eval.jsonl")}
     for row in iter_jsonl_rows(kept.path, kind):
         sinks["eval" if row_score(row, dcfg.split_salt) < cut else "train"].add(row)
     kept.path.unlink()
-    return counts, {f"{kind}_{side}": sink.close() for side, sink in sinks.items()}
+    return lengths.counts, {f"{kind}_{side}": sink.close() for side, sink in sinks.items()}
 
 
 def model_context(path: str, mcfg) -> int | None:

@@ -29,7 +29,7 @@ from importlib.metadata import entry_points
 from typing import Iterable
 
 from rlhf.config import ConfigError
-from rlhf.data.tasks.base import FAMILIES, TaskFamily
+from rlhf.data.tasks.base import FAMILIES, TaskFamily, register
 
 ENTRY_POINT_GROUP = "rlhf.tasks"
 
@@ -74,7 +74,7 @@ def _register_class(obj, where: str) -> None:
         if not name:
             raise ConfigError(f"task plugin {where}: {obj.__qualname__} has no `name`")
         if name not in FAMILIES:
-            FAMILIES[name] = obj()
+            register(obj)
         elif type(FAMILIES[name]) is not obj:
             raise ConfigError(f"task plugin {where}: family {name!r} is already registered by "
                               f"{type(FAMILIES[name]).__module__}; rename one of them")
