@@ -39,7 +39,12 @@ def server(monkeypatch):
 
 def test_metrics_wait_in_order_through_an_outage_and_are_spooled(server):
     spooled: list[list] = []
-    box = Outbox(server.send, lambda pending: spooled.append(list(pending)), "http://mlflow:5000", 60, retry_s=0.02)
+
+    def spool(pending):  # a slow store: drain() must wait for the spool's removal, writes must stay in order
+        time.sleep(0.05)
+        spooled.append(list(pending))
+
+    box = Outbox(server.send, spool, "http://mlflow:5000", 60, retry_s=0.02)
     box.put([0, 1])
     assert box.drain(5) and server.got == [0, 1]
     server.down.set()

@@ -86,6 +86,7 @@ class Outbox:
         self.tolerance_s, self.retry_s = tolerance_s, retry_s
         self._pending: list = []
         self._cond = threading.Condition()
+        self._spool_lock = threading.Lock()  # spool writes in order: the last one holds the newest queue
         self._busy, self._spooled, self._refused, self._single, self._closed = False, False, 0, 0, False
         self.outage: float | None = None  # monotonic time of the first failed delivery
         self.delivered = 0
@@ -96,10 +97,10 @@ class Outbox:
         """Queue metrics for delivery, after those queued before; check the tolerance."""
         with self._cond:
             self._pending += metrics
-            outage, pending = self.outage, list(self._pending)
+            outage = self.outage
             self._cond.notify()
         if outage is not None:
-            self._save(pending)  # the server is away: keep them where a crash cannot lose them
+            self._save()  # the server is away: keep them where a crash cannot lose them
             self.check()
 
     def replay(self, metrics: list) -> None:
@@ -160,15 +161,22 @@ class Outbox:
                 continue
             self._delivered(batch, self.outage)
 
-    def _save(self, pending: list) -> None:
-        self._spooled = True
-        self._spool(pending)
+    def _save(self) -> None:
+        # the queue is read under the spool lock: of two threads saving, the later write has the newer queue
+        with self._spool_lock:
+            with self._cond:
+                pending = list(self._pending)
+            self._spooled = True
+            self._spool(pending)
 
     def clear_spool(self) -> None:
         """After everything is delivered: the store's copy is not needed."""
-        if self._spooled:
-            self._spool([])
-            self._spooled = False
+        with self._spool_lock:
+            with self._cond:
+                empty = not self._pending
+            if self._spooled and empty:
+                self._spool([])
+                self._spooled = False
 
     def _failed(self, began: float, outage: bool, single: int = 0) -> None:
         with self._cond:
@@ -178,25 +186,27 @@ class Outbox:
             else:
                 self._single = single
             self._refused = 0 if outage else self._refused + 1
-            self._busy, pending = False, list(self._pending)
+            self._busy, waiting = False, len(self._pending)
             self._cond.notify_all()
         if not outage:
             return
         if first:
             print(f"tracking: the MLflow server at {display_uri(self.tracking_uri)} does not answer; training goes on, "
-                  f"{len(pending)} metrics wait in order (saved in the run's store) for up to "
+                  f"{waiting} metrics wait in order (saved in the run's store) for up to "
                   f"{self.tolerance_s:g} s", file=sys.stderr, flush=True)
-        self._save(pending)
+        self._save()
 
     def _delivered(self, batch: list, outage: float | None) -> None:
         with self._cond:
             del self._pending[:len(batch)]
             self.delivered += len(batch)
             self._single = max(0, self._single - len(batch))
-            self.outage, self._busy, self._refused, empty = None, False, 0, not self._pending
-            self._cond.notify_all()
+            self.outage, self._refused, empty = None, 0, not self._pending
         if outage is not None:
             print(f"tracking: the MLflow server is back after {time.monotonic() - outage:.0f} s; replaying the "
                   "waiting metrics in order", file=sys.stderr, flush=True)
         if empty:
-            self.clear_spool()
+            self.clear_spool()  # still busy: drain() returns once the store's copy is gone
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
