@@ -16,7 +16,9 @@ How the workload reaches the stages:
   batch 16, the page's learning rates, linear decay to 0 with no warm-up, clipping 1.0 (PPO: none,
   weight decay 0, one AdamW step per mini-batch for policy and value at 1e-5), no checkpoints or
   evaluations inside the timed steps (the stage's own evaluation before step 1 and after the last
-  step falls outside the window).
+  step falls outside the window). PPO runs without its judge evaluations (`ppo.judge_every` empty,
+  `ppo.select: last`), as TRL's side runs without its sample generations (num_sample_generations=0):
+  with them, every 5th update would also sample and score 128 judge prompts.
 - The stages run with their defaults, speed features included (packed rows, shared prefixes,
   log-probs from generation; length grouping stays off, as by default); `--set sft.packing=false`
   and the like switch one, which is how `features.py` measures each before/after.
@@ -97,7 +99,9 @@ def workload_config(w, stage: str, steps: int, overrides: list[str]):
                 "whiten_advantages": True, "normalize_reward": False, "missing_eos_penalty": 0.0,
                 "kl": {"init_coef": p["kl_coef"], "adaptive": False, "estimator": "k1"},
                 "max_new_tokens": p["new_tokens"], "temperature": p["temperature"], "value_init": "reward",
-                "gold_log_every": 10_000, "checkpoint_every": 10_000},
+                "gold_log_every": 10_000, "checkpoint_every": 10_000,
+                # no judge evaluations inside the timed updates: TRL's side runs num_sample_generations=0
+                "judge_every": None, "select": "last"},
         "tracking": {"log_models": False},
     }
     for item in overrides:

@@ -244,7 +244,7 @@ class PPOConfig(OptimConfig):
     gold_log_every: int = Field(5, gt=0, description="Every N updates, log the gold score of rollouts beside the proxy reward (monitoring only).")
     ptx_coef: float = Field(PTX_COEF, ge=0, description="PPO-ptx (InstructGPT eq. 2, its gamma): each policy step also takes ptx_coef x the mean token NLL of a batch of pretraining / demonstration text (data.ptx_path, default the SFT demonstrations), which keeps the policy's language-model quality (the alignment tax) near SFT's; 0 = plain PPO.")
     ptx_batch_size: int | None = Field(None, gt=0, description="Demonstrations (or text rows) in each policy step's ptx batch; empty = a quarter of minibatch_size (demo, seed 0: relative alignment tax -6.2% with batches of 8, -7.0% with 32, at a quarter of the extra compute; different reward models).")
-    judge_every: int = Field(5, gt=0, description="Every N updates (and before the first), sample the fixed judge prompt set with the policy and score it with the run's independent judge (gold, or the held-out reward model; never the PPO reward model): ppo/judge_score beside ppo/judge_proxy and ppo/judge_sqrt_kl on the same samples.")
+    judge_every: int | None = Field(5, gt=0, description="Every N updates (and before the first, and at the last), sample the fixed judge prompt set with the policy and score it with the run's independent judge (gold, or the held-out reward model; never the PPO reward model): ppo/judge_score beside ppo/judge_proxy and ppo/judge_sqrt_kl on the same samples. Empty = no judge evaluations during PPO (no checkpoint selection or early stop: `select` must be `last`), as TRL's PPOTrainer with num_sample_generations=0; eval still judges the saved policy.")
     judge_prompts: int = Field(128, gt=0, description="Size of the fixed prompt set the judge scores (PPO training prompts, the same ones and the same sampling seed every time).")
     select: Literal["judge", "last"] = Field("judge", description="Which policy the stage saves: the one the judge scored best (checkpoint selection against over-optimisation; its update is in the summary as ppo/selected_update) or the last.")
     patience: int | None = Field(4, gt=0, description="Stop early after this many judge evaluations in a row below the best judge score by more than the evaluation's standard error, while the proxy (PPO reward model) score is above its value at that best: reward hacking has set in. Empty = never stop early.")
@@ -255,6 +255,9 @@ class PPOConfig(OptimConfig):
     def _check(self):
         exact_div(self.rollout_batch_size, self.minibatch_size, "ppo.rollout_batch_size / ppo.minibatch_size")
         exact_div(self.minibatch_size, self.grad_accum_steps, "ppo.minibatch_size / ppo.grad_accum_steps")
+        if self.judge_every is None and self.select == "judge":
+            raise ValueError("ppo.select=judge picks the policy the judge scored best, but ppo.judge_every is empty "
+                             "(no judge evaluations): set ppo.judge_every (e.g. 5) or ppo.select=last")
         return self
 
 

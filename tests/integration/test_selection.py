@@ -101,3 +101,16 @@ def test_no_early_stop_on_a_plateau_within_the_judges_noise(base, tmp_path, monk
     scripted(monkeypatch, judge=[0.1, 0.5, 0.8, 0.78, 0.77, 0.79, 0.76], proxy=[0, 1, 2, 3, 4, 5, 6], se=0.05)
     res = ppo(base, tmp_path / "plateau", "ppo.updates=6", "ppo.patience=2")
     assert not res["early_stopped"] and res["updates"] == 6 and res["selected_update"] == 2
+
+
+def test_no_judge_evaluations_when_judge_every_is_empty(base, tmp_path, monkeypatch):
+    """`ppo.judge_every` empty (as TRL with num_sample_generations=0): the judge never runs,
+    and the saved policy is the one a judged run with `select: last` saves (judging draws
+    from its own forked RNG, so it never changes training)."""
+    scripted(monkeypatch, judge=[0.0] * 4, proxy=[0.0] * 4)
+    judged = ppo(base, tmp_path / "judged", "ppo.updates=3", "ppo.select=last")
+    calls = scripted(monkeypatch, judge=[], proxy=[])
+    res = ppo(base, tmp_path / "unjudged", "ppo.updates=3", "ppo.select=last", "ppo.judge_every=null")
+    assert calls == [] and res["judge_curve"] == [] and res["selected_update"] == 3 and judged["selected_update"] == 3
+    a, b = weights(tmp_path / "judged"), weights(tmp_path / "unjudged")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -190,6 +190,13 @@ def test_rollout_not_divisible_by_minibatch():
     assert cfg.ppo.rollout_batch_size == 60
 
 
+def test_judge_selection_needs_judge_evaluations():
+    msg = _error("demo", None, ["ppo.judge_every=null"])
+    assert "ppo.select=judge" in msg and "ppo.judge_every" in msg and "ppo.select=last" in msg
+    cfg = load_config("demo", None, ["ppo.judge_every=null", "ppo.select=last"])
+    assert cfg.ppo.judge_every is None
+
+
 def test_min_items_above_max_items():
     msg = _error("demo", None, ["task.min_items=9", "task.max_items=3"])
     assert "min_items" in msg and "max_items" in msg

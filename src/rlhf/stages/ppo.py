@@ -168,7 +168,8 @@ def first_start(ctx: StageContext, loop: Loop, models: PPOModels, first: list[li
     of the `first` prompts (policy == SFT now), and the judge's view of SFT."""
     if ctx.config.normalize_reward:
         loop.state["reward_mean"], loop.state["reward_std"] = reward_norm(models, dist.shard(first), ctx.config, dist)
-    loop.log(select(loop.state, 0), step=0)
+    if ctx.config.judge_every:
+        loop.log(select(loop.state, 0), step=0)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -218,11 +219,12 @@ def run(ctx: StageContext) -> StageResult:
             metrics = ppo_metrics(exp, stats, seq_kl, beta, {"total": t0(), "train": train_s}, dist)
             if dist.main and (update % pcfg.gold_log_every == 0 or step == pcfg.updates):
                 metrics.update(gold_of_rollouts(ctx, models, exp.rollout, rows, idx))
-            if step % pcfg.judge_every == 0 or step == pcfg.updates:
+            if pcfg.judge_every and (step % pcfg.judge_every == 0 or step == pcfg.updates):
                 metrics.update(select(loop.state, step))
             # 4. log / checkpoint
+            curve = loop.state["judge"]["curve"]
             loop.end_step(metrics, rm=f"{metrics['ppo/reward']:.2f}", kl=f"{seq_kl:.2f}", beta=f"{beta:.3f}",
-                          judge=f"{loop.state['judge']['curve'][-1][1]:.2f}")
+                          **({"judge": f"{curve[-1][1]:.2f}"} if curve else {}))
 
         # 5. save the selected policy: the best-judged weights, or the last
         selected = select.finish(loop.state, loop.step, ctx.tracker)
