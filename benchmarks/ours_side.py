@@ -55,8 +55,9 @@ def write_prep(w, store, tok) -> None:
         out = Path(tmp)
         sft, rm, prompts = w.sft_rows(), w.rm_rows(), w.ppo_prompts()
         splits = {
-            "sft_train": [SFTRow(**r) for r in sft], "sft_eval": [SFTRow(**r) for r in sft[:32]],
-            "preference_train": [PreferenceRow(**r) for r in rm], "preference_eval": [PreferenceRow(**r) for r in rm[:32]],
+            "sft_train": [SFTRow(**r) for r in sft], "sft_eval": [SFTRow(**r) for r in sft[:w.EVAL_ROWS]],
+            "preference_train": [PreferenceRow(**r) for r in rm],
+            "preference_eval": [PreferenceRow(**r) for r in rm[:w.EVAL_ROWS]],
             "prompt_train": [PromptRow(prompt=p) for p in prompts], "prompt_eval": [PromptRow(prompt=p) for p in prompts[:16]],
         }
         for name, rows in splits.items():
@@ -84,8 +85,9 @@ def workload_config(w, stage: str, steps: int, overrides: list[str]):
         "seed": w.SEED, "device": "cpu", "num_threads": w.THREADS,
         # user data (not the built-in task): no policy comparisons, no gold judge
         "data": {"sft_path": "workload:sft", "preference_path": "workload:rm"},
-        "model": {"vocab_size": 512, "hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 384,
-                  "max_position_embeddings": 256},
+        "model": {"vocab_size": 512, "hidden_size": w.MODEL["hidden_size"], "num_layers": w.MODEL["num_hidden_layers"],
+                  "num_heads": w.MODEL["num_attention_heads"], "intermediate_size": w.MODEL["intermediate_size"],
+                  "max_position_embeddings": w.MODEL["max_position_embeddings"]},
         "sft": {"max_epochs": 1, "batch_size": s["batch_size"], "lr": s["lr"], "weight_decay": 0.0, "warmup_steps": 0,
                 "lr_schedule": "linear", "grad_clip": s["grad_clip"], "eval_every": 10_000, "checkpoint_every": 10_000,
                 "max_steps": steps},
@@ -185,13 +187,17 @@ def main(argv: list[str] | None = None) -> dict:
                         help="config override, as `rlhf run --set` (e.g. sft.packing=false)")
     parser.add_argument("--force-gc", action="store_true",
                         help="ppo: call gc.collect() twice per update, as TRL does (the \"before\" of no forced gc)")
+    parser.add_argument("--workload", default="1m", choices=("1m", "25m"),
+                        help="1m: WORKLOAD.md (overhead-bound); 25m: WORKLOAD-25M.md (compute-bound)")
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     args = parser.parse_args(argv)
     if args.force_gc:
         force_gc()
     began = time.perf_counter()
     torch.set_num_threads(2)
-    import workload as w  # benchmarks/ is this script's folder, so first on sys.path
+    import workload  # benchmarks/ is this script's folder, so first on sys.path
+
+    w = workload.get(args.workload)
     steps = args.steps or {"sft": w.SFT["steps"], "rm": w.RM["steps"], "ppo": w.PPO["updates"]}[args.stage]
     if steps <= 2:
         parser.error(f"--steps {steps}: the first 2 are untimed warm-up, so at least 3 are needed")
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory(prefix=f"ours_side_{args.stage}_") as root:
         result = run_stage(w, args.stage, steps, args.overrides, Path(root))
-    result.update(overrides=args.overrides, force_gc=args.force_gc)
+    result.update(workload=w.NAME, overrides=args.overrides, force_gc=args.force_gc)
     return w.emit(args.stage, result, began, {"rlhf": getattr(rlhf, "__version__", "?"),
                                                 "transformers": transformers.__version__}, args.json)
 

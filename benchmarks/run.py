@@ -1,9 +1,13 @@
-"""Our stages against Hugging Face TRL on the fixed CPU workload, alternating, with ratios.
+"""Our stages against Hugging Face TRL on the fixed CPU workloads, alternating, with ratios.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--repeats N] [--stages sft,rm,ppo] [--json FILE]
+    .venv/bin/python benchmarks/run.py [--quick] [--repeats N] [--stages sft,rm,ppo] [--workloads 1m,25m]
+                                       [--json FILE]
 
-For every stage (SFT, reward model, PPO) and every repeat it runs our stage (`ours_side.py`) and
-TRL's (`trl_side.py`), each in a fresh process, alternating which goes first, and prints:
+Two workloads: `1m` (../shared/benchmarks/WORKLOAD.md: a ~1M-parameter model on ~70-token rows,
+overhead-bound) and `25m` (benchmarks/WORKLOAD-25M.md: a ~25M-parameter Llama on rows of 256-512
+tokens, compute-bound). For every workload, stage (SFT, reward model, PPO) and repeat it runs our
+stage (`ours_side.py`) and TRL's (`trl_side.py`), each in a fresh process, alternating which goes
+first, and prints:
 - our rate and TRL's (median, min-max), the ratio = median of the pairwise ratios (ours / TRL of
   the same repeat, so slow spells of this shared machine hit both), min-max of those ratios;
 - peak RSS of each process;
@@ -11,8 +15,10 @@ TRL's (`trl_side.py`), each in a fresh process, alternating which goes first, an
   TRL also its forced `gc.collect()` time, and the ratio against TRL with that time taken out;
 - the loss check: at equal steps our SFT and RM losses against TRL's (10-step windows), so a speed
   gain is not bought with a different computation.
-`--json FILE` writes all of it, with the headline keys `sft_ratio`, `rm_ratio`, `ppo_ratio` and
-`ppo_ratio_vs_no_gc`. `--quick` (2 repeats of shortened stages) finishes in under 3 minutes.
+`--json FILE` writes all of it, with the headline keys `sft_ratio`, `rm_ratio`, `ppo_ratio`,
+`ppo_ratio_vs_no_gc` (1m) and `sft_ratio_25m`, `rm_ratio_25m`, `ppo_ratio_25m`,
+`ppo_ratio_25m_vs_no_gc`. `--quick` (2 repeats of shortened stages) takes about 3 minutes for
+the 1m workload; the 25m one's time is in RESULTS.md.
 
 TRL is a benchmark-only dependency. Its side folders (trl 1.16.0 for SFT/RM, trl 1.12.0 for PPO,
 since 1.13+ ship no PPO trainer) are made on first use with `pip install --no-deps --target`.
@@ -34,8 +40,9 @@ TRL_DIRS = {"1.16.0": "trl-1.16.0", "1.12.0": "trl-1.12.0"}
 TRL_FOR_STAGE = {"sft": ("1.16.0", ""), "rm": ("1.16.0", ""), "ppo": ("1.12.0", "pandas tzdata")}
 RATE = {"sft": "tokens_per_s", "rm": "pairs_per_s", "ppo": "episodes_per_s"}
 UNIT = {"sft": "non-pad tok/s", "rm": "pairs/s", "ppo": "episodes/s"}
-FULL_STEPS = {"sft": 60, "rm": 60, "ppo": 12}
-QUICK_STEPS = {"sft": 24, "rm": 24, "ppo": 6}
+FULL_STEPS = {"1m": {"sft": 60, "rm": 60, "ppo": 12}, "25m": {"sft": 20, "rm": 20, "ppo": 8}}
+QUICK_STEPS = {"1m": {"sft": 24, "rm": 24, "ppo": 6}, "25m": {"sft": 5, "rm": 5, "ppo": 5}}
+PAGES = {"1m": "WORKLOAD.md", "25m": "WORKLOAD-25M.md"}
 
 
 def trl_dir(root: Path, stage: str) -> Path:
@@ -53,9 +60,9 @@ def trl_dir(root: Path, stage: str) -> Path:
     return folder
 
 
-def run_side(side: str, stage: str, steps: int, trl_root: Path, extra: list[str]) -> dict:
+def run_side(side: str, stage: str, steps: int, trl_root: Path, extra: list[str], workload: str = "1m") -> dict:
     script = BENCH_DIR / f"{side}_side.py"
-    cmd = [sys.executable, str(script), stage, "--steps", str(steps), *extra]
+    cmd = [sys.executable, str(script), stage, "--steps", str(steps), "--workload", workload, *extra]
     if side == "trl":
         cmd += ["--trl-dir", str(trl_dir(trl_root, stage))]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -153,9 +160,11 @@ def report(stage: str, s: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 repeats of shortened stages (under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="2 repeats of shortened stages")
     parser.add_argument("--repeats", type=int, help="pairs per stage (default 3; --quick 2)")
     parser.add_argument("--stages", default="sft,rm,ppo", help="comma-separated subset of sft,rm,ppo")
+    parser.add_argument("--workloads", default="1m,25m",
+                        help="comma-separated subset of 1m (WORKLOAD.md) and 25m (WORKLOAD-25M.md)")
     parser.add_argument("--trl-root", type=Path, default=BENCH_DIR / ".trl",
                         help="folder for the trl side folders (default benchmarks/.trl)")
     parser.add_argument("--json", type=Path, help="write the results as JSON")
@@ -163,42 +172,57 @@ def main(argv: list[str] | None = None) -> dict:
     stages = [s for s in args.stages.split(",") if s]
     if bad := [s for s in stages if s not in RATE]:
         parser.error(f"--stages: unknown {bad} (expected sft, rm, ppo)")
+    workloads = [w for w in args.workloads.split(",") if w]
+    if bad := [w for w in workloads if w not in PAGES]:
+        parser.error(f"--workloads: unknown {bad} (expected 1m, 25m)")
     repeats = args.repeats or (2 if args.quick else 3)
-    steps = QUICK_STEPS if args.quick else FULL_STEPS
     began = time.perf_counter()
     for s in stages:  # install before timing anything
         trl_dir(args.trl_root, s)
 
+    out: dict = {}
+    for wl in workloads:
+        steps = (QUICK_STEPS if args.quick else FULL_STEPS)[wl]
+        summary = compare(wl, stages, steps, repeats, args.trl_root, began, args.quick)
+        suffix = "" if wl == "1m" else f"_{wl}"
+        out.update({f"{s}_ratio{suffix}": summary[s]["ratio"] for s in stages})
+        if "ppo" in summary:
+            out[f"ppo_ratio{suffix}_vs_no_gc"] = summary["ppo"]["ratio_vs_no_gc"]
+        out.setdefault("workloads", {})[wl] = summary
+    total = time.perf_counter() - began
+    print(f"({total:.0f} s in all)")
+    out.update(quick=args.quick, repeats=repeats, seconds=total)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def compare(wl: str, stages: list[str], steps: dict, repeats: int, trl_root: Path, began: float,
+            quick: bool) -> dict:
+    """Alternating pairs of one workload's stages; prints the table; returns the summary."""
     results: dict[str, list[tuple[dict, dict]]] = {s: [] for s in stages}
     for rep in range(repeats):
         for stage in stages:
             order = ("ours", "trl") if rep % 2 == 0 else ("trl", "ours")
-            got = {side: run_side(side, stage, steps[stage], args.trl_root, []) for side in order}
+            got = {side: run_side(side, stage, steps[stage], trl_root, [], wl) for side in order}
             results[stage].append((got["ours"], got["trl"]))
-            print(f"[{time.perf_counter() - began:5.0f}s] repeat {rep + 1}/{repeats} {stage}: ours "
+            print(f"[{time.perf_counter() - began:5.0f}s] {wl} repeat {rep + 1}/{repeats} {stage}: ours "
                   f"{got['ours'][RATE[stage]]:.1f}, TRL {got['trl'][RATE[stage]]:.1f} {UNIT[stage]}",
                   file=sys.stderr, flush=True)
 
     summary = {s: summarize(s, results[s]) for s in stages}
     first = results[stages[0]][0]
     versions = {**first[1]["versions"], "rlhf": first[0]["versions"]["rlhf"]}
-    print(f"\nOurs vs TRL on the WORKLOAD.md workload ({'quick: ' if args.quick else ''}{repeats} alternating "
+    print(f"\nOurs vs TRL on the {PAGES[wl]} workload ({'quick: ' if quick else ''}{repeats} alternating "
           f"pairs per stage, {', '.join(f'{s} {steps[s]}' for s in stages)} steps, first 2 untimed)")
     print(f"machine: {platform.processor() or platform.machine()}, {first[0]['threads']} threads; "
           + ", ".join(f"{k} {v}" for k, v in versions.items()))
     for s in stages:
         print("\n".join(report(s, summary[s])))
-    total = time.perf_counter() - began
-    print(f"({total:.0f} s in all)")
-    out = {f"{s}_ratio": summary[s]["ratio"] for s in stages}
-    if "ppo" in summary:
-        out["ppo_ratio_vs_no_gc"] = summary["ppo"]["ratio_vs_no_gc"]
-    out.update(quick=args.quick, repeats=repeats, steps={s: steps[s] for s in stages}, seconds=total,
-               versions=versions, threads=first[0]["threads"], stages=summary,
-               runs={s: [{"ours": o, "trl": t} for o, t in results[s]] for s in stages})
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return out
+    for s in stages:
+        summary[s].update(steps=steps[s], versions=versions, threads=first[0]["threads"],
+                          runs=[{"ours": o, "trl": t} for o, t in results[s]])
+    return summary
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def common_args(w, settings: dict, steps: int, out_dir: str) -> dict:
         optim="adamw_torch", learning_rate=settings["lr"], adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=settings["grad_clip"],
         bf16=False, fp16=False, activation_checkpointing=False, gradient_checkpointing=False, torch_compile=False,
-        max_length=128, dataloader_num_workers=0,
+        max_length=w.MAX_LENGTH, dataloader_num_workers=0,
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
     )
 
@@ -310,12 +310,16 @@ def main(argv: list[str] | None = None) -> dict:
                                           "for ppo)")
     parser.add_argument("--steps", type=int, help="optimizer steps (sft/rm) or PPO updates (ppo), the 2 untimed "
                                                   "included; default: the page's 60 / 12")
+    parser.add_argument("--workload", default="1m", choices=("1m", "25m"),
+                        help="1m: WORKLOAD.md (overhead-bound); 25m: WORKLOAD-25M.md (compute-bound)")
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     args = parser.parse_args(argv)
     began = time.perf_counter()
 
     torch.set_num_threads(2)
-    import workload as w  # benchmarks/ is this script's folder, so first on sys.path
+    import workload  # benchmarks/ is this script's folder, so first on sys.path
+
+    w = workload.get(args.workload)
     default_steps = {"sft": w.SFT["steps"], "rm": w.RM["steps"], "ppo": w.PPO["updates"]}[args.stage]
     steps = default_steps if args.steps is None else args.steps
     if steps <= 2:
@@ -330,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}[args.stage]
     with tempfile.TemporaryDirectory(prefix=f"trl_side_{args.stage}_") as out_dir, redirect_stdout(sys.stderr):
         result = run(w, trl, steps, out_dir)  # TRL prints its logs; stdout keeps only the JSON line
+    result["workload"] = w.NAME
     return w.emit(args.stage, result, began, {"trl": trl.__version__, "transformers": transformers.__version__},
                   args.json)
 

@@ -13,9 +13,12 @@ import hashlib
 import json
 import random
 import resource
+import sys
 import time
 from pathlib import Path
 
+NAME = "1m"
+"""This workload's name (`--workload`); `get("25m")` is the compute-bound one (`w25m.py`)."""
 TOKENIZER_FILE = Path(__file__).with_name("tokenizer.json")
 TOKENIZER_SHA256 = "f4d530fbf89e4827e7ace1bfec802c5e625182afc2be6473cfe9b6d56fa0f6f1"
 THREADS = 2
@@ -44,14 +47,36 @@ def tokenizer():
                                    eos_token="<eos>")
 
 
-def model_config():
+MODEL = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 384,
+         "max_position_embeddings": 256}
+MAX_LENGTH = 128
+"""TRL's max_length (never reached: the longest SFT/RM sequence is 123 tokens)."""
+EVAL_ROWS = 32
+"""Held-out rows of our side's prep (its evaluations fall outside the timed steps)."""
+
+
+def get(name: str):
+    """The workload module called `name`: "1m" (this one) or "25m"."""
+    if name == NAME:
+        return sys.modules[__name__]
+    if name == "25m":
+        from workload import w25m
+
+        return w25m
+    raise ValueError(f"unknown workload {name!r}: expected 1m or 25m")
+
+
+def build_config(model: dict):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=4, intermediate_size=384, hidden_act="silu", max_position_embeddings=256,
+    return LlamaConfig(vocab_size=512, num_key_value_heads=model["num_attention_heads"], hidden_act="silu",
                        rms_norm_eps=1e-6, rope_theta=10000, initializer_range=0.02, tie_word_embeddings=False,
                        attention_bias=False, mlp_bias=False, attention_dropout=0.0, pad_token_id=0, eos_token_id=1,
-                       bos_token_id=None, attn_implementation="sdpa")
+                       bos_token_id=None, attn_implementation="sdpa", **model)
+
+
+def model_config():
+    return build_config(MODEL)
 
 
 def example(rng: random.Random, n: int) -> tuple[str, list[int]]:
@@ -76,27 +101,44 @@ def corrupt(rng: random.Random, ys: list[int]) -> list[int]:
     return ys
 
 
-def sft_rows() -> list[dict[str, str]]:
+def items(rng: random.Random) -> int:
+    """List length of an SFT row or RM pair."""
+    return rng.randint(4, 60)
+
+
+def make_sft_rows(count: int, draw) -> list[dict[str, str]]:
     rng = random.Random(1)
     rows = []
-    for _ in range(SFT["rows"]):
-        p, ys = example(rng, rng.randint(4, 60))
+    for _ in range(count):
+        p, ys = example(rng, draw(rng))
         rows.append({"prompt": p, "completion": fmt(ys)})
     return rows
 
 
-def rm_rows() -> list[dict[str, str]]:
+def make_rm_rows(count: int, draw) -> list[dict[str, str]]:
     rng = random.Random(2)
     rows = []
-    for _ in range(RM["pairs"]):
-        p, ys = example(rng, rng.randint(4, 60))
+    for _ in range(count):
+        p, ys = example(rng, draw(rng))
         rows.append({"prompt": p, "chosen": fmt(ys), "rejected": fmt(corrupt(rng, ys))})
     return rows
 
 
-def ppo_prompts() -> list[str]:
+def make_ppo_prompts(count: int, n: int) -> list[str]:
     rng = random.Random(3)
-    return [example(rng, PPO["prompt_items"])[0] for _ in range(PPO["prompts"])]
+    return [example(rng, n)[0] for _ in range(count)]
+
+
+def sft_rows() -> list[dict[str, str]]:
+    return make_sft_rows(SFT["rows"], items)
+
+
+def rm_rows() -> list[dict[str, str]]:
+    return make_rm_rows(RM["pairs"], items)
+
+
+def ppo_prompts() -> list[str]:
+    return make_ppo_prompts(PPO["prompts"], PPO["prompt_items"])
 
 
 def emit(stage: str, result: dict, began: float, versions: dict, json_path: Path | None) -> dict:

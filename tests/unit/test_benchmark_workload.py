@@ -1,4 +1,5 @@
-"""The benchmark workload in code matches ../shared/benchmarks/WORKLOAD.md's own numbers."""
+"""The benchmark workloads in code match their pages' own numbers: ../shared/benchmarks/WORKLOAD.md
+(1M) and benchmarks/WORKLOAD-25M.md (25M)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def w():
-    spec = importlib.util.spec_from_file_location("workload", ROOT / "benchmarks" / "workload" / "__init__.py")
+    folder = ROOT / "benchmarks" / "workload"
+    spec = importlib.util.spec_from_file_location("workload", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
     mod = importlib.util.module_from_spec(spec)
     sys.modules["workload"] = mod
     spec.loader.exec_module(mod)
@@ -48,6 +51,35 @@ def test_parameter_counts_match_the_page(w):
     assert sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()) == 984_192
     cfg.num_labels = 1
     assert sum(p.numel() for p in LlamaForSequenceClassification(cfg).parameters()) == 918_784
+
+
+def test_the_25m_workload_matches_its_page(w):
+    """WORKLOAD-25M.md: 25.8M parameters, SFT/RM rows of 257-511 tokens (log-normal around 340),
+    202-token PPO prompts; the shared parts (tokenizer, task, seeds) are the 1M workload's."""
+    import torch
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    big = w.get("25m")
+    assert w.get("1m") is w and big.NAME == "25m" and big.tokenizer is w.tokenizer
+    cfg = big.model_config()
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (512, 8, 8, 1376)
+    torch.manual_seed(42)
+    assert sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()) == 25_829_888
+    cfg.num_labels = 1
+    assert sum(p.numel() for p in LlamaForSequenceClassification(cfg).parameters()) == 25_568_256
+    tok = big.tokenizer()
+    lengths = sorted(len(tok(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in big.sft_rows())
+    assert len(lengths) == 160 and sum(lengths) == 54_262 and (lengths[0], lengths[-1]) == (257, 511)
+    assert (lengths[79] + lengths[80]) / 2 == 328 and lengths[40] < 310 < 360 < lengths[120]  # a spread
+    rm = [(len(tok(r["prompt"] + r["chosen"])["input_ids"]) + 1, len(tok(r["prompt"] + r["rejected"])["input_ids"]) + 1)
+          for r in big.rm_rows()]
+    assert all(c == r for c, r in rm) and sum(c + r for c, r in rm) == 113_592
+    assert {len(tok(p)["input_ids"]) for p in big.ppo_prompts()} == {202}
+    assert max(lengths) < big.MAX_LENGTH <= cfg.max_position_embeddings
+    ours = _load("ours_side").workload_config(big, "sft", 20, [])
+    assert (ours.model.hidden_size, ours.model.num_layers, ours.model.intermediate_size) == (512, 8, 1376)
+    assert (ours.sft.batch_size, ours.reward.batch_size, ours.ppo.rollout_batch_size, ours.ppo.minibatch_size,
+            ours.ppo.max_new_tokens) == (8, 8, 8, 4, 64)
 
 
 def _load(name):
