@@ -12,6 +12,8 @@
 #   ppo     ZeRO-2, bf16                                 episodes/s, generation/scoring/training split
 #   ppo     ZeRO-3, bf16, gradient checkpointing, generation with the policy gathered
 #   ppo     ZeRO-3, bf16, generation with synced_gpus (layer-by-layer gathering)
+#   sft/ppo ZeRO-2, fp32: the bf16 rows' stages in full precision (bf16/fp32 speed-ups printed below
+#           the table, with PPO's generation share in each precision)
 #   sft     ZeRO-2, bf16, ZeRO-Offload (optimizer on the CPU, DeepSpeed's CPU Adam)
 #   sft     ~335M Llama (hidden 1024, 24 layers, 16 heads, MLP 3072), bf16, longer task
 #           instances (20-40 items), batch 128: tokens/s and MFU (target >= 45% on H100/H200)
@@ -95,6 +97,9 @@ copy_inputs "$OUT/main" "$OUT/z3" prep sft reward
 row ppo-zero3-gather "$OUT/z3" ppo --set distributed.zero_stage=3 --set distributed.gradient_checkpointing=true
 copy_inputs "$OUT/main" "$OUT/z3s" prep sft reward
 row ppo-zero3-synced "$OUT/z3s" ppo --set distributed.zero_stage=3 --set distributed.zero3_generation=synced
+copy_inputs "$OUT/main" "$OUT/fp32" prep sft reward  # bf16 against fp32: the same stages, full precision
+row sft-zero2-fp32 "$OUT/fp32" sft --set distributed.zero_stage=2 --set distributed.bf16=false
+rm -rf "$OUT/fp32/ppo"; row ppo-zero2-fp32 "$OUT/fp32" ppo --set distributed.zero_stage=2 --set distributed.bf16=false
 copy_inputs "$OUT/main" "$OUT/off" prep
 row sft-zero2-offload "$OUT/off" sft --set distributed.zero_stage=2 --set distributed.offload_optimizer=true \
     --set sft.max_steps=$([ "$SMOKE" = 1 ] && echo 6 || echo 30)
@@ -142,7 +147,8 @@ from pathlib import Path
 out, total, smoke = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 rows = {l.split()[0]: l.split()[1:] for l in (out / "rows.txt").read_text().splitlines()}
 where = {"sft-zero2": "main/sft", "reward-zero2": "main/reward", "ppo-zero2": "main/ppo",
-         "ppo-zero3-gather": "z3/ppo", "ppo-zero3-synced": "z3s/ppo", "sft-zero2-offload": "off/sft",
+         "ppo-zero3-gather": "z3/ppo", "ppo-zero3-synced": "z3s/ppo", "sft-zero2-fp32": "fp32/sft",
+         "ppo-zero2-fp32": "fp32/ppo", "sft-zero2-offload": "off/sft",
          "sft-350m-mfu": "mfu/sft",
          **{f"q05-{k}-{s}": f"q05-{k}/{s}" for k in ("full", "lora") for s in ("sft", "reward", "ppo")}}
 PEAKS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
@@ -196,6 +202,30 @@ def plan_vs_peak(out: Path, name: str, r: dict) -> str:
     return f"peak {peak:.2f} GiB, plan {est.peak / 2**30:.2f} GiB, plan/peak {est.peak / 2**30 / peak:.2f}"
 
 
+def precision_line(out: Path) -> str:
+    """bf16 against fp32 on the same stages: SFT tokens/s and PPO episodes/s ratios, and the
+    share of PPO's update time spent generating in each precision."""
+    def result(rel):
+        f = out / rel / "result.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    def gen_share(r):
+        t = r.get("throughput", {})
+        split = t.get("gen_s", 0) + t.get("score_s", 0) + t.get("train_s", 0)
+        return t.get("gen_s", 0) / split if split else float("nan")
+
+    sb, sf, pb, pf = (result(x) for x in ("main/sft", "fp32/sft", "main/ppo", "fp32/ppo"))
+    parts = []
+    if sb.get("tokens_per_s") and sf.get("tokens_per_s"):
+        parts.append(f"SFT {sb['tokens_per_s'] / sf['tokens_per_s']:.2f}x tokens/s")
+    eb, ef = (r.get("throughput", {}).get("episodes_per_s") for r in (pb, pf))
+    if eb and ef:
+        parts.append(f"PPO {eb / ef:.2f}x episodes/s (generation {gen_share(pb):.0%} of an update in bf16, "
+                     f"{gen_share(pf):.0%} in fp32)")
+    label = "bf16 vs fp32" if not smoke else "bf16 vs fp32 (smoke mode: both rows ran in fp32)"
+    return f"{label}: " + ("; ".join(parts) if parts else "- (a row failed)")
+
+
 buf = io.StringIO()
 with redirect_stdout(buf):
     print(f"\n{'row':<20} {'status':<7} {'wall':>6} {'steps':>6} {'throughput':>22}  detail")
@@ -225,6 +255,7 @@ with redirect_stdout(buf):
         if name.startswith("q05") and r:
             detail = f"{detail}; {plan_vs_peak(out, name, r)}"
         print(f"{name:<20} {status:<7} {wall:>6} {steps!s:>6} {thr:>22}  {detail}")
+    print(precision_line(out))
     print(f"total {total}s; logs and outputs in {out}")
 table = buf.getvalue()
 print(table, end="")
