@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 
 from workload import (  # noqa: F401 - the shared parts of both workloads
     SEED, THREADS, TOKENIZER_SHA256, build_config, corrupt, emit, example, fmt, make_ppo_prompts, make_rm_rows,
@@ -48,13 +49,6 @@ def model_config():
     return build_config(MODEL)
 
 
-def sft_rows() -> list[dict[str, str]]:
-    return make_sft_rows(SFT["rows"], items)
-
-
-def rm_rows() -> list[dict[str, str]]:
-    return make_rm_rows(RM["pairs"], items)
-
-
-def ppo_prompts() -> list[str]:
-    return make_ppo_prompts(PPO["prompts"], PPO["prompt_items"])
+sft_rows = partial(make_sft_rows, SFT["rows"], items)
+rm_rows = partial(make_rm_rows, RM["pairs"], items)
+ppo_prompts = partial(make_ppo_prompts, PPO["prompts"], PPO["prompt_items"])
