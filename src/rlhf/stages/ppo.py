@@ -162,6 +162,13 @@ def ppo_metrics(exp: Experience, stats: dict, seq_kl: float, beta: float, wall: 
     })
 
 
+def postfix(metrics: dict, seq_kl: float, beta: float, state: dict) -> dict[str, str]:
+    """The progress bar's numbers: proxy reward, KL, beta and the judge's latest score (if it has judged)."""
+    curve = state["judge"]["curve"]
+    return {"rm": f"{metrics['ppo/reward']:.2f}", "kl": f"{seq_kl:.2f}", "beta": f"{beta:.3f}",
+            **({"judge": f"{curve[-1][1]:.2f}"} if curve else {})}
+
+
 def first_start(ctx: StageContext, loop: Loop, models: PPOModels, first: list[list[int]], select: Selection,
                 dist: Dist) -> None:
     """Before the first update (not on resume): the RM score's statistics on SFT samples
@@ -221,10 +228,7 @@ def run(ctx: StageContext) -> StageResult:
                 metrics.update(gold_of_rollouts(ctx, models, exp.rollout, rows, idx))
             if pcfg.judge_every and (step % pcfg.judge_every == 0 or step == pcfg.updates):
                 metrics.update(select(loop.state, step))
-            # 4. log / checkpoint
-            curve = loop.state["judge"]["curve"]
-            loop.end_step(metrics, rm=f"{metrics['ppo/reward']:.2f}", kl=f"{seq_kl:.2f}", beta=f"{beta:.3f}",
-                          **({"judge": f"{curve[-1][1]:.2f}"} if curve else {}))
+            loop.end_step(metrics, **postfix(metrics, seq_kl, beta, loop.state))  # 4. log / checkpoint
 
         # 5. save the selected policy: the best-judged weights, or the last
         selected = select.finish(loop.state, loop.step, ctx.tracker)
